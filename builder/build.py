@@ -1,0 +1,99 @@
+"""`mapbuild build CONFIG.toml`: train -> merge -> export for each model, then package them into one bundle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import click
+
+from .errors import MapbuildError
+from .export import PRECISIONS, export
+from .merge import merge
+from .package import check_dataset_id, package
+from .train import TrainConfig, train
+
+DEMO = Path(__file__).parent / "data" / "demo.toml"
+
+
+@dataclass
+class BuildConfig:
+    """A whole build: where stage folders go, the bundle's dataset id, and one entry per model."""
+
+    out: str = field(metadata={"help": "Folder for every stage: <name>/run, <name>/merged, <name>/onnx and bundle/."})
+    dataset_id: str = field(metadata={"help": "Kaggle dataset id of the bundle, OWNER/SLUG."})
+    models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize` and any `mapbuild train` option."})
+    test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
+
+    def __post_init__(self) -> None:
+        check_dataset_id(self.dataset_id)
+        if not self.models:
+            raise MapbuildError("build config: add at least one [[models]] table")
+        names = [m.get("name") for m in self.models]
+        if None in names or len(set(names)) != len(names):
+            raise MapbuildError("build config: every [[models]] table needs a unique `name`")
+
+
+def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildConfig, list[tuple[str, TrainConfig, str]]]:
+    """Parse CONFIG.toml; relative paths are relative to the file. Returns the config and (name, train, precision)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise MapbuildError(f"{path}: {e}") from None
+    here = path.resolve().parent
+    unknown = set(raw) - {f.name for f in fields(BuildConfig)}
+    if unknown:
+        raise MapbuildError(f"{path}: unknown key {', '.join(sorted(unknown))}")
+    raw["out"] = out or str(here / raw.get("out", "build"))
+    if raw.get("test"):
+        raw["test"] = str(here / raw["test"])
+    try:
+        cfg = BuildConfig(**raw)
+    except TypeError as e:
+        raise MapbuildError(f"{path}: {e}") from None
+    allowed = {f.name for f in fields(TrainConfig)}
+    members = []
+    for m in cfg.models:
+        m = dict(m)
+        name, quantize = m.pop("name"), m.pop("quantize", "int8")
+        if quantize not in PRECISIONS:
+            raise MapbuildError(f"{path}: [[models]] {name}: quantize must be one of {', '.join(PRECISIONS)}")
+        if set(m) - allowed:
+            raise MapbuildError(f"{path}: [[models]] {name}: unknown key {', '.join(sorted(set(m) - allowed))}")
+        if "data" not in m:
+            raise MapbuildError(f"{path}: [[models]] {name}: set `data` to a labelled train.csv")
+        m["data"] = str(here / m["data"])
+        members.append((name, TrainConfig(**m), quantize))
+    return cfg, members
+
+
+def build(config: str | os.PathLike, out: str | None = None) -> Path:
+    """Run every stage; returns the bundle folder (and writes submission.csv beside it when `test` is set)."""
+    cfg, members = load_config(config, out)
+    root = Path(cfg.out)
+    onnx_dirs = []
+    for name, train_cfg, quantize in members:
+        click.echo(f"== {name}: train")
+        metrics = train(train_cfg, root / name / "run")
+        click.echo(f"== {name}: fold MAP@3 {metrics['map3']:.4f}; merge")
+        merge(root / name / "run", root / name / "merged")
+        click.echo(f"== {name}: export {quantize}")
+        export(root / name / "merged", root / name / "onnx", quantize)
+        onnx_dirs.append(str(root / name / "onnx"))
+    bundle = root / "bundle"
+    package(onnx_dirs, bundle, cfg.dataset_id)
+    click.echo(f"== bundle -> {bundle}")
+    if cfg.test:
+        submission = root / "submission.csv"
+        # Exactly the kernel's call: the bundle's own runtime copy, in a fresh process.
+        cmd = [sys.executable, "-m", "runtime.submit", "--bundle", ".", "--test", cfg.test, "--out", str(submission.resolve())]
+        done = subprocess.run(cmd, cwd=bundle, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        if done.returncode:
+            raise MapbuildError(f"{bundle}: the runtime failed on {cfg.test} (exit {done.returncode})")
+        click.echo(f"== submission -> {submission}")
+    return bundle

@@ -1,0 +1,23 @@
+"""PyTorch inference with the runtime's own batching, for validation, drift checks and baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from runtime.engine import run_batches
+
+
+def torch_logits(
+    model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32, sort: bool = True, desc: str = "torch"
+) -> np.ndarray:
+    """Logits of every row in input order (fp32 numpy)."""
+
+    @torch.inference_mode()
+    def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+        return out.logits.float().numpy()
+
+    return run_batches(forward, seqs, pad_id, batch_size, sort, desc)

@@ -1,0 +1,31 @@
+"""Click options generated from config dataclasses, so the CLI, TOML files and defaults share one source."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+
+import click
+
+
+def _base_type(tp: object) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else tp  # type: ignore[return-value]
+
+
+def config_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:
+    """Add one `--flag` per dataclass field, with the field's help string and default."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = None if f.default is None else f.default
+            fn = click.option(flag, f.name, type=_base_type(hints[f.name]), default=default, show_default=default is not None, help=f.metadata["help"])(fn)
+        return fn
+
+    return decorate

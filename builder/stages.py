@@ -1,0 +1,51 @@
+"""Stage folders: each stage reads one folder and writes the next, never half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import MapbuildError
+
+META = "mapbuild.json"
+PREVIOUS = {"merged": ("run", "mapbuild train"), "onnx": ("merged", "mapbuild merge")}
+
+
+def read_meta(folder: str | os.PathLike, stage: str) -> dict:
+    """The metadata of a stage folder, checked to be of the stage `stage` expects as input."""
+    path = Path(folder) / META
+    if not path.is_file():
+        raise MapbuildError(f"{folder}: not a mapbuild stage folder (no {META})")
+    meta = json.loads(path.read_text())
+    if meta.get("stage") != stage:
+        raise MapbuildError(f"{folder}: is a '{meta.get('stage')}' folder, expected '{stage}'")
+    return meta
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    (folder / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; it replaces `out` only when the block succeeds."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

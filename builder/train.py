@@ -1,0 +1,187 @@
+"""`mapbuild train`: fine-tune a model as a LoRA classifier on one fold."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from runtime.engine import softmax
+from runtime.data import InputError, labels_of, read_rows
+from runtime.labels import LabelSpace, fit_label_space, top3
+from runtime.metrics import map_at_3
+from runtime.prompts import TEMPLATES, render
+
+from .errors import MapbuildError
+from .folds import assign_folds
+from .models import family_of, load_tokenizer, resolve
+from .stages import atomic_dir, write_meta
+
+
+@dataclass
+class TrainConfig:
+    """One training run: a model, its prompt, its LoRA and its fold."""
+
+    model: str = field(default="minilm", metadata={"help": "Alias (minilm), local HF folder or hub id."})
+    data: str = field(default="", metadata={"help": "Labelled train.csv in the competition's format."})
+    template: str | None = field(default=None, metadata={"help": f"Prompt template: {', '.join(TEMPLATES)} (default: the family's)."})
+    folds: int = field(default=5, metadata={"help": "Number of cross-validation folds."})
+    fold: int = field(default=0, metadata={"help": "The fold held out for validation."})
+    epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
+    max_length: int | None = field(default=None, metadata={"help": "Maximum prompt tokens (default: the family's)."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per training step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine schedule)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    warmup: float = field(default=0.06, metadata={"help": "Share of steps spent warming up."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N rows (quick runs)."})
+    seed: int = field(default=42, metadata={"help": "Seed for folds, initialisation and shuffling."})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
+            (0 <= self.fold < self.folds, f"--fold must be in 0..{self.folds - 1}, got {self.fold}"),
+            (self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
+            (self.template is None or self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, got {self.template}"),
+            (self.max_length is None or self.max_length >= 16, f"--max-length must be at least 16, got {self.max_length}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"),
+            (self.lora_r >= 1, f"--lora-r must be at least 1, got {self.lora_r}"),
+            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+            (0 <= self.warmup < 1, f"--warmup must be in [0, 1), got {self.warmup}"),
+            (self.limit is None or self.limit >= 2 * self.folds, f"--limit must be at least 2 x folds, got {self.limit}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MapbuildError(message)
+
+
+def load_labelled(path: str, limit: int | None = None) -> pd.DataFrame:
+    try:
+        df = read_rows(path, labelled=True)
+    except InputError as e:
+        raise MapbuildError(str(e)) from None
+    return df.head(limit) if limit else df
+
+
+def save_curve(history: list[dict], path: Path) -> None:
+    """Training loss per step as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*pts), marker=".") if pts else None
+    ax.set(xlabel="step", ylabel="training loss", title="Training curve")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def validate(probs: np.ndarray, rows: pd.DataFrame, space: LabelSpace) -> dict:
+    """MAP@3 with and without the candidate mask."""
+    truth = labels_of(rows).tolist()
+    lab = np.array(space.labels)
+    everything = np.ones_like(probs, dtype=bool)
+    return {
+        "map3": map_at_3(truth, lab[top3(probs, space.candidate_mask(rows))].tolist()),
+        "map3_unmasked": map_at_3(truth, lab[top3(probs, everything)].tolist()),
+    }
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike) -> dict:
+    """Train, validate and save a run folder; returns its metrics."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from .infer import torch_logits
+
+    df = load_labelled(cfg.data, cfg.limit)
+    fold = assign_folds(df, cfg.folds, cfg.seed)
+    tr, va = df[fold != cfg.fold], df[fold == cfg.fold]
+    labels = sorted(labels_of(df).unique())
+    space_tr = fit_label_space(tr, labels)  # validation sees only what training saw
+    path = resolve(cfg.model)
+    model_type, family = family_of(path)
+    template = cfg.template or family.template
+    max_length = cfg.max_length or family.max_length
+    tok = load_tokenizer(path)
+
+    def encode(rows: pd.DataFrame) -> list[list[int]]:
+        return tok(render(rows, template, space_tr), truncation=True, max_length=max_length)["input_ids"]
+
+    y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).tolist()
+    train_set = [{"input_ids": ids, "labels": t} for ids, t in zip(encode(tr), y)]
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)}
+    )
+    model.config.pad_token_id = tok.pad_token_id
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(family.target_modules) if isinstance(family.target_modules, tuple) else family.target_modules,
+        modules_to_save=list(family.modules_to_save) or None,
+    )
+    model = get_peft_model(model, lora)
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            num_train_epochs=cfg.epochs,
+            per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=cfg.warmup,
+            weight_decay=0.01,
+            train_sampling_strategy="group_by_length",
+            logging_steps=max(1, len(train_set) // cfg.batch_size // 20),
+            save_strategy="no",
+            report_to="none",
+            seed=cfg.seed,
+            disable_tqdm=False,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tok))
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        model.eval()
+        probs = softmax(torch_logits(model, encode(va), tok.pad_token_id, desc="validate"))
+        metrics = {
+            **validate(probs, va, space_tr),
+            "rows_train": len(tr),
+            "rows_valid": len(va),
+            "train_seconds": round(seconds, 1),
+            "train_rows_per_s": round(len(tr) * cfg.epochs / seconds, 2),
+            "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        }
+        model.save_pretrained(tmp / "adapter")
+        tok.save_pretrained(tmp / "tokenizer")
+        np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs.astype(np.float32))
+        save_curve(trainer.state.log_history, tmp / "training_curve.png")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        write_meta(tmp, {
+            "stage": "run",
+            "base_model": path,
+            "model_type": model_type,
+            "template": template,
+            "max_length": max_length,
+            "pad_token_id": tok.pad_token_id,
+            "label_space": fit_label_space(df, labels).to_json(),
+            "config": asdict(cfg),
+            "metrics": metrics,
+        })
+    return metrics

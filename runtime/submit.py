@@ -1,0 +1,87 @@
+"""Kernel entry point: python -m runtime.submit [--bundle DIR] [--test CSV] [--out submission.csv]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import InputError, duplicate_row_ids, has_labels, labels_of, read_rows
+from .labels import LabelSpace, top3
+from .manifest import FORMAT, MANIFEST, BundleError, load_manifest
+from .metrics import map_at_3
+from .predict import predict
+from .submission import check_submission, write_submission
+
+log = logging.getLogger("mapbuild")
+KAGGLE_INPUT = "/kaggle/input"
+
+
+def find_bundle(root: str) -> Path:
+    """The folder under root holding a mapbuild manifest (Kaggle's mount layout has changed over time)."""
+    for path in sorted(Path(root).rglob(MANIFEST)):
+        try:
+            if json.loads(path.read_text()).get("format") == FORMAT:
+                return path.parent
+        except (OSError, ValueError):
+            continue
+    raise BundleError(f"no mapbuild bundle under {root}; attach the bundle dataset or pass --bundle")
+
+
+def find_test(root: str) -> Path:
+    """The competition's test.csv under root."""
+    hits = sorted(Path(root).rglob("test.csv"), key=lambda p: ("map-charting" not in str(p), str(p)))
+    if not hits:
+        raise InputError(f"no test.csv under {root}; attach the competition data or pass --test")
+    return hits[0]
+
+
+def run(bundle: Path, test: Path, out: Path, batch_size: int) -> float | None:
+    """Write the submission; returns MAP@3 when the test rows carry labels."""
+    manifest = load_manifest(bundle)
+    df = read_rows(test)
+    dups = duplicate_row_ids(df)
+    if dups:
+        log.warning("%s: %d duplicate row_id values (e.g. %s); every row is kept", test, len(dups), ", ".join(dups[:5]))
+    space = LabelSpace.from_json(manifest["label_space"])
+    start = time.perf_counter()
+    probs, used = predict(bundle, manifest, df, batch_size)
+    seconds = time.perf_counter() - start
+    labels = np.array(space.labels)
+    preds = labels[top3(probs, space.candidate_mask(df))].tolist()
+    write_submission(out, df["row_id"], preds)
+    problems = check_submission(out, df["row_id"])
+    if problems:
+        raise BundleError(f"{out}: invalid submission: {problems[0]}")
+    log.info("%d rows in %.1f s (%.1f rows/s) with %s -> %s", len(df), seconds, len(df) / max(seconds, 1e-9), used or "the prior", out)
+    return map_at_3(labels_of(df).tolist(), preds) if has_labels(df) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.submit", description=__doc__)
+    parser.add_argument("--bundle", type=Path, help=f"bundle folder (default: search {KAGGLE_INPUT})")
+    parser.add_argument("--test", type=Path, help=f"test.csv (default: search {KAGGLE_INPUT})")
+    parser.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission to write")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per inference batch")
+    parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and test.csv")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        bundle = args.bundle or find_bundle(args.input_root)
+        test = args.test or find_test(args.input_root)
+        score = run(bundle, test, args.out, args.batch_size)
+    except (InputError, BundleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if score is not None:
+        print(f"MAP@3 on labelled rows: {score:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

