@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import click
 
 from .errors import MapbuildError
 from .options import config_options
+from .stages import remove_pending
 from .train import TrainConfig
 
 
@@ -27,6 +30,12 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+def terminate(signum: int, frame: object) -> None:
+    """On SIGTERM, leave no half-written stage folder behind."""
+    remove_pending()
+    os._exit(128 + signum)
+
+
 @click.group()
 @click.version_option(package_name="mapbuild")
 def cli() -> None:
@@ -35,6 +44,7 @@ def cli() -> None:
     Stages read and write folders: train -> merge -> export -> package. `build` chains them from a TOML file.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, terminate)
 
 
 @cli.command()
@@ -80,15 +90,16 @@ def export(merged_dir: str, out: str, quantize: str, rows: int) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--dataset-id", required=True, help="Kaggle dataset id, OWNER/SLUG.")
 @click.option("--title", help="Dataset title (default: 'mapbuild SLUG').")
+@click.option("--wheels", type=click.Path(file_okay=False, exists=True), help="Folder of .whl files (e.g. onnxruntime-gpu) for the kernel to install offline.")
 @friendly
-def package(onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None) -> None:
+def package(onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: str | None) -> None:
     """Package ONNX_DIRS (members averaged) with the runtime and a kernel notebook into a Kaggle dataset folder.
 
     Upload it with `kaggle datasets create -p OUT --dir-mode zip`.
     """
     from .package import package as run
 
-    manifest = run(list(onnx_dirs), out, dataset_id, title)
+    manifest = run(list(onnx_dirs), out, dataset_id, title, wheels)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     click.echo(f"bundle -> {out}: {len(manifest['members'])} member(s), {len(manifest['files'])} files, {size / 2**20:.1f} MiB")
 
@@ -113,3 +124,27 @@ def demo(out: str) -> None:
 
     bundle = run(DEMO, out)
     click.echo(f"\nbundle:     {bundle}\nsubmission: {Path(out) / 'submission.csv'}")
+
+
+@cli.command()
+def models() -> None:
+    """List model aliases: hub id, family, size, and whether the weights fit one T4 (15 GiB) at fp16 and int4."""
+    from .models import ALIASES, fits_t4, weights_gib
+
+    header = ("alias", "hub id", "family", "params", "fp16 GiB", "T4 fp16", "int4 GiB", "T4 int4", "weights from")
+    rows = [header]
+    for name, a in ALIASES.items():
+        size = f"{a.params_m / 1000:.2f}B" if a.params_m >= 1000 else f"{a.params_m:.1f}M"
+        rows.append((
+            name, a.hub_id, a.family, size,
+            f"{weights_gib(a.params_m, 16):.2f}", "yes" if fits_t4(a.params_m, 16) else "no",
+            f"{weights_gib(a.params_m, 4):.2f}", "yes" if fits_t4(a.params_m, 4) else "no",
+            f"pip: {a.wheel}" if a.wheel else "hub",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    cli()

@@ -79,8 +79,9 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
             (tmp / "model.int8.onnx").replace(tmp / "model.onnx")
         pad_id = meta["pad_token_id"]
         reference = torch_logits(model, ids, pad_id, desc="torch")
+        forward = onnx_forward(tmp / "model.onnx")
         start = time.perf_counter()
-        got = run_batches(onnx_forward(tmp / "model.onnx"), ids, pad_id, 32, desc="onnx")
+        got = run_batches(forward, ids, pad_id, 32, desc="onnx")
         seconds = time.perf_counter() - start
         drift = {
             "rows": len(ids),

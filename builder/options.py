@@ -24,8 +24,9 @@ def config_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:
             if f.name in skip:
                 continue
             flag = "--" + f.name.replace("_", "-")
-            default = None if f.default is None else f.default
-            fn = click.option(flag, f.name, type=_base_type(hints[f.name]), default=default, show_default=default is not None, help=f.metadata["help"])(fn)
+            fn = click.option(
+                flag, f.name, type=_base_type(hints[f.name]), default=f.default, show_default=f.default is not None, help=f.metadata["help"]
+            )(fn)
         return fn
 
     return decorate

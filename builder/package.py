@@ -49,17 +49,24 @@ def versions() -> dict[str, str]:
     return found
 
 
-def package(onnx_dirs: list[str], out: str | os.PathLike, dataset_id: str, title: str | None = None) -> dict:
-    """Write the bundle folder; returns its manifest."""
+def package(
+    onnx_dirs: list[str], out: str | os.PathLike, dataset_id: str, title: str | None = None, wheels: str | None = None
+) -> dict:
+    """Write the bundle folder; returns its manifest. `wheels`: a folder of .whl files the kernel installs offline."""
     owner, slug = check_dataset_id(dataset_id)
     if not onnx_dirs:
         raise MapbuildError("package: give at least one ONNX_DIR written by `mapbuild export`")
+    wheel_files = sorted(Path(wheels).glob("*.whl")) if wheels else []
+    if wheels and not wheel_files:
+        raise MapbuildError(f"--wheels {wheels}: no .whl files there; fill it with `pip download --only-binary=:all: ...`")
     metas = [read_meta(d, "onnx") for d in onnx_dirs]
     labels = metas[0]["label_space"]["labels"]
     for d, m in zip(onnx_dirs, metas):
         if m["label_space"]["labels"] != labels:
             raise MapbuildError(f"{d}: its label list differs from {onnx_dirs[0]}'s; ensemble members must share one")
     title = title or f"mapbuild {slug}"[:50]
+    if not 6 <= len(title) <= 50:
+        raise MapbuildError(f"--title {title!r}: Kaggle needs a dataset title of 6-50 characters")
     with atomic_dir(out) as tmp:
         members = []
         for i, (d, m) in enumerate(zip(onnx_dirs, metas)):
@@ -74,6 +81,9 @@ def package(onnx_dirs: list[str], out: str | os.PathLike, dataset_id: str, title
                 **{k: m[k] for k in ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s")},
                 "valid_map3": m["metrics"]["map3"],
             })
+        for w in wheel_files:
+            (tmp / "wheels").mkdir(exist_ok=True)
+            shutil.copy(w, tmp / "wheels" / w.name)
         shutil.copytree(Path(runtime.__file__).parent, tmp / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
         values = {"dataset_id": dataset_id, "title": title, "owner": owner, "kernel_slug": f"{slug}-submit"[:50], "kernel_title": f"{title} submit"}
         values["description"] = f"Offline MAP submission bundle with {len(members)} model(s), built by mapbuild {runtime.__version__}."
@@ -86,6 +96,7 @@ def package(onnx_dirs: list[str], out: str | os.PathLike, dataset_id: str, title
             "label_space": metas[0]["label_space"],
             "members": members,
             "versions": versions(),
+            "wheels": [w.name for w in wheel_files],
             # Measured on the build machine's CPU at export: an upper bound, a T4 is far faster.
             "estimate": {"rows": TEST_ROWS, "cpu_seconds": round(sum(TEST_ROWS / m["cpu_rows_per_s"] for m in members))},
             "files": hash_tree(tmp),

@@ -13,7 +13,14 @@ from pathlib import Path
 from .errors import MapbuildError
 
 META = "mapbuild.json"
-PREVIOUS = {"merged": ("run", "mapbuild train"), "onnx": ("merged", "mapbuild merge")}
+_PENDING: set[Path] = set()  # temporary folders being written, for the signal handler
+
+
+def remove_pending() -> None:
+    """Remove every temporary folder still being written. For signal handlers: an exception raised there can land
+    in a `__del__` and be swallowed, so they cannot rely on unwinding."""
+    for tmp in list(_PENDING):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_meta(folder: str | os.PathLike, stage: str) -> dict:
@@ -38,11 +45,14 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     tmp.chmod(0o755)
+    _PENDING.add(tmp)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _PENDING.discard(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)

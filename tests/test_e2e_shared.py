@@ -27,7 +27,10 @@ from .conftest import run_kernel
 def test_offline_bundle_matches_pytorch_on_shared_data(shared_train, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    train(TrainConfig(model="minilm", data=str(shared_train), limit=1000, epochs=1), tmp_path / "run")
+    # A random sample: the file's first rows come from few questions, where the label prior is already strong.
+    data = tmp_path / "train.csv"
+    read_rows(shared_train, labelled=True).sample(1500, random_state=0).to_csv(data, index=False)
+    train(TrainConfig(model="minilm", data=str(data), epochs=3), tmp_path / "run")
     merge(tmp_path / "run", tmp_path / "merged")
     export(tmp_path / "merged", tmp_path / "onnx", "fp32", rows=64)
     package([str(tmp_path / "onnx")], tmp_path / "bundle", "tester/minilm-e2e")
@@ -48,6 +51,6 @@ def test_offline_bundle_matches_pytorch_on_shared_data(shared_train, tmp_path):
     ids = load_tokenizer(str(tmp_path / "merged"))(render(rows, meta["template"], space), truncation=True, max_length=meta["max_length"])["input_ids"]
     probs = softmax(torch_logits(model, ids, meta["pad_token_id"]))
     torch_map = map_at_3(truth, np.array(space.labels)[top3(probs, space.candidate_mask(rows))].tolist())
-    prior_map = map_at_3(truth, np.array(space.labels)[top3(prior(space, len(rows)), space.candidate_mask(rows))].tolist())
-    assert kernel_map > prior_map + 0.02  # the model learned more than the label prior
     assert abs(kernel_map - torch_map) <= 0.002, (kernel_map, torch_map)
+    prior_map = map_at_3(truth, np.array(space.labels)[top3(prior(space, len(rows)), space.candidate_mask(rows))].tolist())
+    assert kernel_map > prior_map + 0.02, (kernel_map, prior_map)  # the model learned more than the label prior

