@@ -1,12 +1,14 @@
 """The whole pipeline on a tiny random BERT: merge and export parity, the bundle, and the kernel run."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from builder.infer import torch_logits
 from builder.merge import load_lora_model
@@ -17,7 +19,7 @@ from runtime.manifest import check_files, load_manifest
 from runtime.prompts import render
 from runtime.submission import check_submission
 
-from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
+from .conftest import KERNEL_PYTHON, ROOT, SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
 
 
 def sample_ids(folder, meta):
@@ -94,12 +96,6 @@ def test_kernel_run_writes_a_valid_submission(tiny_pipeline, tmp_path):
 
 
 def test_kernel_sandbox_really_blocks_the_training_stack(tiny_pipeline):
-    from .conftest import KERNEL_PYTHON, ROOT
-
-    import os
-    import subprocess
-    import sys
-
     python = str(KERNEL_PYTHON if KERNEL_PYTHON.exists() else sys.executable)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "sandbox")}
     for name in ("torch", "transformers", "peft", "builder"):
