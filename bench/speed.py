@@ -51,7 +51,7 @@ def main() -> None:
     base_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    probs, _ = predict(args.bundle, manifest, rows)
+    probs, _ = predict(args.bundle, manifest, space, rows)
     run_s = time.perf_counter() - start
 
     base_map = map_at_3(truth, labels[top3(base, mask)].tolist())

@@ -15,7 +15,7 @@ def load_lora_model(run: str | os.PathLike):
     from peft import PeftModel
 
     meta = read_meta(run, "run")
-    source = Source(meta["base_model"], meta.get("gguf_file"))
+    source = Source(meta["base_model"], meta["gguf_file"])
     base, _ = load_classifier(source, meta["label_space"]["labels"], meta["pad_token_id"])
     return PeftModel.from_pretrained(base, Path(run) / "adapter").eval()
 

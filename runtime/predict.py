@@ -29,11 +29,15 @@ def prior(space: LabelSpace, rows: int) -> np.ndarray:
     return np.tile(p / p.sum(), (rows, 1))
 
 
-def predict(bundle: str | Path, manifest: dict, df: pd.DataFrame, batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+def predict(
+    bundle: str | Path, manifest: dict, space: LabelSpace, df: pd.DataFrame, batch_size: int = 64
+) -> tuple[np.ndarray, list[str]]:
     """Weighted mean of member probabilities, and the names of the members that ran."""
     bundle = Path(bundle)
-    space = LabelSpace.from_json(manifest["label_space"])
     total, weights, used = np.zeros((len(df), len(space.labels)), dtype=np.float32), 0.0, []
+    if df.empty:
+        log.warning("no test rows: nothing to predict")
+        return total, used
     for m in manifest["members"]:
         problems = check_files(bundle, manifest, list(m["files"].values()))
         if problems:

@@ -50,7 +50,7 @@ def run(bundle: Path, test: Path, out: Path, batch_size: int) -> float | None:
         log.warning("%s: %d duplicate row_id values (e.g. %s); every row is kept", test, len(dups), ", ".join(dups[:5]))
     space = LabelSpace.from_json(manifest["label_space"])
     start = time.perf_counter()
-    probs, used = predict(bundle, manifest, df, batch_size)
+    probs, used = predict(bundle, manifest, space, df, batch_size)
     seconds = time.perf_counter() - start
     labels = np.array(space.labels)
     preds = labels[top3(probs, space.candidate_mask(df))].tolist()
@@ -58,7 +58,7 @@ def run(bundle: Path, test: Path, out: Path, batch_size: int) -> float | None:
     problems = check_submission(out, df["row_id"])
     if problems:
         raise BundleError(f"{out}: invalid submission: {problems[0]}")
-    log.info("%d rows in %.1f s (%.1f rows/s) with %s -> %s", len(df), seconds, len(df) / max(seconds, 1e-9), used or "the prior", out)
+    log.info("%d rows in %.1f s (%.1f rows/s) with %s -> %s", len(df), seconds, len(df) / max(seconds, 1e-9), used or "no model", out)
     return map_at_3(labels_of(df).tolist(), preds) if has_labels(df) else None
 
 

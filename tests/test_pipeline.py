@@ -124,6 +124,14 @@ def test_bad_rows_still_yield_valid_rows(tiny_pipeline, tmp_path):
     assert "1 duplicate row_id" in done.stderr
 
 
+def test_empty_test_file_gives_an_empty_submission_without_blaming_a_member(tiny_pipeline, tmp_path):
+    test, out = tmp_path / "test.csv", tmp_path / "submission.csv"
+    write_test(test, [])
+    done = run_kernel(tiny_pipeline["bundle"], "--bundle", ".", "--test", str(test), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert check_submission(out, []) == [] and "SKIPPED" not in done.stderr and "NO MEMBER LEFT" not in done.stderr
+
+
 def test_missing_column_is_one_line_naming_it(tiny_pipeline, tmp_path):
     test = tmp_path / "test.csv"
     pd.read_csv(SAMPLE_TEST).drop(columns="StudentExplanation").to_csv(test, index=False)
