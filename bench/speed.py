@@ -1,4 +1,4 @@
-"""Runtime (ONNX bundle, length-sorted batches) against the PyTorch fp32 model (input order, batch 32), same rows.
+"""Runtime (ONNX bundle, length-sorted batches, duplicates run once) against the PyTorch fp32 model (input order, batch 32), same rows.
 
     python bench/speed.py --bundle BUNDLE_DIR --merged MERGED_DIR [--rows 2000]
 
@@ -47,7 +47,7 @@ def main() -> None:
     tok = load_tokenizer(str(args.merged))
     start = time.perf_counter()
     ids = tok(render(rows, meta["template"], space), truncation=True, max_length=meta["max_length"])["input_ids"]
-    base = softmax(torch_logits(model, ids, meta["pad_token_id"], batch_size=32, sort=False, desc="baseline"))
+    base = softmax(torch_logits(model, ids, meta["pad_token_id"], batch_size=32, sort=False, dedupe=False, desc="baseline"))
     base_s = time.perf_counter() - start
 
     start = time.perf_counter()

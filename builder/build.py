@@ -8,8 +8,11 @@ import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import click
+
+from runtime.ensemble import METHODS
 
 from .errors import MapbuildError
 from .export import PRECISIONS, export
@@ -26,11 +29,14 @@ class BuildConfig:
 
     out: str = field(metadata={"help": "Folder for every stage: <name>/run, <name>/merged, <name>/onnx and bundle/."})
     dataset_id: str = field(metadata={"help": "Kaggle dataset id of the bundle, OWNER/SLUG."})
-    models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize` and any `mapbuild train` option."})
+    models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option."})
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
+    ensemble: str = field(default="prob", metadata={"help": "How members combine: prob (weighted probabilities) or rank."})
 
     def __post_init__(self) -> None:
         check_dataset_id(self.dataset_id)
+        if self.ensemble not in METHODS:
+            raise MapbuildError(f"build config: ensemble must be one of {', '.join(METHODS)}, got {self.ensemble!r}")
         if not self.models:
             raise MapbuildError("build config: add at least one [[models]] table")
         names = [m.get("name") for m in self.models]
@@ -38,8 +44,15 @@ class BuildConfig:
             raise MapbuildError("build config: every [[models]] table needs a unique `name`")
 
 
-def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildConfig, list[tuple[str, TrainConfig, str]]]:
-    """Parse CONFIG.toml; relative paths are relative to the file. Returns the config and (name, train, precision)."""
+class Member(NamedTuple):
+    name: str
+    train: TrainConfig
+    quantize: str
+    force: bool  # keep a quantized export that fails the drift gate
+
+
+def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildConfig, list[Member]]:
+    """Parse CONFIG.toml; relative paths are relative to the file."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -60,7 +73,7 @@ def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildC
     members = []
     for m in cfg.models:
         m = dict(m)
-        name, quantize = m.pop("name"), m.pop("quantize", "int8")
+        name, quantize, force = m.pop("name"), m.pop("quantize", "int8"), bool(m.pop("force", False))
         if quantize not in PRECISIONS:
             raise MapbuildError(f"{path}: [[models]] {name}: quantize must be one of {', '.join(PRECISIONS)}")
         if set(m) - allowed:
@@ -68,7 +81,7 @@ def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildC
         if "data" not in m:
             raise MapbuildError(f"{path}: [[models]] {name}: set `data` to a labelled train.csv")
         m["data"] = str(here / m["data"])
-        members.append((name, TrainConfig(**m), quantize))
+        members.append(Member(name, TrainConfig(**m), quantize, force))
     return cfg, members
 
 
@@ -77,16 +90,16 @@ def build(config: str | os.PathLike, out: str | None = None) -> Path:
     cfg, members = load_config(config, out)
     root = Path(cfg.out)
     onnx_dirs = []
-    for name, train_cfg, quantize in members:
+    for name, train_cfg, quantize, force in members:
         click.echo(f"== {name}: train")
         metrics = train(train_cfg, root / name / "run")
         click.echo(f"== {name}: fold MAP@3 {metrics['map3']:.4f}; merge")
         merge(root / name / "run", root / name / "merged")
         click.echo(f"== {name}: export {quantize}")
-        export(root / name / "merged", root / name / "onnx", quantize)
+        export(root / name / "merged", root / name / "onnx", quantize, force=force)
         onnx_dirs.append(str(root / name / "onnx"))
     bundle = root / "bundle"
-    package(onnx_dirs, bundle, cfg.dataset_id)
+    package(onnx_dirs, bundle, cfg.dataset_id, ensemble=cfg.ensemble)
     click.echo(f"== bundle -> {bundle}")
     if cfg.test:
         submission = root / "submission.csv"

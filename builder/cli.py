@@ -11,7 +11,11 @@ from pathlib import Path
 
 import click
 
+from runtime.ensemble import METHODS
+from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, T4_FLOPS, TEST_ROWS, estimate, verdict
+
 from .errors import MapbuildError
+from .export import PRECISIONS
 from .options import config_options
 from .stages import remove_pending
 from .train import TrainConfig
@@ -53,11 +57,15 @@ def cli() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @friendly
 def train(out: str, **kwargs) -> None:
-    """Fine-tune MODEL as a LoRA classifier on one fold and save the run folder."""
+    """Fine-tune MODEL as a LoRA classifier on one fold and save the run folder.
+
+    Runs unchanged under `torchrun --nproc_per_node N -m builder train ...` or `accelerate launch -m builder train ...`
+    (DDP); rank 0 validates and writes the run folder."""
     from .train import train as run
 
     metrics = run(TrainConfig(**kwargs), out)
-    click.echo(f"fold MAP@3 {metrics['map3']:.4f} (unmasked {metrics['map3_unmasked']:.4f}) -> {out}")
+    if metrics is not None:
+        click.echo(f"fold MAP@3 {metrics['map3']:.4f} (unmasked {metrics['map3_unmasked']:.4f}) -> {out}")
 
 
 @cli.command()
@@ -74,15 +82,22 @@ def merge(run_dir: str, out: str) -> None:
 @cli.command()
 @click.argument("merged_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="ONNX folder to write.")
-@click.option("--quantize", type=click.Choice(["fp32", "int8"]), default="int8", show_default=True, help="Weight precision.")
+@click.option("--quantize", type=click.Choice(PRECISIONS), default="int8", show_default=True, help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16).")
 @click.option("--rows", type=int, default=256, show_default=True, help="Held-out rows for the drift check.")
+@click.option("--force", is_flag=True, help="Keep a quantized model that flips more than 1% of top-1 predictions.")
 @friendly
-def export(merged_dir: str, out: str, quantize: str, rows: int) -> None:
-    """Export MERGED_DIR to ONNX and record its logit drift against PyTorch on held-out rows."""
+def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> None:
+    """Export MERGED_DIR to ONNX and record its logit drift against PyTorch fp32 on held-out rows.
+
+    A quantized model that changes more than 1% of the kernel's top-1 predictions (masked, on held-out rows) is
+    refused unless --force."""
     from .export import export as run
 
-    d = run(merged_dir, out, quantize, rows)
-    click.echo(f"{quantize} ONNX -> {out}: max |logit diff| {d['max_abs_logit_diff']:.2e}, top-1 agreement {d['top1_agreement']:.3f} on {d['rows']} rows")
+    d = run(merged_dir, out, quantize, rows, force)
+    click.echo(
+        f"{quantize} ONNX -> {out}: max |logit diff| {d['max_abs_logit_diff']:.2e}, top-1 agreement "
+        f"{d['top1_agreement']:.3f} ({d['masked_top1_agreement']:.3f} masked) on {d['rows']} rows"
+    )
 
 
 @cli.command()
@@ -90,18 +105,117 @@ def export(merged_dir: str, out: str, quantize: str, rows: int) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--dataset-id", required=True, help="Kaggle dataset id, OWNER/SLUG.")
 @click.option("--title", help="Dataset title (default: 'mapbuild SLUG').")
-@click.option("--wheels", type=click.Path(file_okay=False, exists=True), help="Folder of .whl files (e.g. onnxruntime-gpu) for the kernel to install offline.")
+@click.option("--wheels", is_flag=True, help="Fetch the kernel's wheels (onnxruntime-gpu, cp311 manylinux x86_64) into BUNDLE/wheels.")
+@click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take --wheels from this folder alone, not PyPI.")
+@click.option("--ensemble", type=click.Choice(METHODS), default="prob", show_default=True, help="Average member probabilities or per-row ranks.")
 @friendly
-def package(onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: str | None) -> None:
-    """Package ONNX_DIRS (members averaged) with the runtime and a kernel notebook into a Kaggle dataset folder.
+def package(
+    onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, find_links: str | None, ensemble: str
+) -> None:
+    """Package ONNX_DIRS with the runtime and a kernel notebook into a Kaggle dataset folder.
 
-    Upload it with `kaggle datasets create -p OUT --dir-mode zip`.
+    Several ONNX_DIRS make an ensemble, weighted to maximise MAP@3 on the out-of-fold rows their runs share.
+    Upload the folder with `kaggle datasets create -p OUT --dir-mode zip`.
     """
     from .package import package as run
 
-    manifest = run(list(onnx_dirs), out, dataset_id, title, wheels)
+    manifest = run(list(onnx_dirs), out, dataset_id, title, wheels, find_links, ensemble)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    fmt = lambda x: "-" if x is None else f"{x:.4f}"
+    for m in manifest["members"]:
+        click.echo(f"  {m['name']:32s} weight {m['weight']:.2f}  OOF MAP@3 {fmt(m['oof_map3'])}")
+    e = manifest["ensemble"]
+    for d in e["dropped"]:
+        click.echo(f"  dropped {d}: weight 0 (it never raised the OOF MAP@3)")
+    click.echo(f"  {e['method']} ensemble OOF MAP@3 {fmt(e['map3'])} on {e['rows']} shared rows")
     click.echo(f"bundle -> {out}: {len(manifest['members'])} member(s), {len(manifest['files'])} files, {size / 2**20:.1f} MiB")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--test", type=click.Path(dir_okay=False, exists=True), help="Test CSV to run (default: the embedded sample test rows).")
+@click.option("--python", type=click.Path(dir_okay=False, exists=True), help="Use this interpreter's environment instead of a fresh one.")
+@friendly
+def verify(bundle_dir: str, test: str | None, python: str | None) -> None:
+    """Run BUNDLE_DIR as the kernel would, before you upload it.
+
+    The bundle's own runtime runs in a fresh virtual environment holding only runtime/requirements.txt (the Kaggle
+    image's stack) and the bundle's wheels, with torch, transformers, peft, the builder and the network blocked.
+    It fails if any member is skipped, if the submission is malformed, or if a file differs from the manifest."""
+    from .verify import verify as run
+
+    r = run(bundle_dir, test, python)
+    map3 = f", MAP@3 {r['map3']:.4f}" if r["map3"] is not None else ""
+    click.echo(f"verified {bundle_dir}: {r['rows']} rows in {r['seconds']} s{map3}, checksums intact ({r['python']})")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--message", "-m", help="Version notes when the dataset already exists.")
+@friendly
+def upload(bundle_dir: str, message: str | None) -> None:
+    """Upload BUNDLE_DIR as a private Kaggle dataset, or as a new version of it (sub-folders zipped).
+
+    Needs KAGGLE_USERNAME and KAGGLE_KEY or ~/.kaggle/kaggle.json; the bundle's checksums are checked first, and a
+    bundle holding anything like a credential is refused. Run `mapbuild verify` before."""
+    from .publish import upload as run
+
+    click.echo(f"uploaded {bundle_dir} -> {run(bundle_dir, message)}")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--push", is_flag=True, help="Push the notebook to Kaggle to run on a T4 (otherwise only show it).")
+@friendly
+def kernel(bundle_dir: str, push: bool) -> None:
+    """Show BUNDLE_DIR's submission notebook settings; with --push, push it to run with a T4, internet off."""
+    from .publish import kernel as run
+
+    meta = run(bundle_dir, push)
+    click.echo(
+        f"kernel {meta['id']}: {meta['code_file']}, GPU {meta['enable_gpu']}, internet {meta['enable_internet']}, "
+        f"datasets {', '.join(meta['dataset_sources'])}, competitions {', '.join(meta['competition_sources'])}"
+        + (f" -> pushed {meta['url']}" if push else " (not pushed: add --push)")
+    )
+
+
+@cli.command()
+@click.argument("bundle_dir", required=False, type=click.Path(file_okay=False, exists=True))
+@click.option("--add", "extra", multiple=True, metavar="ALIAS[:PRECISION]", help="Also plan a registry model (e.g. qwen3-8b:int4; default fp16).")
+@click.option("--tokens", type=float, default=80.0, show_default=True, help="Mean prompt tokens per row for --add models.")
+@click.option("--rows", type=int, default=TEST_ROWS, show_default=True, help="Test rows to plan for.")
+@click.option("--gpus", type=int, default=2, show_default=True, help="GPUs sharing the rows.")
+@click.option("--efficiency", type=float, default=0.25, show_default=True, help="Share of the T4's peak FLOPs reached.")
+@friendly
+def plan(bundle_dir: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float) -> None:
+    """Estimate kernel time per member of BUNDLE_DIR (and --add models) on T4s against the 9-hour limit.
+
+    FLOPs are 2 x parameters x mean prompt tokens per row; the rate is the T4's peak for the member's precision
+    (fp16 tensor cores 65 TFLOPS, fp32 8.1) times --efficiency."""
+    from runtime.manifest import BundleError, load_manifest
+
+    from .models import ALIASES
+
+    if not 0 < efficiency <= 1 or gpus < 1 or rows < 0:
+        raise MapbuildError("--efficiency must be in (0, 1], --gpus at least 1 and --rows not negative")
+    try:
+        members = load_manifest(bundle_dir)["members"] if bundle_dir else []
+    except BundleError as e:
+        raise MapbuildError(str(e)) from None
+    for spec in extra:
+        alias, _, precision = spec.partition(":")
+        if alias not in ALIASES or (precision or "fp16") not in T4_FLOPS:
+            raise MapbuildError(f"--add {spec}: use ALIAS[:PRECISION] with an alias from `mapbuild models` and one of {', '.join(T4_FLOPS)}")
+        members.append({"name": spec, "params": int(ALIASES[alias].params_m * 1e6), "mean_tokens": tokens, "precision": precision or "fp16"})
+    if not members:
+        raise MapbuildError("plan: give a BUNDLE_DIR or at least one --add ALIAS")
+    plan = estimate(members, rows, gpus, efficiency)
+    click.echo(f"{'member':32s} {'precision':>9s} {'params':>9s} {'tokens':>7s} {'hours':>7s}")
+    for m, e in zip(members, plan):
+        click.echo(f"{e.name:32s} {m['precision']:>9s} {e.params / 1e6:8.1f}M {e.mean_tokens:7.1f} {e.seconds / 3600:7.3f}")
+    total = sum(e.seconds for e in plan)
+    note = {"ok": "fits", "warn": f"inside the {MARGIN_HOURS:.0f} h safety margin", "over": "OVER the limit"}[verdict(total)]
+    click.echo(f"{'total':32s} {'':>9s} {'':>9s} {'':>7s} {total / 3600:7.3f}  ({rows:,} rows, {gpus}x T4: {note}, limit {LIMIT_HOURS:.0f} h)")
 
 
 @cli.command()
@@ -120,7 +234,8 @@ def build(config: str, out: str | None) -> None:
 @friendly
 def demo(out: str) -> None:
     """Build a bundle from the embedded default (MiniLM on the shipped sample) and run it on the sample test rows."""
-    from .build import DEMO, build as run
+    from .build import DEMO
+    from .build import build as run
 
     bundle = run(DEMO, out)
     click.echo(f"\nbundle:     {bundle}\nsubmission: {Path(out) / 'submission.csv'}")
@@ -144,7 +259,3 @@ def models() -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-
-
-if __name__ == "__main__":
-    cli()

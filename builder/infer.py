@@ -11,7 +11,13 @@ from runtime.engine import run_batches
 
 
 def torch_logits(
-    model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32, sort: bool = True, desc: str = "torch"
+    model: torch.nn.Module,
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 32,
+    sort: bool = True,
+    dedupe: bool = True,
+    desc: str = "torch",
 ) -> np.ndarray:
     """Logits of every row in input order (fp32 numpy)."""
 
@@ -20,4 +26,4 @@ def torch_logits(
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
         return out.logits.float().numpy()
 
-    return run_batches(forward, seqs, pad_id, batch_size, sort, desc)
+    return run_batches(forward, seqs, pad_id, batch_size, sort=sort, dedupe=dedupe, desc=desc)

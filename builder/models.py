@@ -21,11 +21,12 @@ class Family:
     modules_to_save: tuple[str, ...] = ()
     max_length: int = 256
     template: str = "detailed"
+    ort_fusion: str = ""  # onnxruntime.transformers optimizer model_type; fuses attention, which int8 then quantizes
 
 
 FAMILIES: dict[str, Family] = {
     # BERT's pooler output barely varies across rows (std 0.03 on MiniLM): train it fully, LoRA the rest.
-    "bert": Family("encoder", ("query", "key", "value", "output.dense", "intermediate.dense"), ("pooler",), 160, "basic"),
+    "bert": Family("encoder", ("query", "key", "value", "output.dense", "intermediate.dense"), ("pooler",), 160, "compact", "bert"),
     "modernbert": Family("encoder"),
     "deberta-v2": Family("encoder"),
     **{t: Family("decoder") for t in ("llama", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "qwen2", "qwen3", "mistral")},
@@ -139,13 +140,14 @@ def load_tokenizer(source: Source | str):
     return tok
 
 
-def load_classifier(source: Source, labels: list[str], pad_token_id: int | None):
+def load_classifier(source: Source, labels: list[str], pad_token_id: int | None, quantization_config=None):
     """The model with a fresh `len(labels)`-way head, and the names of the modules its checkpoint lacked."""
+    quant = {"quantization_config": quantization_config} if quantization_config else {}
     from transformers import AutoModelForSequenceClassification
 
     model, loading = AutoModelForSequenceClassification.from_pretrained(
         source.path, **source.kwargs(), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)}, output_loading_info=True,
+        label2id={lab: i for i, lab in enumerate(labels)}, output_loading_info=True, **quant,
     )
     model.config.pad_token_id = pad_token_id
     if source.gguf_file:  # dequantized to fp32 on load: drop the quantizer so the merged model saves as a plain one

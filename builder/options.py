@@ -24,8 +24,10 @@ def config_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:
             if f.name in skip:
                 continue
             flag = "--" + f.name.replace("_", "-")
+            tp = _base_type(hints[f.name])
+            decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
             fn = click.option(
-                flag, f.name, type=_base_type(hints[f.name]), default=f.default, show_default=f.default is not None, help=f.metadata["help"]
+                *decls, f.name, type=tp, default=f.default, show_default=f.default is not None, help=f.metadata["help"]
             )(fn)
         return fn
 

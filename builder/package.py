@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
@@ -13,14 +14,21 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import runtime
+from runtime.ensemble import METHODS
 from runtime.manifest import FORMAT, MANIFEST, hash_tree
+from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, estimate, verdict
 
+from .ensemble import fit
 from .errors import MapbuildError
 from .stages import atomic_dir, read_meta
+from .wheels import describe, fetch
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{4,48}[a-z0-9]$")
-TEST_ROWS = 40_000  # the competition's largest hidden test set
+log = logging.getLogger("mapbuild")
+RUNTIME_DIR = Path(runtime.__file__).parent
+# Credentials must never reach a public dataset: kaggle.json, .env files, netrc, files named for keys or secrets.
+SECRET = re.compile(r"kaggle\.json|\.env(\..*)?|.*\.env|\.?netrc|\.git-credentials|.*(secret|credential|api[_-]?key|access[_-]?token).*", re.I)
 PACKAGES = ("numpy", "pandas", "tokenizers", "onnxruntime", "onnx", "torch", "transformers", "peft")
 
 
@@ -49,43 +57,74 @@ def versions() -> dict[str, str]:
     return found
 
 
+def check_plan(members: list[dict]) -> dict:
+    """The kernel-time plan for 2x T4 and 40,000 rows: a warning inside the safety margin, refused past the limit."""
+    plan = estimate(members)
+    total = sum(e.seconds for e in plan)
+    hours = f"{total / 3600:.1f} h on 2x T4 for {TEST_ROWS:,} rows"
+    if verdict(total) == "over":
+        raise MapbuildError(f"package: the plan needs {hours}, past the {LIMIT_HOURS:.0f} h limit; drop or shrink members (see `mapbuild plan`)")
+    if verdict(total) == "warn":
+        log.warning("package: the plan needs %s, inside the %.0f h safety margin of the %.0f h limit", hours, MARGIN_HOURS, LIMIT_HOURS)
+    return {
+        "rows": TEST_ROWS,
+        "t4_seconds": {e.name: round(e.seconds, 1) for e in plan},
+        "t4_total_seconds": round(total, 1),
+        # measured on the build machine's CPU at export: the fallback when the kernel has no GPU
+        "cpu_seconds": round(sum(TEST_ROWS / m["cpu_rows_per_s"] for m in members)),
+    }
+
+
 def package(
-    onnx_dirs: list[str], out: str | os.PathLike, dataset_id: str, title: str | None = None, wheels: str | None = None
+    onnx_dirs: list[str],
+    out: str | os.PathLike,
+    dataset_id: str,
+    title: str | None = None,
+    wheels: bool = False,
+    find_links: str | None = None,
+    ensemble: str = "prob",
 ) -> dict:
-    """Write the bundle folder; returns its manifest. `wheels`: a folder of .whl files the kernel installs offline."""
+    """Write the bundle folder; returns its manifest. `wheels`: fetch the kernel's wheels (onnxruntime-gpu) into
+    BUNDLE/wheels, from PyPI or from the `find_links` folder alone.
+    Several members are weighted by ensemble selection on their shared out-of-fold rows; a member that never
+    raises the OOF MAP@3 gets weight 0 and stays out of the bundle."""
     owner, slug = check_dataset_id(dataset_id)
     if not onnx_dirs:
         raise MapbuildError("package: give at least one ONNX_DIR written by `mapbuild export`")
-    wheel_files = sorted(Path(wheels).glob("*.whl")) if wheels else []
-    if wheels and not wheel_files:
-        raise MapbuildError(f"--wheels {wheels}: no .whl files there; fill it with `pip download --only-binary=:all: ...`")
     metas = [read_meta(d, "onnx") for d in onnx_dirs]
     labels = metas[0]["label_space"]["labels"]
     for d, m in zip(onnx_dirs, metas):
         if m["label_space"]["labels"] != labels:
             raise MapbuildError(f"{d}: its label list differs from {onnx_dirs[0]}'s; ensemble members must share one")
+    if ensemble not in METHODS:
+        raise MapbuildError(f"--ensemble must be one of {', '.join(METHODS)}, got {ensemble}")
+    fitted = fit(onnx_dirs, ensemble)
     title = title or f"mapbuild {slug}"[:50]
     if not 6 <= len(title) <= 50:
         raise MapbuildError(f"--title {title!r}: Kaggle needs a dataset title of 6-50 characters")
     with atomic_dir(out) as tmp:
-        members = []
-        for i, (d, m) in enumerate(zip(onnx_dirs, metas)):
-            name = f"m{i}-{m['model_type']}-{m['precision']}"
+        members, dropped = [], []
+        for d, m, weight, oof_map3 in zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"]):
+            if weight == 0:
+                dropped.append(str(d))
+                continue
+            name = f"m{len(members)}-{m['model_type']}-{m['precision']}"
             (tmp / "models" / name).mkdir(parents=True)
-            for f in ("model.onnx", "tokenizer.json"):
+            files = {"model": "model.onnx", "tokenizer": "tokenizer.json", "data": "model.onnx.data"}
+            files = {k: f for k, f in files.items() if (Path(d) / f).is_file()}  # .data: external weights over 2 GiB
+            for f in files.values():
                 shutil.copy(Path(d) / f, tmp / "models" / name / f)
             members.append({
                 "name": name,
-                "weight": 1.0,
-                "files": {"model": f"models/{name}/model.onnx", "tokenizer": f"models/{name}/tokenizer.json"},
-                **{k: m[k] for k in ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s")},
-                "valid_map3": m["metrics"]["map3"],
+                "weight": weight,
+                "oof_map3": oof_map3,
+                "files": {k: f"models/{name}/{f}" for k, f in files.items()},
+                **{k: m[k] for k in ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "params", "mean_tokens")},
             })
-        for w in wheel_files:
-            (tmp / "wheels").mkdir(exist_ok=True)
-            shutil.copy(w, tmp / "wheels" / w.name)
-        shutil.copytree(Path(runtime.__file__).parent, tmp / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
-        values = {"dataset_id": dataset_id, "title": title, "owner": owner, "kernel_slug": f"{slug}-submit"[:50], "kernel_title": f"{title} submit"}
+        wheel_files = fetch(tmp / "wheels", find_links=find_links) if wheels else []
+        shutil.copytree(RUNTIME_DIR, tmp / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+        kernel_slug = f"{slug}-submit"[:50]  # also its title: Kaggle warns when a title does not slugify to the id
+        values = {"dataset_id": dataset_id, "title": title, "owner": owner, "kernel_slug": kernel_slug, "kernel_title": kernel_slug}
         values["description"] = f"Offline MAP submission bundle with {len(members)} model(s), built by mapbuild {runtime.__version__}."
         for name in ("submit.ipynb", "kernel-metadata.json", "dataset-metadata.json"):
             (tmp / name).write_text(render_template(name, **values))
@@ -95,11 +134,14 @@ def package(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "label_space": metas[0]["label_space"],
             "members": members,
+            "ensemble": {k: fitted[k] for k in ("method", "rows", "map3")} | {"dropped": dropped},
             "versions": versions(),
-            "wheels": [w.name for w in wheel_files],
-            # Measured on the build machine's CPU at export: an upper bound, a T4 is far faster.
-            "estimate": {"rows": TEST_ROWS, "cpu_seconds": round(sum(TEST_ROWS / m["cpu_rows_per_s"] for m in members))},
+            "wheels": [describe(w) for w in wheel_files],
+            "estimate": check_plan(members),
             "files": hash_tree(tmp),
         }
+        secrets = [f for f in manifest["files"] if SECRET.fullmatch(Path(f).name)]
+        if secrets:
+            raise MapbuildError(f"package: {secrets[0]} looks like a credential; a bundle is uploaded as a dataset, remove it and package again")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
     return manifest

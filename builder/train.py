@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -12,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from runtime.engine import softmax
 from runtime.data import InputError, labels_of, read_rows
+from runtime.engine import softmax
 from runtime.labels import LabelSpace, fit_label_space, top3
 from runtime.metrics import map_at_3
 from runtime.prompts import TEMPLATES, render
 
 from .errors import MapbuildError
 from .folds import assign_folds
+from .hardware import PRECISIONS, choose_precision, detect
 from .models import family_of, load_classifier, load_tokenizer, resolve
 from .stages import atomic_dir, write_meta
 
@@ -33,14 +35,19 @@ class TrainConfig:
     template: str | None = field(default=None, metadata={"help": f"Prompt template: {', '.join(TEMPLATES)} (default: the family's)."})
     folds: int = field(default=5, metadata={"help": "Number of cross-validation folds."})
     fold: int = field(default=0, metadata={"help": "The fold held out for validation."})
-    epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
+    epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
     max_length: int | None = field(default=None, metadata={"help": "Maximum prompt tokens (default: the family's)."})
-    batch_size: int = field(default=16, metadata={"help": "Rows per training step."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per device per forward pass."})
+    grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step (effective batch = batch x accum x devices)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward: less memory, about 30% slower."})
+    precision: str = field(default="auto", metadata={"help": f"{', '.join(PRECISIONS)}; auto: bf16 on Ampere+, fp16 on older GPUs (T4), fp32 on CPU/MPS."})
+    qlora: bool = field(default=False, metadata={"help": "Load the base model in 4-bit NF4 (bitsandbytes; CUDA only)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine schedule)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     warmup: float = field(default=0.06, metadata={"help": "Share of steps spent warming up."})
+    candidate_loss: bool = field(default=True, metadata={"help": "Softmax over each row's candidate labels only, the set the kernel's mask keeps."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N rows (quick runs)."})
     seed: int = field(default=42, metadata={"help": "Seed for folds, initialisation and shuffling."})
 
@@ -52,6 +59,8 @@ class TrainConfig:
             (self.template is None or self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, got {self.template}"),
             (self.max_length is None or self.max_length >= 16, f"--max-length must be at least 16, got {self.max_length}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
             (self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"),
             (self.lora_r >= 1, f"--lora-r must be at least 1, got {self.lora_r}"),
             (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
@@ -100,13 +109,46 @@ def validate(probs: np.ndarray, rows: pd.DataFrame, space: LabelSpace) -> dict:
     }
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike) -> dict:
-    """Train, validate and save a run folder; returns its metrics."""
+def quantization_config(cfg: TrainConfig, hw, precision: str):
+    """QLoRA's 4-bit NF4 base, or None."""
+    if not cfg.qlora:
+        return None
+    if hw.device != "cuda":
+        raise MapbuildError(f"--qlora needs a CUDA GPU (bitsandbytes 4-bit); this machine trains on {hw.device}: drop --qlora")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MapbuildError("--qlora needs bitsandbytes: pip install bitsandbytes")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if precision == "bf16" else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
+def candidate_trainer():
+    """The HF Trainer with cross-entropy restricted to each row's `allowed` labels."""
+    import torch
+    from transformers import Trainer
+
+    class CandidateTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            allowed, labels = inputs.pop("allowed"), inputs.pop("labels")
+            outputs = model(**inputs)
+            logits = outputs.logits.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            return (loss, outputs) if return_outputs else loss
+
+    return CandidateTrainer
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
+    """Train, validate and save a run folder; returns its metrics (None on DDP ranks other than 0)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, TrainingArguments
 
     from .infer import torch_logits
+
+    CandidateTrainer = candidate_trainer()
 
     df = load_labelled(cfg.data, cfg.limit)
     fold = assign_folds(df, cfg.folds, cfg.seed)
@@ -122,12 +164,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict:
     def encode(rows: pd.DataFrame) -> list[list[int]]:
         return tok(render(rows, template, space_tr), truncation=True, max_length=max_length)["input_ids"]
 
-    y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).tolist()
-    train_set = [{"input_ids": ids, "labels": t} for ids, t in zip(encode(tr), y)]
+    y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).to_numpy()
+    allowed = space_tr.candidate_mask(tr) if cfg.candidate_loss else np.ones((len(tr), len(labels)), dtype=bool)
+    allowed[np.arange(len(tr)), y] = True  # the few rows whose label contradicts their answer's correctness
+    train_set = [{"input_ids": ids, "labels": int(t), "allowed": a.tolist()} for ids, t, a in zip(encode(tr), y, allowed)]
+    hw = detect()
+    precision = choose_precision(hw, cfg.precision)
     torch.manual_seed(cfg.seed)
     # Modules the checkpoint lacks (the head; ModernBERT's `head` too) start random: LoRA on them would be lost
     # at merge, which re-creates them, so they train fully and are saved whole instead.
-    model, fresh = load_classifier(source, labels, tok.pad_token_id)
+    model, fresh = load_classifier(source, labels, tok.pad_token_id, quantization_config(cfg, hw, precision))
+    if cfg.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.lora_r,
@@ -138,36 +188,46 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict:
         exclude_modules=fresh or None,
     )
     model = get_peft_model(model, lora)
-    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=scratch,
             num_train_epochs=cfg.epochs,
             per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            use_cpu=hw.device == "cpu",  # also what makes torchrun on CPU start gloo DDP
+            fp16=precision == "fp16",
+            bf16=precision == "bf16",
             learning_rate=cfg.learning_rate,
             lr_scheduler_type="cosine",
             warmup_steps=cfg.warmup,
             weight_decay=0.01,
             train_sampling_strategy="group_by_length",
-            logging_steps=max(1, len(train_set) // cfg.batch_size // 20),
+            logging_steps=max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum) // 20),
             save_strategy="no",
+            remove_unused_columns=False,  # keeps `allowed` for the loss
             report_to="none",
             seed=cfg.seed,
             disable_tqdm=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tok))
+        trainer = CandidateTrainer(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tok))
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        model.eval()
-        probs = softmax(torch_logits(model, encode(va), tok.pad_token_id, desc="validate"))
-        metrics = {
-            **validate(probs, va, space_tr),
-            "rows_train": len(tr),
-            "rows_valid": len(va),
-            "train_seconds": round(seconds, 1),
-            "train_rows_per_s": round(len(tr) * cfg.epochs / seconds, 2),
-            "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
-        }
+    if not trainer.is_world_process_zero():  # under torchrun / accelerate, rank 0 alone validates and writes
+        return None
+    world = args.world_size
+    model.eval()
+    probs = softmax(torch_logits(model, encode(va), tok.pad_token_id, desc="validate"))
+    metrics = {
+        **validate(probs, va, space_tr),
+        "rows_train": len(tr),
+        "rows_valid": len(va),
+        "train_seconds": round(seconds, 1),
+        "train_rows_per_s": round(len(tr) * cfg.epochs / seconds, 2),
+        "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+    }
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
         tok.save_pretrained(tmp / "tokenizer")
         np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs.astype(np.float32))
@@ -184,6 +244,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict:
             "pad_token_id": tok.pad_token_id,
             "label_space": fit_label_space(df, labels).to_json(),
             "config": asdict(cfg),
+            "hardware": {**hw.to_json(), "precision": precision, "world_size": world},
             "metrics": metrics,
         })
     return metrics

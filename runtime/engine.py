@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import logging
+import multiprocessing as mp
+import os
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from multiprocessing.queues import Queue
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -43,16 +49,74 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def run_batches(
-    forward: Forward, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, sort: bool = True, desc: str = "infer"
+    forward: Forward | Executor,
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    sort: bool = True,
+    dedupe: bool = True,
+    desc: str = "infer",
+    deadline: float | None = None,
 ) -> np.ndarray:
-    """Logits of every row in input order."""
+    """Logits of every row in input order; identical sequences (duplicate rows, stock answers) run once.
+
+    `forward` is a function of one padded batch, or a `device_pool`: its workers then take whole batches as they
+    free up, so each batch, and so each row's logits, are exactly what one device would compute. With a
+    `deadline` (time.monotonic()), the measured pace re-plans after every batch: a run projected to end past it
+    stops with DeadlineError before it wastes the time."""
+    first: dict[tuple[int, ...], int] = {}
+    inverse = np.array([first.setdefault(tuple(s), len(first)) for s in seqs], dtype=np.int64) if dedupe else np.arange(len(seqs))
+    todo = list(first) if dedupe else list(seqs)
+    order = batches([len(s) for s in todo], batch_size, sort)
+    padded = (pad([todo[i] for i in idx], pad_id) for idx in order)
+    results = forward.map(_pool_forward, padded) if isinstance(forward, Executor) else (forward(*b) for b in padded)
+    # Cost grows with padded tokens, and sorted batches grow longer: pace by tokens, not rows.
+    cost = np.cumsum([len(idx) * max(len(todo[i]) for i in idx) for idx in order])
+    start = time.monotonic()
     out: np.ndarray | None = None
-    for idx in tqdm(batches([len(s) for s in seqs], batch_size, sort), desc=desc, unit="batch", mininterval=2):
-        logits = forward(*pad([seqs[i] for i in idx], pad_id))
+    for k, (idx, logits) in enumerate(tqdm(zip(order, results), total=len(order), desc=desc, unit="batch", mininterval=2)):
         if out is None:
-            out = np.empty((len(seqs), logits.shape[1]), dtype=np.float32)
+            out = np.empty((len(todo), logits.shape[1]), dtype=np.float32)
         out[idx] = logits
-    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+        now = time.monotonic()
+        if deadline is not None and k + 1 < len(order):
+            left = (now - start) * (cost[-1] / cost[k] - 1)
+            if now + left > deadline:
+                raise DeadlineError(f"{desc}: needs about {left:.0f} s more at the measured pace, {max(deadline - now, 0):.0f} s left")
+    return out[inverse] if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+class DeadlineError(RuntimeError):
+    """Finishing would overrun the kernel's time limit."""
+
+
+_worker_forward: Forward | None = None
+
+
+def _init_worker(path: str, devices: Queue, threads: int) -> None:
+    global _worker_forward
+    _worker_forward = onnx_forward(path, threads, device_id=devices.get())
+
+
+def _pool_forward(batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return _worker_forward(*batch)
+
+
+def device_pool(path: str, devices: int, threads: int = 0) -> Executor:
+    """One worker process per device (CUDA device i, or CPU when there is none), each with its own session."""
+    ctx = mp.get_context("spawn")  # CUDA cannot survive fork
+    ids = ctx.Queue()
+    for i in range(devices):
+        ids.put(i)
+    return ProcessPoolExecutor(devices, mp_context=ctx, initializer=_init_worker, initargs=(str(path), ids, threads))
+
+
+def gpu_count() -> int:
+    """Visible NVIDIA GPUs, without CUDA libraries: CUDA_VISIBLE_DEVICES when set, else the device nodes."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
+    return len(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -60,14 +124,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def onnx_forward(path: str, threads: int = 0) -> Forward:
-    """An onnxruntime session on CUDA when available, else CPU."""
+def onnx_forward(path: str, threads: int = 0, device_id: int = 0) -> Forward:
+    """An onnxruntime session on CUDA device `device_id` when available, else CPU."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     available = ort.get_available_providers()
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    providers: list = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if "CUDAExecutionProvider" in providers:
+        providers[0] = ("CUDAExecutionProvider", {"device_id": device_id})
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # a broken CUDA install must cost speed, not the submission

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .engine import encode, load_tokenizer, onnx_forward, run_batches, softmax
+from .engine import device_pool, encode, load_tokenizer, onnx_forward, run_batches, softmax
+from .ensemble import combine
 from .labels import LabelSpace
 from .manifest import check_files
 from .prompts import render
@@ -16,11 +18,21 @@ from .prompts import render
 log = logging.getLogger("mapbuild")
 
 
-def member_probs(bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int) -> np.ndarray:
+def member_probs(
+    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+) -> np.ndarray:
     tok = load_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
     seqs = encode(tok, render(df, member["template"], space))
-    forward = onnx_forward(bundle / member["files"]["model"])
-    return softmax(run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"]))
+    model = bundle / member["files"]["model"]
+    run = lambda forward: softmax(run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline))
+    if devices <= 1:
+        return run(onnx_forward(model))
+    log.info("%s: %d worker processes, one per device", member["name"], devices)
+    pool = device_pool(model, devices)
+    try:
+        return run(pool)
+    finally:
+        pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
 
 def prior(space: LabelSpace, rows: int) -> np.ndarray:
@@ -30,28 +42,48 @@ def prior(space: LabelSpace, rows: int) -> np.ndarray:
 
 
 def predict(
-    bundle: str | Path, manifest: dict, space: LabelSpace, df: pd.DataFrame, batch_size: int = 64
+    bundle: str | Path,
+    manifest: dict,
+    space: LabelSpace,
+    df: pd.DataFrame,
+    batch_size: int = 64,
+    devices: int = 1,
+    deadline: float | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """Weighted mean of member probabilities, and the names of the members that ran."""
+    """The members' combined scores (the manifest's ensemble method), and the names of the members that ran.
+
+    Members run heaviest weight first. With a `deadline` (time.monotonic()), each member's planned time is scaled by
+    how the members so far kept to theirs; one that would overrun is dropped, and a running one stops as soon as
+    its own pace says it would."""
     bundle = Path(bundle)
-    total, weights, used = np.zeros((len(df), len(space.labels)), dtype=np.float32), 0.0, []
+    probs, weights, used = [], [], []
     if df.empty:
         log.warning("no test rows: nothing to predict")
-        return total, used
-    for m in manifest["members"]:
+        return np.zeros((0, len(space.labels)), dtype=np.float32), used
+    planned = manifest.get("estimate", {}).get("t4_seconds", {})
+    scale = len(df) / manifest.get("estimate", {}).get("rows", len(df))
+    spent = plan_spent = 0.0
+    for m in sorted(manifest["members"], key=lambda m: -m["weight"]):
+        plan = planned.get(m["name"], 0.0) * scale
+        if deadline is not None and plan_spent > 0 and plan > 0:
+            need, left = plan * spent / plan_spent, deadline - time.monotonic()
+            if need > left:
+                log.error("DROPPED member %s (weight %.2f): needs about %.0f s at this kernel's pace, %.0f s left", m["name"], m["weight"], need, left)
+                continue
         problems = check_files(bundle, manifest, list(m["files"].values()))
         if problems:
             log.error("SKIPPED member %s: %s", m["name"], "; ".join(problems))
             continue
+        start = time.monotonic()
         try:
-            probs = member_probs(bundle, m, df, space, batch_size)
+            probs.append(member_probs(bundle, m, df, space, batch_size, devices, deadline))
         except Exception as e:  # noqa: BLE001 - any member failure must leave the others and the prior
             log.error("SKIPPED member %s: %s: %s", m["name"], type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             continue
-        total += m["weight"] * probs
-        weights += m["weight"]
+        spent, plan_spent = spent + time.monotonic() - start, plan_spent + plan
+        weights.append(m["weight"])
         used.append(m["name"])
     if not used:
         log.error("NO MEMBER LEFT: predicting the training label prior per question and correctness")
         return prior(space, len(df)), used
-    return total / weights, used
+    return combine(probs, weights, manifest.get("ensemble", {}).get("method", "prob")), used

@@ -42,8 +42,18 @@ def instruction(row: Row, is_correct: bool | None, correct_answer: str) -> str:
     )
 
 
+def compact(row: Row, is_correct: bool | None, correct_answer: str) -> str:
+    # No question text: the candidate mask already narrows the labels to the question's own, and leaving out its
+    # ~31 tokens makes training and inference about 1.7x faster. The id still tells the questions apart.
+    return (
+        f"Question {row['QuestionId']}; answer {row['MC_Answer']} is {_verdict(is_correct)} (correct: "
+        f"{correct_answer or 'unknown'})\nExplanation: {row['StudentExplanation']}"
+    )
+
+
 TEMPLATES: dict[str, Callable[[Row, bool | None, str], str]] = {
     "basic": basic,
+    "compact": compact,
     "detailed": detailed,
     "instruction": instruction,
 }

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from .data import InputError, duplicate_row_ids, has_labels, labels_of, read_rows
+from .engine import gpu_count
 from .labels import LabelSpace, top3
 from .manifest import FORMAT, MANIFEST, BundleError, load_manifest
 from .metrics import map_at_3
+from .plan import LIMIT_HOURS, MARGIN_HOURS
 from .predict import predict
 from .submission import check_submission, write_submission
 
@@ -41,8 +43,16 @@ def find_test(root: str) -> Path:
     return hits[0]
 
 
-def run(bundle: Path, test: Path, out: Path, batch_size: int) -> float | None:
-    """Write the submission; returns MAP@3 when the test rows carry labels."""
+def default_devices() -> int:
+    """One worker per visible GPU when onnxruntime can use CUDA; else a single CPU process."""
+    import onnxruntime as ort
+
+    return max(gpu_count(), 1) if "CUDAExecutionProvider" in ort.get_available_providers() else 1
+
+
+def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None) -> float | None:
+    """Write the submission; returns MAP@3 when the test rows carry labels. `deadline`: time.monotonic() by which
+    predictions must be done."""
     manifest = load_manifest(bundle)
     df = read_rows(test)
     dups = duplicate_row_ids(df)
@@ -50,7 +60,7 @@ def run(bundle: Path, test: Path, out: Path, batch_size: int) -> float | None:
         log.warning("%s: %d duplicate row_id values (e.g. %s); every row is kept", test, len(dups), ", ".join(dups[:5]))
     space = LabelSpace.from_json(manifest["label_space"])
     start = time.perf_counter()
-    probs, used = predict(bundle, manifest, space, df, batch_size)
+    probs, used = predict(bundle, manifest, space, df, batch_size, devices, deadline)
     seconds = time.perf_counter() - start
     labels = np.array(space.labels)
     preds = labels[top3(probs, space.candidate_mask(df))].tolist()
@@ -69,12 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission to write")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per inference batch")
     parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and test.csv")
+    parser.add_argument("--devices", type=int, help="worker processes, one per device (default: one per visible GPU, else 1)")
+    parser.add_argument(
+        "--hours", type=float, default=LIMIT_HOURS - MARGIN_HOURS,
+        help="time budget for predictions from now; members that would overrun are dropped (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         bundle = args.bundle or find_bundle(args.input_root)
         test = args.test or find_test(args.input_root)
-        score = run(bundle, test, args.out, args.batch_size)
+        deadline = time.monotonic() + args.hours * 3600
+        score = run(bundle, test, args.out, args.batch_size, args.devices or default_devices(), deadline)
     except (InputError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

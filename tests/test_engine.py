@@ -26,6 +26,22 @@ def test_run_batches_returns_rows_in_input_order():
     assert got[:, 1].sum() < run_batches(forward, seqs, 0, batch_size=2, sort=False)[:, 1].sum()
 
 
+def test_run_batches_runs_duplicates_once_and_restores_every_row():
+    seqs = [[3, 4], [5], [3, 4], [5], [6, 7, 8]]
+    seen: list[list[int]] = []
+
+    def forward(ids, mask):
+        seen.extend(row[m.astype(bool)].tolist() for row, m in zip(ids, mask))
+        return ids[:, :1].astype(np.float32)
+
+    got = run_batches(forward, seqs, 0, batch_size=2)
+    assert sorted(seen) == [[3, 4], [5], [6, 7, 8]]
+    assert got[:, 0].tolist() == [3, 5, 3, 5, 6]
+    seen.clear()
+    run_batches(forward, seqs, 0, batch_size=2, dedupe=False)
+    assert len(seen) == len(seqs)
+
+
 def test_softmax_rows_sum_to_one():
     p = softmax(np.array([[1000.0, 0.0], [1.0, 1.0]], dtype=np.float32))
     assert np.allclose(p.sum(1), 1) and np.allclose(p[1], 0.5)

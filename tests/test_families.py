@@ -29,11 +29,8 @@ def test_family_through_the_pipeline(model_type, tmp_path):
     train(TrainConfig(model=str(base), data=str(SAMPLE_TRAIN), epochs=1, lora_r=4), tmp_path / "run")
     merge(tmp_path / "run", tmp_path / "merged")
     export(tmp_path / "merged", tmp_path / "onnx", "fp32", rows=32)
-    export(tmp_path / "merged", tmp_path / "int8", "int8", rows=32)
-
     meta = json.loads((tmp_path / "onnx" / "mapbuild.json").read_text())
     assert meta["drift"]["max_abs_logit_diff"] < 1e-4 and meta["drift"]["top1_agreement"] == 1.0
-    assert json.loads((tmp_path / "int8" / "mapbuild.json").read_text())["drift"]["rows"] > 0
 
     df = read_rows(SAMPLE_TRAIN, labelled=True).head(24)
     texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"])) + EDGE_TEXTS
@@ -52,3 +49,14 @@ def test_family_through_the_pipeline(model_type, tmp_path):
     onnx_batched = run_batches(forward, ids, pad_id, 16, sort=False)
     assert np.abs(run_batches(forward, ids, pad_id, 1) - onnx_batched).max() < 1e-4
     assert np.abs(onnx_batched - batched).max() < 1e-4
+
+    # Quantized: a tiny random model's logits nearly tie, so the drift gate is forced off; its numbers are still
+    # recorded, and padding must still change next to nothing. Dynamic int8 quantizes activations with one scale per
+    # tensor, so batch mates move a row by up to about one quantization step: hence its looser bound.
+    for precision, tolerance in (("fp16", 1e-2), ("int8", 5e-2), ("int4", 1e-2)):
+        export(tmp_path / "merged", tmp_path / precision, precision, rows=32, force=True)
+        drift = json.loads((tmp_path / precision / "mapbuild.json").read_text())["drift"]
+        assert drift["rows"] == 32 and 0 < drift["max_abs_logit_diff"] < (0.05 if precision == "fp16" else 1.0), (precision, drift)
+        forward = onnx_forward(tmp_path / precision / "model.onnx")
+        quantized = run_batches(forward, ids, pad_id, 16, sort=False)
+        assert np.abs(run_batches(forward, ids, pad_id, 1) - quantized).max() < tolerance, precision

@@ -19,7 +19,7 @@ from runtime.manifest import check_files, load_manifest
 from runtime.prompts import render
 from runtime.submission import check_submission
 
-from .conftest import KERNEL_PYTHON, ROOT, SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
+from .conftest import KERNEL_PYTHON, SAMPLE_TEST, SAMPLE_TRAIN, SANDBOX, run_kernel
 
 
 def sample_ids(folder, meta):
@@ -56,6 +56,39 @@ def test_onnx_matches_torch_and_padding_changes_nothing(tiny_pipeline):
     assert np.abs(batch - alone).max() < 1e-4
 
 
+def test_run_records_its_hardware_and_bert_exports_fused_attention(tiny_pipeline):
+    import onnx
+
+    from builder.hardware import choose_precision, detect
+
+    run = json.loads((tiny_pipeline["run"] / "mapbuild.json").read_text())
+    assert run["hardware"]["device"] == detect().device and run["hardware"]["world_size"] == 1
+    assert run["hardware"]["precision"] == choose_precision(detect())
+    ops = lambda d: {n.op_type for n in onnx.load(d / "model.onnx").graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops(tiny_pipeline["onnx"])
+    assert "QAttention" in ops(tiny_pipeline["onnx-int8"])
+
+
+def test_external_data_fp16_model_ships_and_runs_in_the_kernel(tiny_pipeline, tmp_path, monkeypatch):
+    """Over 2 GiB a model keeps its weights in one model.onnx.data; shrink the limit to see the whole path."""
+    import builder.export
+    from builder.package import package
+
+    monkeypatch.setattr(builder.export, "EXTERNAL_DATA_BYTES", 0)
+    builder.export.export(tiny_pipeline["merged"], tmp_path / "onnx", "fp16", rows=16, force=True)
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["mapbuild.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    manifest = package([str(tmp_path / "onnx")], tmp_path / "bundle", "tester/tiny-external")
+    member = manifest["members"][0]
+    assert member["precision"] == "fp16" and member["files"]["data"] in manifest["files"]
+    result = run_kernel(tmp_path / "bundle", "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(tmp_path / "sub.csv"))
+    assert result.returncode == 0 and "SKIPPED" not in result.stderr, result.stderr[-2000:]
+    assert check_submission(tmp_path / "sub.csv", read_rows(SAMPLE_TEST)["row_id"].tolist()) == []
+
+
 def test_runtime_tokenizer_matches_training_tokenizer(tiny_pipeline):
     from builder.models import load_tokenizer as load_hf_tokenizer
 
@@ -73,9 +106,13 @@ def test_bundle_describes_itself(tiny_pipeline):
     assert sorted(manifest["files"]) == on_disk
     assert check_files(bundle, manifest, on_disk) == []
     member = manifest["members"][0]
-    assert {"model", "tokenizer"} == set(member["files"]) and member["template"] == "basic"
+    assert {"model", "tokenizer"} == set(member["files"]) and member["template"] == "compact"
     assert {"onnxruntime", "tokenizers", "numpy", "torch"} <= set(manifest["versions"])
     assert manifest["estimate"]["rows"] == 40_000 and manifest["estimate"]["cpu_seconds"] > 0
+    assert manifest["estimate"]["t4_seconds"][member["name"]] > 0 and member["params"] > 0 and member["mean_tokens"] > 0
+    run = json.loads((tiny_pipeline["run"] / "metrics.json").read_text())
+    assert member["weight"] == 1.0 and manifest["ensemble"]["rows"] == run["rows_valid"]
+    assert member["oof_map3"] == pytest.approx(run["map3"], abs=0.05)  # OOF scored with the full data's label space
     kernel = json.loads((bundle / "kernel-metadata.json").read_text())
     assert kernel["enable_internet"] is False and kernel["enable_gpu"] is True
     assert kernel["competition_sources"] == ["map-charting-student-math-misunderstandings"]
@@ -97,7 +134,7 @@ def test_kernel_run_writes_a_valid_submission(tiny_pipeline, tmp_path):
 
 def test_kernel_sandbox_really_blocks_the_training_stack(tiny_pipeline):
     python = str(KERNEL_PYTHON if KERNEL_PYTHON.exists() else sys.executable)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "sandbox")}
+    env = {**os.environ, "PYTHONPATH": str(SANDBOX)}
     for name in ("torch", "transformers", "peft", "builder"):
         done = subprocess.run([python, "-c", f"import {name}"], cwd=tiny_pipeline["bundle"], env=env, capture_output=True)
         assert done.returncode != 0, name
@@ -171,13 +208,94 @@ def test_nothing_to_find_is_a_one_line_error(tiny_pipeline, tmp_path, missing):
     assert done.returncode == 2 and done.stderr.startswith("error: no ") and missing in done.stderr
 
 
-def test_wheels_travel_in_the_bundle_and_its_manifest(tiny_pipeline, tmp_path):
+def fake_wheel(folder, version="1.31.1", tag="cp311-cp311-manylinux_2_28_x86_64"):
+    """A minimal valid wheel named like onnxruntime-gpu's, for pip to select by version and platform tag."""
+    import zipfile
+
+    dist = f"onnxruntime_gpu-{version}.dist-info"
+    path = folder / f"onnxruntime_gpu-{version}-{tag}.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: {version}\n")
+        z.writestr(f"{dist}/WHEEL", f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: {tag}\n")
+        z.writestr(f"{dist}/RECORD", "")
+    return path
+
+
+def test_wheels_are_fetched_for_the_kernel_platform_and_pinned(tiny_pipeline, tmp_path):
     from builder.package import package
 
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    (wheels / "onnxruntime_gpu-1.22.0-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"not really a wheel")
-    manifest = package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle", wheels=str(wheels))
-    name = "onnxruntime_gpu-1.22.0-cp311-cp311-manylinux_2_28_x86_64.whl"
-    assert manifest["wheels"] == [name] and f"wheels/{name}" in manifest["files"]
-    assert (tmp_path / "bundle" / "wheels" / name).read_bytes() == b"not really a wheel"
+    index = tmp_path / "index"
+    index.mkdir()
+    want = fake_wheel(index)
+    fake_wheel(index, tag="cp311-cp311-win_amd64")
+    fake_wheel(index, tag="cp310-cp310-manylinux_2_28_x86_64")
+    fake_wheel(index, version="1.30.0")
+    manifest = package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle", wheels=True, find_links=str(index))
+    assert manifest["wheels"] == [{"file": want.name, "name": "onnxruntime-gpu", "version": "1.31.1"}]
+    assert sorted(os.listdir(tmp_path / "bundle" / "wheels")) == [want.name] and f"wheels/{want.name}" in manifest["files"]
+
+
+def test_a_wheel_that_cannot_be_fetched_is_one_line_and_leaves_no_bundle(tiny_pipeline, tmp_path):
+    from builder.errors import MapbuildError
+    from builder.package import package
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MapbuildError, match=r"^--wheels: pip download onnxruntime-gpu==1.31.1 failed: .*") as e:
+        package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle", wheels=True, find_links=str(tmp_path / "empty"))
+    assert "\n" not in str(e.value) and not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize("name", ["kaggle.json", ".env", "api_key.txt"])
+def test_package_refuses_a_bundle_holding_credentials(tiny_pipeline, tmp_path, monkeypatch, name):
+    import builder.package
+    from builder.errors import MapbuildError
+
+    runtime_copy = tmp_path / "runtime"
+    shutil.copytree(builder.package.RUNTIME_DIR, runtime_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (runtime_copy / name).write_text('{"username": "me", "key": "not-a-real-key"}')
+    monkeypatch.setattr(builder.package, "RUNTIME_DIR", runtime_copy)
+    with pytest.raises(MapbuildError, match=f"runtime/{name} looks like a credential"):
+        builder.package.package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runtime"]  # nothing half-written
+
+
+def test_two_worker_processes_give_exactly_the_single_device_result(tiny_pipeline):
+    """The 2x T4 path with CPU workers: whole batches go to workers, so every row's probabilities are unchanged."""
+    from runtime.predict import predict
+
+    manifest = load_manifest(tiny_pipeline["bundle"])
+    space = LabelSpace.from_json(manifest["label_space"])
+    df = pd.concat([read_rows(SAMPLE_TRAIN, labelled=True)] * 2, ignore_index=True)  # duplicates too
+    one, used_one = predict(tiny_pipeline["bundle"], manifest, space, df, batch_size=16)
+    two, used_two = predict(tiny_pipeline["bundle"], manifest, space, df, batch_size=16, devices=2)
+    assert used_one == used_two == [m["name"] for m in manifest["members"]]
+    assert np.array_equal(one, two)
+
+
+def test_gpu_count_reads_cuda_visible_devices(monkeypatch):
+    from runtime.engine import gpu_count
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert gpu_count() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert gpu_count() == 0
+
+
+def test_verify_runs_the_bundle_like_the_kernel_and_catches_tampering(tiny_pipeline, tmp_path):
+    from click.testing import CliRunner
+
+    from builder.cli import cli
+
+    python = str(KERNEL_PYTHON if KERNEL_PYTHON.exists() else sys.executable)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_pipeline["bundle"], bundle)
+    ok = CliRunner().invoke(cli, ["verify", str(bundle), "--python", python])
+    assert ok.exit_code == 0 and "checksums intact" in ok.output and "16 rows" in ok.output, ok.output
+    (bundle / "notes.txt").write_text("added after packaging")
+    extra = CliRunner().invoke(cli, ["verify", str(bundle), "--python", python])
+    assert extra.exit_code == 1 and "notes.txt: not in the manifest" in extra.output
+    (bundle / "notes.txt").unlink()
+    model = next(bundle.glob("models/*/model.onnx"))
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    bad = CliRunner().invoke(cli, ["verify", str(bundle), "--python", python])
+    assert bad.exit_code == 1 and "sha256 mismatch" in bad.output and bad.output.strip().count("\n") == 0

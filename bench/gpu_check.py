@@ -1,0 +1,102 @@
+"""One prepared check for a CUDA machine: SmolLM2 on the full shared train set, fp16 ONNX, CUDA runtime vs PyTorch.
+
+    python bench/gpu_check.py [--data ../shared/data/map/train.csv] [--out build/gpu_check] [--epochs 1] [--rows 4000]
+
+Trains fold 0 in the precision the hardware picks, merges, exports fp16 and packages, then times the bundle's
+runtime (CUDA provider, sorted batches) against PyTorch fp16 (input order, batch 32) on the same held-out rows,
+tokenization included. Prints one JSON object of figures. Without CUDA it stops at once with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "map" / "train.csv")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_check")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--rows", type=int, default=4000, help="held-out rows to time")
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device on this machine; run it where `torch.cuda.is_available()` is true")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        sys.exit("gpu_check: onnxruntime has no CUDA provider; `pip uninstall -y onnxruntime && pip install onnxruntime-gpu`")
+    if not args.data.is_file():
+        sys.exit(f"gpu_check: --data {args.data}: file not found")
+
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification
+
+    from builder.export import export, held_out_rows
+    from builder.merge import merge
+    from builder.models import load_tokenizer
+    from builder.package import package
+    from builder.train import TrainConfig, train
+    from runtime.data import labels_of
+    from runtime.engine import run_batches, softmax
+    from runtime.labels import LabelSpace, top3
+    from runtime.manifest import load_manifest
+    from runtime.metrics import map_at_3
+    from runtime.predict import predict
+    from runtime.prompts import render
+
+    out = args.out
+    cfg = TrainConfig(model="smollm2", data=str(args.data), epochs=args.epochs, learning_rate=args.learning_rate)
+    metrics = train(cfg, out / "run")
+    merge(out / "run", out / "merged")
+    drift = export(out / "merged", out / "onnx", "fp16", rows=512)
+    package([str(out / "onnx")], out / "bundle", "mapbuild/gpu-check")
+
+    meta = json.loads((out / "merged" / "mapbuild.json").read_text())
+    manifest = load_manifest(out / "bundle")
+    space = LabelSpace.from_json(manifest["label_space"])
+    rows = held_out_rows(meta, args.rows)
+    truth, mask, labels = labels_of(rows).tolist(), space.candidate_mask(rows), np.array(space.labels)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "merged", dtype=torch.float16).cuda().eval()
+    tok = load_tokenizer(str(out / "merged"))
+
+    @torch.inference_mode()
+    def forward(ids: np.ndarray, attention: np.ndarray) -> np.ndarray:
+        logits = model(input_ids=torch.from_numpy(ids).cuda(), attention_mask=torch.from_numpy(attention).cuda()).logits
+        return logits.float().cpu().numpy()
+
+    start = time.perf_counter()
+    ids = tok(render(rows, meta["template"], space), truncation=True, max_length=meta["max_length"])["input_ids"]
+    base = softmax(run_batches(forward, ids, meta["pad_token_id"], 32, sort=False, dedupe=False, desc="torch fp16"))
+    base_s = time.perf_counter() - start
+    start = time.perf_counter()
+    probs, used = predict(out / "bundle", manifest, space, rows)
+    run_s = time.perf_counter() - start
+    figures = {
+        "device": torch.cuda.get_device_name(0),
+        "hardware": json.loads((out / "run" / "mapbuild.json").read_text())["hardware"],
+        "fold_map3": metrics["map3"],
+        "train_rows_per_s": metrics["train_rows_per_s"],
+        "fp16_drift": drift,
+        "rows": len(rows),
+        "torch_fp16_rows_per_s": round(len(rows) / base_s, 1),
+        "runtime_cuda_rows_per_s": round(len(rows) / run_s, 1),
+        "speedup": round(base_s / run_s, 2),
+        "torch_map3": map_at_3(truth, labels[top3(base, mask)].tolist()),
+        "runtime_map3": map_at_3(truth, labels[top3(probs, mask)].tolist()),
+        "members_run": used,
+        "bundle_mib": round(sum(f.stat().st_size for f in (out / "bundle").rglob("*") if f.is_file()) / 2**20, 1),
+    }
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Ensembles: combining members, fitting their weights on OOF rows, and the bundle that carries them."""
+
+import json
+
+import numpy as np
+import pytest
+
+from builder.ensemble import select
+from runtime.data import read_rows
+from runtime.ensemble import combine, rank_rows
+from runtime.submission import check_submission
+
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
+
+RNG = np.random.default_rng(0)
+
+
+def top1_score(truth):
+    return lambda p: float((p.argmax(1) == truth).mean())
+
+
+def test_combine_weights_probabilities_or_ranks():
+    a = np.array([[0.7, 0.2, 0.1]], dtype=np.float32)
+    b = np.array([[0.0, 0.1, 0.9]], dtype=np.float32)
+    assert np.allclose(combine([a, b], [3, 1]), 0.75 * a + 0.25 * b)
+    assert rank_rows(a).tolist() == [[1.0, 0.5, 0.0]]
+    # b's confident 0.9 outweighs a under probability averaging, not under rank averaging
+    assert combine([a, b], [1, 1]).argmax() == 2 and combine([a, b], [1, 1], "rank").argmax() == 0
+    with pytest.raises(ValueError, match="prob, rank"):
+        combine([a], [1], "vote")
+
+
+def test_selection_drops_a_useless_member_and_mixes_complementary_ones():
+    truth = RNG.integers(0, 5, 400)
+    good = np.eye(5)[truth] * 0.5 + RNG.random((400, 5)) * 0.6
+    noise = RNG.random((400, 5))
+    weights = select([good, noise], top1_score(truth))
+    assert weights.tolist() == [1.0, 0.0]
+    # each member knows half the rows: together they beat either alone
+    half = np.arange(400) < 200
+    left = np.where(half[:, None], np.eye(5)[truth], 0.2) + RNG.random((400, 5)) * 0.1
+    right = np.where(~half[:, None], np.eye(5)[truth], 0.2) + RNG.random((400, 5)) * 0.1
+    weights = select([left, right], top1_score(truth))
+    score = top1_score(truth)
+    assert (weights > 0).all() and score(combine([left, right], weights)) > max(score(left), score(right)) + 0.3
+
+
+def test_two_run_bundle_reports_weights_and_runs_in_the_kernel(tiny_pipeline, tiny_bert, tmp_path):
+    from builder.export import export
+    from builder.merge import merge
+    from builder.package import package
+    from builder.train import TrainConfig, train
+
+    cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), epochs=3, batch_size=16, learning_rate=3e-3, lora_r=4, seed=42, template="basic")
+    train(cfg, tmp_path / "run")  # same fold as tiny_pipeline's run (same seed), another template
+    merge(tmp_path / "run", tmp_path / "merged")
+    export(tmp_path / "merged", tmp_path / "onnx", "fp32")
+    manifest = package([str(tiny_pipeline["onnx"]), str(tmp_path / "onnx")], tmp_path / "bundle", "tester/tiny-ensemble", ensemble="rank")
+    e, members = manifest["ensemble"], manifest["members"]
+    run_metrics = [json.loads((d / "metrics.json").read_text()) for d in (tiny_pipeline["run"], tmp_path / "run")]
+    assert e["method"] == "rank" and e["rows"] == run_metrics[0]["rows_valid"]
+    assert sum(m["weight"] for m in members) == pytest.approx(1.0)
+    assert len(members) + len(e["dropped"]) == 2
+    assert e["map3"] >= max(m["oof_map3"] for m in members) - 1e-9  # selection never ends below its best member
+    out = tmp_path / "submission.csv"
+    done = run_kernel(tmp_path / "bundle", "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(out))
+    assert done.returncode == 0 and "SKIPPED" not in done.stderr, done.stderr[-2000:]
+    assert check_submission(out, read_rows(SAMPLE_TEST)["row_id"].tolist()) == []
