@@ -126,7 +126,7 @@ def package(
         click.echo(f"  {m['name']:32s} weight {m['weight']:.2f}  OOF MAP@3 {fmt(m['oof_map3'])}")
     e = manifest["ensemble"]
     for d in e["dropped"]:
-        click.echo(f"  dropped {d}: weight 0 (it never raised the OOF MAP@3)")
+        click.echo(f"  dropped {d['dir']}: weight 0, OOF MAP@3 {fmt(d['oof_map3'])} (adding it never raised the ensemble's)")
     click.echo(f"  {e['method']} ensemble OOF MAP@3 {fmt(e['map3'])} on {e['rows']} shared rows")
     click.echo(f"bundle -> {out}: {len(manifest['members'])} member(s), {len(manifest['files'])} files, {size / 2**20:.1f} MiB")
 

@@ -106,7 +106,7 @@ def package(
         members, dropped = [], []
         for d, m, weight, oof_map3 in zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"]):
             if weight == 0:
-                dropped.append(str(d))
+                dropped.append({"dir": str(d), "oof_map3": oof_map3})
                 continue
             name = f"m{len(members)}-{m['model_type']}-{m['precision']}"
             (tmp / "models" / name).mkdir(parents=True)

@@ -61,6 +61,7 @@ def test_two_run_bundle_reports_weights_and_runs_in_the_kernel(tiny_pipeline, ti
     assert e["method"] == "rank" and e["rows"] == run_metrics[0]["rows_valid"]
     assert sum(m["weight"] for m in members) == pytest.approx(1.0)
     assert len(members) + len(e["dropped"]) == 2
+    assert all(0 < m["oof_map3"] <= 1 for m in members + e["dropped"])
     assert e["map3"] >= max(m["oof_map3"] for m in members) - 1e-9  # selection never ends below its best member
     out = tmp_path / "submission.csv"
     done = run_kernel(tmp_path / "bundle", "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(out))
