@@ -74,7 +74,7 @@ def main() -> None:
         return logits.float().cpu().numpy()
 
     start = time.perf_counter()
-    ids = tok(render(rows, meta["template"], space), truncation=True, max_length=meta["max_length"])["input_ids"]
+    ids = tok(render(rows, meta["template"], space, meta.get("chat")), truncation=True, max_length=meta["max_length"])["input_ids"]
     base = softmax(run_batches(forward, ids, meta["pad_token_id"], 32, sort=False, dedupe=False, desc="torch fp16"))
     base_s = time.perf_counter() - start
     start = time.perf_counter()

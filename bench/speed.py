@@ -46,7 +46,7 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(args.merged).eval()
     tok = load_tokenizer(str(args.merged))
     start = time.perf_counter()
-    ids = tok(render(rows, meta["template"], space), truncation=True, max_length=meta["max_length"])["input_ids"]
+    ids = tok(render(rows, meta["template"], space, meta.get("chat")), truncation=True, max_length=meta["max_length"])["input_ids"]
     base = softmax(torch_logits(model, ids, meta["pad_token_id"], batch_size=32, sort=False, dedupe=False, desc="baseline"))
     base_s = time.perf_counter() - start
 

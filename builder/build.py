@@ -21,6 +21,7 @@ from .package import check_dataset_id, package
 from .train import TrainConfig, train
 
 DEMO = Path(__file__).parent / "data" / "demo.toml"
+SAMPLE_TRAIN = Path(__file__).parent / "data" / "sample_train.csv"
 
 
 @dataclass

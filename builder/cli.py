@@ -13,6 +13,7 @@ import click
 
 from runtime.ensemble import METHODS
 from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, T4_FLOPS, TEST_ROWS, estimate, verdict
+from runtime.prompts import TEMPLATES
 
 from .errors import MapbuildError
 from .export import PRECISIONS
@@ -216,6 +217,178 @@ def plan(bundle_dir: str | None, extra: tuple[str, ...], tokens: float, rows: in
     total = sum(e.seconds for e in plan)
     note = {"ok": "fits", "warn": f"inside the {MARGIN_HOURS:.0f} h safety margin", "over": "OVER the limit"}[verdict(total)]
     click.echo(f"{'total':32s} {'':>9s} {'':>9s} {'':>7s} {total / 3600:7.3f}  ({rows:,} rows, {gpus}x T4: {note}, limit {LIMIT_HOURS:.0f} h)")
+
+
+def read_data(path: str, labelled: bool = False):
+    from runtime.data import InputError, read_rows
+
+    try:
+        return read_rows(path, labelled=labelled)
+    except InputError as e:
+        raise MapbuildError(str(e)) from None
+
+
+def pick_row(df, row: int, path: str):
+    if not 0 <= row < len(df):
+        raise MapbuildError(f"--row {row}: {path} has {len(df)} rows, so use 0..{len(df) - 1}")
+    return df.iloc[row]
+
+
+@cli.command()
+@click.argument("train_csv", type=click.Path(dir_okay=False))
+@click.option("--test", type=click.Path(dir_okay=False), help="Compare a test CSV with the training data.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
+@click.option("--samples", type=int, default=3, show_default=True, help="Sample rows shown per question.")
+@friendly
+def analyze(train_csv: str, test: str | None, out: str, samples: int) -> None:
+    """Write a data report: report.md with PNG plots, and summary.json with every figure.
+
+    Label distributions overall and per question, the misconceptions each question admits and each row's candidate
+    count, explanation lengths, duplicates and conflicting labels, and the correctness rule's agreement."""
+    from runtime.data import InputError
+
+    from .analyze import analyze as run
+
+    try:
+        f = run(train_csv, out, test, samples)
+    except InputError as e:
+        raise MapbuildError(str(e)) from None
+    click.echo(
+        f"{f['rows']} rows, {f['questions']} questions, {f['labels']} labels; {f['exact_duplicates']} exact duplicates, "
+        f"{f['conflict_groups']} conflicting inputs, {f['disagreeing_rows']} rows disagree with correctness -> {Path(out) / 'report.md'}"
+    )
+
+
+@cli.command()
+@click.argument("data_csv", type=click.Path(dir_okay=False))
+@click.option("--model", default="minilm", show_default=True, help="Alias, local HF folder or hub id whose tokenizer counts.")
+@click.option("--template", type=click.Choice(list(TEMPLATES)), default="compact", show_default=True, help="Prompt template to render.")
+@click.option("--no-chat-template", "chat", flag_value=False, default=True, help="Do not wrap prompts in the tokenizer's chat template.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for the padding figures.")
+@click.option("--plot", type=click.Path(dir_okay=False), default="token_lengths.png", show_default=True, help="Histogram PNG to write.")
+@friendly
+def tokens(data_csv: str, model: str, template: str, chat: bool, batch_size: int, plot: str) -> None:
+    """Token lengths of DATA_CSV's prompts: percentiles, truncation per max_length, a recommendation, padding waste."""
+    from .tokens import histogram, token_lengths, token_report
+
+    lengths = token_lengths(read_data(data_csv), model, template, chat)
+    r = token_report(lengths, batch_size)
+    click.echo(f"{r['rows']} prompts ({model}, {template}): p50 {r['p50']:.0f}, p95 {r['p95']:.0f}, p99 {r['p99']:.0f}, max {r['max']}")
+    click.echo("truncated at max_length " + ", ".join(f"{n}: {share:.2%}" for n, share in r["truncated"].items()))
+    click.echo(f"recommended --max-length {r['recommended_max_length']} (covers 99.5% of rows)")
+    w = r["padding_waste"]
+    click.echo(f"padding waste at batch {batch_size}: random {w['random']:.1%}, length-sorted {w['sorted']:.1%}")
+    histogram(lengths, r, f"{Path(data_csv).name}: {model}, {template}", Path(plot))
+    click.echo(f"histogram -> {plot}")
+
+
+@cli.group()
+def prompts() -> None:
+    """Browse the prompt templates training and the kernel share."""
+
+
+@prompts.command("list")
+def prompts_list() -> None:
+    """Each template with the first line it renders for the embedded sample's first row."""
+    from runtime.labels import fit_label_space
+    from runtime.prompts import render
+
+    from .build import SAMPLE_TRAIN
+
+    df = read_data(str(SAMPLE_TRAIN), labelled=True)
+    space = fit_label_space(df)
+    for name in TEMPLATES:
+        first = render(df.head(1), name, space)[0].splitlines()[0]
+        click.echo(f"{name:14s} {first[:90]}")
+
+
+@prompts.command("show")
+@click.option("--template", type=click.Choice(list(TEMPLATES)), required=True, help="Template to render.")
+@click.option("--row", type=int, default=0, show_default=True, help="Row position in --data (0-based).")
+@click.option("--data", type=click.Path(dir_okay=False), help="CSV to take the row from (default: the embedded sample).")
+@click.option("--model", help="Also wrap in this model's chat template and count its tokens.")
+@friendly
+def prompts_show(template: str, row: int, data: str | None, model: str | None) -> None:
+    """Print one row's prompt exactly as training and the kernel render it."""
+    from runtime.prompts import render
+
+    from .build import SAMPLE_TRAIN
+    from .tokens import label_space_for
+
+    data = data or str(SAMPLE_TRAIN)
+    df = read_data(data)
+    picked = df.iloc[[pick_row(df, row, data).name]]
+    if model is None:
+        click.echo(render(picked, template, label_space_for(df))[0])
+        return
+    from .chat import chat_parts
+    from .models import load_tokenizer, resolve
+
+    tok = load_tokenizer(resolve(model))
+    text = render(picked, template, label_space_for(df), chat_parts(tok))[0]
+    click.echo(f"{text}\n--- {len(tok(text)['input_ids'])} tokens for {model}")
+
+
+def stream(text: str) -> None:
+    click.echo(text, nl=False)
+
+
+@cli.command()
+@click.argument("question", required=False)
+@click.option("--model", default="smollm2", show_default=True, help="Causal LM: alias, local folder or hub id.")
+@click.option("--template", type=click.Choice(list(TEMPLATES)), help="Wrap the question (or --data row) in a prompt template.")
+@click.option("--data", type=click.Path(dir_okay=False), help="Take a row of this CSV instead of QUESTION.")
+@click.option("--row", type=int, default=0, show_default=True, help="Row position in --data (0-based).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 decodes greedily.")
+@friendly
+def generate(question: str | None, model: str, template: str | None, data: str | None, row: int, max_new_tokens: int, temperature: float) -> None:
+    """Answer QUESTION step by step through the model's chat template, streaming tokens as they come."""
+    from runtime.prompts import TEMPLATES as FNS
+
+    from .generate import generate as run
+    from .generate import load_causal_lm
+    from .tokens import label_space_for
+
+    if (question is None) == (data is None):
+        raise MapbuildError("give a QUESTION or --data CSV --row N, not both")
+    if data:
+        df = read_data(data)
+        picked = pick_row(df, row, data)
+        space = label_space_for(df)
+        verdict = space.is_correct(df.iloc[[row]]).iloc[0]
+        prompt = FNS[template or "step_by_step"](picked.to_dict(), verdict, space.correct.get(picked["QuestionId"], ""))
+    else:
+        blank = {"QuestionId": "", "QuestionText": question, "MC_Answer": "", "StudentExplanation": ""}
+        prompt = FNS[template](blank, None, "") if template else question
+    lm, tok = load_causal_lm(model)
+    run(lm, tok, prompt, max_new_tokens, temperature, on_text=stream)
+    click.echo()
+
+
+@cli.command()
+@click.option("--model", default="smollm2", show_default=True, help="Causal LM: alias, local folder or hub id.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="CSV in the competition's format.")
+@click.option("--row", type=int, required=True, help="Row position in --data (0-based).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 decodes greedily.")
+@friendly
+def explain(model: str, data: str, row: int, max_new_tokens: int, temperature: float) -> None:
+    """Ask the model what misconception one row's explanation shows (a debugging aid, not a classifier)."""
+    from runtime.data import has_labels
+
+    from .generate import explain_prompt, generate as run, load_causal_lm
+    from .tokens import label_space_for
+
+    df = read_data(data)
+    picked = pick_row(df, row, data)
+    prompt = explain_prompt(picked, label_space_for(df))
+    click.echo(prompt + "\n---")
+    lm, tok = load_causal_lm(model)
+    run(lm, tok, prompt, max_new_tokens, temperature, on_text=stream)
+    click.echo()
+    if has_labels(df):
+        click.echo(f"--- label in the data: {picked['Category']}:{picked['Misconception']}")
 
 
 @cli.command()

@@ -119,6 +119,7 @@ def package(
                 "weight": weight,
                 "oof_map3": oof_map3,
                 "files": {k: f"models/{name}/{f}" for k, f in files.items()},
+                "chat": m.get("chat"),  # folders exported before chat templates have none
                 **{k: m[k] for k in ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "params", "mean_tokens")},
             })
         wheel_files = fetch(tmp / "wheels", find_links=find_links) if wheels else []

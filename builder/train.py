@@ -19,6 +19,8 @@ from runtime.labels import LabelSpace, fit_label_space, top3
 from runtime.metrics import map_at_3
 from runtime.prompts import TEMPLATES, render
 
+from .chat import chat_parts
+from .dataset import clean
 from .errors import MapbuildError
 from .folds import assign_folds
 from .hardware import PRECISIONS, choose_precision, detect
@@ -47,6 +49,9 @@ class TrainConfig:
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     warmup: float = field(default=0.06, metadata={"help": "Share of steps spent warming up."})
+    chat_template: bool = field(default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template when it has one (instruct decoders)."})
+    dedupe: bool = field(default=True, metadata={"help": "Train on one copy of rows that are exact duplicates (same input and label)."})
+    relabel: bool = field(default=False, metadata={"help": "Fix training labels that contradict the data: the True_/False_ prefix to the answer's correctness, conflicting duplicates to their majority label."})
     candidate_loss: bool = field(default=True, metadata={"help": "Softmax over each row's candidate labels only, the set the kernel's mask keeps."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N rows (quick runs)."})
     seed: int = field(default=42, metadata={"help": "Seed for folds, initialisation and shuffling."})
@@ -160,9 +165,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
     template = cfg.template or family.template
     max_length = cfg.max_length or family.max_length
     tok = load_tokenizer(source)
+    chat = chat_parts(tok) if cfg.chat_template else None
 
     def encode(rows: pd.DataFrame) -> list[list[int]]:
-        return tok(render(rows, template, space_tr), truncation=True, max_length=max_length)["input_ids"]
+        return tok(render(rows, template, space_tr, chat), truncation=True, max_length=max_length)["input_ids"]
+
+    tr, cleaning = clean(tr, space_tr, dedupe=cfg.dedupe, relabel_rows=cfg.relabel)
 
     y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).to_numpy()
     allowed = space_tr.candidate_mask(tr) if cfg.candidate_loss else np.ones((len(tr), len(labels)), dtype=bool)
@@ -221,6 +229,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
     probs = softmax(torch_logits(model, encode(va), tok.pad_token_id, desc="validate"))
     metrics = {
         **validate(probs, va, space_tr),
+        **cleaning,
         "rows_train": len(tr),
         "rows_valid": len(va),
         "train_seconds": round(seconds, 1),
@@ -240,6 +249,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
             "gguf_file": source.gguf_file,
             "model_type": model_type,
             "template": template,
+            "chat": chat,
             "max_length": max_length,
             "pad_token_id": tok.pad_token_id,
             "label_space": fit_label_space(df, labels).to_json(),

@@ -22,7 +22,7 @@ def member_probs(
     bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> np.ndarray:
     tok = load_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
-    seqs = encode(tok, render(df, member["template"], space))
+    seqs = encode(tok, render(df, member["template"], space, member.get("chat")))
     model = bundle / member["files"]["model"]
     run = lambda forward: softmax(run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline))
     if devices <= 1:

@@ -51,19 +51,71 @@ def compact(row: Row, is_correct: bool | None, correct_answer: str) -> str:
     )
 
 
+def _lines(*parts: tuple[str, str]) -> str:
+    # Gemma-style templates also wrap a bare question (`mapbuild generate`): parts with no value are left out.
+    return "\n".join(f"{head}{value}" for head, value in parts if value)
+
+
+def math_question(row: Row, is_correct: bool | None, correct_answer: str) -> str:
+    return _lines(
+        ("<math_question>\n", row["QuestionText"]),
+        ("<student_answer> ", row["MC_Answer"] and f"{row['MC_Answer']} ({_verdict(is_correct)})"),
+        ("<student_reasoning>\n", row["StudentExplanation"]),
+    )
+
+
+def comparison(row: Row, is_correct: bool | None, correct_answer: str) -> str:
+    return _lines(
+        ("Question: ", row["QuestionText"]),
+        ("Correct answer: ", correct_answer),
+        ("Student's answer: ", row["MC_Answer"] and f"{row['MC_Answer']} ({_verdict(is_correct)})"),
+        ("Compare the student's reasoning with the correct method.\nStudent's reasoning: ", row["StudentExplanation"]),
+    )
+
+
+def fraction(row: Row, is_correct: bool | None, correct_answer: str) -> str:
+    # Most MAP questions are about fractions and decimals: name the usual traps so the model looks for them.
+    return _lines(
+        ("Fractions and decimals problem: ", row["QuestionText"]),
+        ("The student chose ", row["MC_Answer"] and f"{row['MC_Answer']}, which is {_verdict(is_correct)}."),
+        ("Watch for: adding numerators and denominators, ignoring place value, wrong whole.\nStudent's working: ", row["StudentExplanation"]),
+    )
+
+
+def step_by_step(row: Row, is_correct: bool | None, correct_answer: str) -> str:
+    return _lines(
+        ("Solve step by step, then judge the student's reasoning.\nStep 1, the problem: ", row["QuestionText"]),
+        ("Step 2, the student's answer: ", row["MC_Answer"] and f"{row['MC_Answer']} ({_verdict(is_correct)})"),
+        ("Step 3, the student's explanation: ", row["StudentExplanation"]),
+    )
+
+
 TEMPLATES: dict[str, Callable[[Row, bool | None, str], str]] = {
     "basic": basic,
     "compact": compact,
     "detailed": detailed,
     "instruction": instruction,
+    "math_question": math_question,
+    "comparison": comparison,
+    "fraction": fraction,
+    "step_by_step": step_by_step,
 }
 
 
-def render(df: pd.DataFrame, template: str, space: LabelSpace) -> list[str]:
-    """The prompt of every row, with answer correctness from the label space."""
+def wrap(text: str, chat: dict | None) -> str:
+    """A prompt inside a chat template, stored as the text before and after the user's message.
+
+    The builder cuts `prefix` and `suffix` from the tokenizer's own chat template (builder/chat.py), so the kernel
+    renders exactly what training saw without jinja or transformers.
+    """
+    return f"{chat['prefix']}{text}{chat['suffix']}" if chat else text
+
+
+def render(df: pd.DataFrame, template: str, space: LabelSpace, chat: dict | None = None) -> list[str]:
+    """The prompt of every row, with answer correctness from the label space, in the chat template when given."""
     if template not in TEMPLATES:
         raise KeyError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
     fn = TEMPLATES[template]
     verdicts = space.is_correct(df)
     rows = df[["QuestionId", "QuestionText", "MC_Answer", "StudentExplanation"]].to_dict("records")
-    return [fn(r, v, space.correct.get(r["QuestionId"], "")) for r, v in zip(rows, verdicts)]
+    return [wrap(fn(r, v, space.correct.get(r["QuestionId"], "")), chat) for r, v in zip(rows, verdicts)]

@@ -41,6 +41,13 @@ def sample_corpus() -> list[str]:
     return text + ["Question: Answer: Is the answer correct? correct incorrect unknown Explanation: Student"]
 
 
+# ChatML that also writes BOS as text, as Llama-style templates do: the prompt must still get a single BOS.
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def tiny_tokenizer(kind: str):
     """WordPiece with [CLS]/[SEP] for encoders; byte-level BPE with BOS for decoders, padding with EOS (a known trap)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -62,7 +69,9 @@ def tiny_tokenizer(kind: str):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(sample_corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast.chat_template = CHATML  # decoders train in their chat template, as instruct models do
+    return fast
 
 
 def make_tiny(model_type: str, folder: Path) -> Path:

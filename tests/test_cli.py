@@ -22,7 +22,8 @@ def assert_one_line_error(result, *needles: str) -> None:
 
 def test_help_lists_every_stage():
     result = invoke("--help")
-    for command in ("train", "merge", "export", "package", "build", "demo", "plan", "verify", "upload", "kernel", "models"):
+    for command in ("train", "merge", "export", "package", "build", "demo", "plan", "verify", "upload", "kernel", "models",
+                    "analyze", "tokens", "prompts", "generate", "explain"):
         assert command in result.output
 
 

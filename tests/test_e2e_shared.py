@@ -48,7 +48,7 @@ def test_offline_bundle_matches_pytorch_on_shared_data(shared_train, tmp_path):
 
     space = LabelSpace.from_json(meta["label_space"])
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    ids = load_tokenizer(str(tmp_path / "merged"))(render(rows, meta["template"], space), truncation=True, max_length=meta["max_length"])["input_ids"]
+    ids = load_tokenizer(str(tmp_path / "merged"))(render(rows, meta["template"], space, meta.get("chat")), truncation=True, max_length=meta["max_length"])["input_ids"]
     probs = softmax(torch_logits(model, ids, meta["pad_token_id"]))
     torch_map = map_at_3(truth, np.array(space.labels)[top3(probs, space.candidate_mask(rows))].tolist())
     assert abs(kernel_map - torch_map) <= 0.002, (kernel_map, torch_map)

@@ -24,7 +24,7 @@ from .conftest import KERNEL_PYTHON, SAMPLE_TEST, SAMPLE_TRAIN, SANDBOX, run_ker
 
 def sample_ids(folder, meta):
     df = read_rows(SAMPLE_TRAIN, labelled=True).head(40)
-    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"]))
+    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"]), meta.get("chat"))
     return encode(load_tokenizer(folder / "tokenizer.json", meta["max_length"]), texts)
 
 
@@ -94,7 +94,7 @@ def test_runtime_tokenizer_matches_training_tokenizer(tiny_pipeline):
 
     meta = json.loads((tiny_pipeline["merged"] / "mapbuild.json").read_text())
     df = read_rows(SAMPLE_TRAIN, labelled=True)
-    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"])) + ["x " * 500, ""]
+    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"]), meta.get("chat")) + ["x " * 500, ""]
     hf = load_hf_tokenizer(str(tiny_pipeline["merged"]))(texts, truncation=True, max_length=meta["max_length"])["input_ids"]
     assert encode(load_tokenizer(tiny_pipeline["merged"] / "tokenizer.json", meta["max_length"]), texts) == hf
 
@@ -299,3 +299,22 @@ def test_verify_runs_the_bundle_like_the_kernel_and_catches_tampering(tiny_pipel
     model.write_bytes(model.read_bytes()[:-1] + b"\0")
     bad = CliRunner().invoke(cli, ["verify", str(bundle), "--python", python])
     assert bad.exit_code == 1 and "sha256 mismatch" in bad.output and bad.output.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_verify_builds_its_own_fresh_environment(tiny_pipeline, tmp_path, monkeypatch):
+    """Without --python, verify makes a venv from runtime/requirements.txt alone (package registry only) and runs
+    the bundle there; a second verify reuses it."""
+    from click.testing import CliRunner
+
+    import builder.verify
+    from builder.cli import cli
+
+    monkeypatch.setattr(builder.verify, "CACHE", tmp_path / "cache")
+    first = CliRunner().invoke(cli, ["verify", str(tiny_pipeline["bundle"])])
+    assert first.exit_code == 0 and "verify: creating" in first.output and "checksums intact" in first.output, first.output
+    venv = next((tmp_path / "cache").glob("verify-*"))
+    frozen = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True).stdout.lower()
+    assert "numpy==1.26.4" in frozen and "torch" not in frozen and "transformers" not in frozen
+    again = CliRunner().invoke(cli, ["verify", str(tiny_pipeline["bundle"])])
+    assert again.exit_code == 0 and "verify: creating" not in again.output

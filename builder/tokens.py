@@ -1,0 +1,80 @@
+"""`mapbuild tokens`: prompt token lengths for a model and template, and what they mean for max_length and padding."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from runtime.data import has_labels
+from runtime.engine import batches
+from runtime.labels import LabelSpace, fit_label_space
+from runtime.prompts import render
+
+from .chat import chat_parts
+from .models import load_tokenizer, resolve
+
+CANDIDATES = (64, 96, 128, 192, 256, 384, 512)
+
+
+def label_space_for(df: pd.DataFrame) -> LabelSpace:
+    """Correctness from the rows' own labels; unlabelled rows (test.csv) render with an unknown verdict."""
+    if has_labels(df):
+        return fit_label_space(df)
+    return LabelSpace(labels=[], correct={}, answers={}, misconceptions={}, counts=[])
+
+
+def padding_waste(lengths: np.ndarray, batch_size: int, sort: bool, seed: int = 0) -> float:
+    """Share of the padded batch cells that are padding, for shuffled or length-sorted batches."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    shuffled = lengths[order]
+    padded = sum(len(b) * shuffled[b].max() for b in batches(shuffled, batch_size, sort=sort))
+    return 1 - shuffled.sum() / padded
+
+
+def token_lengths(df: pd.DataFrame, model: str, template: str, chat: bool = True) -> np.ndarray:
+    """Untruncated token count of each row's prompt, special tokens included (one batch call to the fast tokenizer)."""
+    tok = load_tokenizer(resolve(model))
+    texts = render(df, template, label_space_for(df), chat_parts(tok) if chat else None)
+    return np.array([len(ids) for ids in tok(texts)["input_ids"]])
+
+
+def token_report(lengths: np.ndarray, batch_size: int = 32) -> dict:
+    """Percentiles, the share truncated at each candidate max_length, a recommendation and padding waste."""
+    pct = {f"p{q}": float(np.percentile(lengths, q)) for q in (50, 95, 99)}
+    # Cover 99.5% of rows, rounded up to a multiple of 16 (tensor-core friendly); longer tails are truncated.
+    recommended = int(math.ceil(np.percentile(lengths, 99.5) / 16) * 16)
+    return {
+        "rows": len(lengths),
+        **pct,
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 1),
+        "truncated": {n: float((lengths > n).mean()) for n in CANDIDATES},
+        "recommended_max_length": recommended,
+        "padding_waste": {
+            "random": round(padding_waste(lengths, batch_size, sort=False), 4),
+            "sorted": round(padding_waste(lengths, batch_size, sort=True), 4),
+        },
+    }
+
+
+def histogram(lengths: np.ndarray, report: dict, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.hist(lengths, bins=min(60, int(lengths.max() - lengths.min()) + 1))
+    for key, style in (("p50", ":"), ("p95", "--"), ("p99", "-.")):
+        ax.axvline(report[key], color="k", linestyle=style, label=f"{key} {report[key]:.0f}")
+    ax.axvline(report["recommended_max_length"], color="r", label=f"recommended max_length {report['recommended_max_length']}")
+    ax.set(title=title, xlabel="tokens per prompt", ylabel="rows")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    tmp.replace(path)

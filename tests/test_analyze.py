@@ -1,0 +1,95 @@
+"""`mapbuild analyze` and `mapbuild tokens` on the sample and the shared data, checked against independent counts."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from builder.cli import cli
+from runtime.data import read_rows
+
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, SHARED_TRAIN
+from .test_dataset import by_hand
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def candidates_by_hand(df) -> dict[str, list[int]]:
+    """Per question, the distinct counts of labels a row may take: prefix from correctness, its question's misconceptions."""
+    true_answers: dict[str, dict[str, int]] = {}
+    for q, a, c in zip(df["QuestionId"], df["MC_Answer"], df["Category"]):
+        if c.startswith("True_"):
+            true_answers.setdefault(q, {}).setdefault(a, 0)
+            true_answers[q][a] += 1
+    correct = {q: sorted(c, key=lambda a: (-c[a], a))[0] for q, c in true_answers.items()}
+    labels = set(df["Category"] + ":" + df["Misconception"])
+    own = {q: set(g["Misconception"]) - {"NA"} for q, g in df.groupby("QuestionId")}
+    counts: dict[str, set[int]] = {}
+    for q, a in zip(df["QuestionId"], df["MC_Answer"]):
+        prefix = "True" if a == correct[q] else "False"
+        n = sum(lab.split("_")[0] == prefix and lab.split(":")[1] in own[q] | {"NA"} for lab in labels)
+        counts.setdefault(q, set()).add(n)
+    return {q: sorted(c) for q, c in counts.items()}
+
+
+@pytest.mark.parametrize("which", ["sample", "shared"])
+def test_analyze_writes_a_report_with_correct_figures(which, tmp_path, request):
+    train, test = (SAMPLE_TRAIN, SAMPLE_TEST) if which == "sample" else (request.getfixturevalue("shared_train"), SHARED_TRAIN.with_name("test.csv"))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["analyze", str(train), "--test", str(test), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+
+    report = (out / "report.md").read_text()
+    plots = sorted(p.name for p in out.glob("*.png"))
+    assert plots == sorted(["categories.png", "misconceptions.png", "labels.png", "per_question.png", "explanation_length.png", "length_shift.png"])
+    for name in plots:
+        assert f"]({name})" in report and (out / name).read_bytes()[:8] == PNG and (out / name).stat().st_size > 5000
+
+    df = read_rows(train, labelled=True)
+    copies, clashing, bad = by_hand(df)
+    f = json.loads((out / "summary.json").read_text())
+    assert (f["rows"], f["exact_duplicates"], f["conflict_groups"], f["disagreeing_rows"]) == (len(df), copies, clashing, len(bad))
+    assert {q: d["candidates_per_row"] for q, d in f["questions_detail"].items()} == candidates_by_hand(df)
+    assert sum(f["label"].values()) == len(df) and f["test"]["rows"] == len(read_rows(test))
+    assert f"{copies} exact duplicates" in result.output
+
+
+def test_analyze_names_a_missing_column(tmp_path):
+    bad = tmp_path / "train.csv"
+    read_rows(SAMPLE_TRAIN, labelled=True).drop(columns="Category").to_csv(bad, index=False)
+    result = CliRunner().invoke(cli, ["analyze", str(bad), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "missing column Category" in result.output and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("which", ["sample", "shared"])
+def test_tokens_report_matches_a_row_by_row_count(which, tmp_path, tiny_bert, request):
+    from builder.models import load_tokenizer
+    from builder.tokens import label_space_for
+    from runtime.prompts import render
+
+    data = SAMPLE_TRAIN if which == "sample" else request.getfixturevalue("shared_train")
+    plot = tmp_path / "lengths.png"
+    result = CliRunner().invoke(cli, ["tokens", str(data), "--model", str(tiny_bert), "--template", "basic", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == PNG
+
+    df = read_rows(data)
+    tok = load_tokenizer(str(tiny_bert))
+    lengths = np.array([len(tok(t)["input_ids"]) for t in render(df, "basic", label_space_for(df))])  # one row at a time
+    p50, p95, p99 = np.percentile(lengths, [50, 95, 99])
+    assert f"p50 {p50:.0f}, p95 {p95:.0f}, p99 {p99:.0f}, max {lengths.max()}" in result.output
+    assert f"128: {(lengths > 128).mean():.2%}" in result.output
+    recommended = int(result.output.split("recommended --max-length ")[1].split()[0])
+    assert (lengths <= recommended).mean() >= 0.995 and recommended % 16 == 0
+    random, sorted_ = (float(result.output.split(f"{k} ")[1].split("%")[0]) for k in ("random", "length-sorted"))
+    assert sorted_ < random
+
+
+def test_sorted_batches_waste_less_padding_than_a_hand_count():
+    from builder.tokens import padding_waste
+
+    lengths = np.array([5, 50, 6, 49, 7, 48, 8, 47])
+    # Sorted pairs: (5,6) (7,8) (47,48) (49,50): padding 1+1+1+1 cells of 2*(6+8+48+50) = 224.
+    assert padding_waste(lengths, 2, sort=True) == pytest.approx(4 / 224)
+    assert padding_waste(lengths, 2, sort=False) > padding_waste(lengths, 2, sort=True)

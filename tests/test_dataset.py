@@ -1,0 +1,80 @@
+"""Training-data checks, each against an independent count."""
+
+from collections import Counter
+
+import pytest
+
+from builder.dataset import clean, conflicts, disagreeing, exact_duplicates, relabel
+from builder.folds import assign_folds
+from builder.train import TrainConfig, load_labelled
+from runtime.labels import fit_label_space
+
+from .conftest import SAMPLE_TRAIN
+
+FIELDS = ("QuestionId", "QuestionText", "MC_Answer", "StudentExplanation")
+
+
+def by_hand(df):
+    """Duplicate copies, conflicting inputs and rows disagreeing with correctness, counted with plain Python."""
+    rows = [tuple(r) for r in df[list(FIELDS) + ["Category", "Misconception"]].itertuples(index=False)]
+    copies = sum(n - 1 for n in Counter(rows).values())
+    labels_per_input: dict[tuple, set] = {}
+    for r in rows:
+        labels_per_input.setdefault(r[:4], set()).add(r[4:])
+    clashing = sum(len(s) > 1 for s in labels_per_input.values())
+    true_answers: dict[str, Counter] = {}
+    for q, a, cat in zip(df["QuestionId"], df["MC_Answer"], df["Category"]):
+        if cat.startswith("True_"):
+            true_answers.setdefault(q, Counter())[a] += 1
+    correct = {q: min(c, key=lambda a: (-c[a], a)) for q, c in true_answers.items()}
+    bad = [q for q, a, cat in zip(df["QuestionId"], df["MC_Answer"], df["Category"]) if (a == correct[q]) != cat.startswith("True_")]
+    return copies, clashing, bad
+
+
+def check_against_hand_counts(df):
+    space = fit_label_space(df)
+    copies, clashing, bad = by_hand(df)
+    assert exact_duplicates(df).sum() == copies
+    assert len(conflicts(df)) == clashing
+    assert sorted(disagreeing(df, space)["QuestionId"]) == sorted(bad)
+    return copies, clashing, bad
+
+
+def test_sample_counts_match_hand_counts():
+    copies, clashing, bad = check_against_hand_counts(load_labelled(str(SAMPLE_TRAIN)))
+    assert copies > 0 and clashing > 0 and bad  # the sample plants each case
+
+
+def test_shared_counts_match_hand_counts(shared_train):
+    copies, clashing, bad = check_against_hand_counts(load_labelled(str(shared_train)))
+    # 736 exact duplicates and 18 disagreeing rows in the full 36,696; this subset keeps fewer of each.
+    assert 0 < copies <= 736 and 0 < len(bad) <= 18 and set(bad) == {"31778"}
+
+
+@pytest.mark.parametrize("path", ["sample", "shared"])
+def test_relabel_leaves_no_contradiction(path, request):
+    csv = SAMPLE_TRAIN if path == "sample" else request.getfixturevalue("shared_train")
+    df = load_labelled(str(csv))
+    space = fit_label_space(df)
+    fixed, changed = relabel(df, space)
+    assert changed > 0 and len(fixed) == len(df)
+    assert len(disagreeing(fixed, space)) == 0 and len(conflicts(fixed)) == 0
+    assert set(fixed["Category"] + ":" + fixed["Misconception"]) <= set(space.labels)
+
+
+def test_cleaning_is_dedupe_only_by_default():
+    df = load_labelled(str(SAMPLE_TRAIN))
+    space = fit_label_space(df)
+    cfg = TrainConfig(data=str(SAMPLE_TRAIN))
+    out, info = clean(df, space, dedupe=cfg.dedupe, relabel_rows=cfg.relabel)
+    assert info == {"duplicates_dropped": by_hand(df)[0], "rows_relabelled": 0}
+    assert not exact_duplicates(out).any() and len(disagreeing(out, space)) == len(by_hand(df)[2])
+
+
+def test_folds_keep_identical_inputs_together_and_stratify():
+    df = load_labelled(str(SAMPLE_TRAIN))
+    fold = assign_folds(df, 5, 0)
+    key = df[list(FIELDS)].agg("\x1f".join, axis=1)
+    assert (df.assign(fold=fold, key=key).groupby("key")["fold"].nunique() == 1).all()
+    sizes = Counter(fold)
+    assert max(sizes.values()) - min(sizes.values()) <= 0.1 * len(df)
