@@ -29,7 +29,9 @@ def bar_plot(counts: pd.Series, title: str, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.22 * len(counts)))
     counts.sort_values().plot.barh(ax=ax)
-    ax.set(title=title, xlabel="rows")
+    ax.bar_label(ax.containers[0], padding=2, fontsize=8)
+    ax.set_xscale("log")  # NA and True_Correct dwarf the rare labels, which matter as much to MAP@3
+    ax.set(title=title, xlabel="rows (log scale)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -48,7 +48,8 @@ def cli() -> None:
 
     Stages read and write folders: train -> merge -> export -> package. `build` chains them from a TOML file.
     """
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("mapbuild").setLevel(logging.INFO)  # ours; onnxruntime's quantizer logs every tensor at INFO
     signal.signal(signal.SIGTERM, terminate)
 
 
@@ -66,7 +67,8 @@ def train(out: str, **kwargs) -> None:
 
     metrics = run(TrainConfig(**kwargs), out)
     if metrics is not None:
-        click.echo(f"fold MAP@3 {metrics['map3']:.4f} (unmasked {metrics['map3_unmasked']:.4f}) -> {out}")
+        unmasked = f" (unmasked {metrics['map3_unmasked']:.4f})" if "map3_unmasked" in metrics else ""
+        click.echo(f"fold MAP@3 {metrics['map3']:.4f}{unmasked} -> {out}")
 
 
 @cli.command()
