@@ -10,19 +10,14 @@ from builder.cli import cli
 from runtime.data import read_rows
 
 from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, SHARED_TRAIN
-from .test_dataset import by_hand
+from .test_dataset import by_hand, correct_by_hand
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def candidates_by_hand(df) -> dict[str, list[int]]:
     """Per question, the distinct counts of labels a row may take: prefix from correctness, its question's misconceptions."""
-    true_answers: dict[str, dict[str, int]] = {}
-    for q, a, c in zip(df["QuestionId"], df["MC_Answer"], df["Category"]):
-        if c.startswith("True_"):
-            true_answers.setdefault(q, {}).setdefault(a, 0)
-            true_answers[q][a] += 1
-    correct = {q: sorted(c, key=lambda a: (-c[a], a))[0] for q, c in true_answers.items()}
+    correct = correct_by_hand(df)
     labels = set(df["Category"] + ":" + df["Misconception"])
     own = {q: set(g["Misconception"]) - {"NA"} for q, g in df.groupby("QuestionId")}
     counts: dict[str, set[int]] = {}

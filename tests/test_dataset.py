@@ -14,6 +14,15 @@ from .conftest import SAMPLE_TRAIN
 FIELDS = ("QuestionId", "QuestionText", "MC_Answer", "StudentExplanation")
 
 
+def correct_by_hand(df) -> dict[str, str]:
+    """Each question's most frequent answer among its True_ rows (ties: alphabetical), by plain counting."""
+    true_answers: dict[str, Counter] = {}
+    for q, a, cat in zip(df["QuestionId"], df["MC_Answer"], df["Category"]):
+        if cat.startswith("True_"):
+            true_answers.setdefault(q, Counter())[a] += 1
+    return {q: min(c, key=lambda a: (-c[a], a)) for q, c in true_answers.items()}
+
+
 def by_hand(df):
     """Duplicate copies, conflicting inputs and rows disagreeing with correctness, counted with plain Python."""
     rows = [tuple(r) for r in df[list(FIELDS) + ["Category", "Misconception"]].itertuples(index=False)]
@@ -22,11 +31,7 @@ def by_hand(df):
     for r in rows:
         labels_per_input.setdefault(r[:4], set()).add(r[4:])
     clashing = sum(len(s) > 1 for s in labels_per_input.values())
-    true_answers: dict[str, Counter] = {}
-    for q, a, cat in zip(df["QuestionId"], df["MC_Answer"], df["Category"]):
-        if cat.startswith("True_"):
-            true_answers.setdefault(q, Counter())[a] += 1
-    correct = {q: min(c, key=lambda a: (-c[a], a)) for q, c in true_answers.items()}
+    correct = correct_by_hand(df)
     bad = [q for q, a, cat in zip(df["QuestionId"], df["MC_Answer"], df["Category"]) if (a == correct[q]) != cat.startswith("True_")]
     return copies, clashing, bad
 
