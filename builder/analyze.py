@@ -12,7 +12,7 @@ import pandas as pd
 from runtime.data import labels_of, read_rows
 from runtime.labels import fit_label_space
 
-from .dataset import conflicts, disagreeing, exact_duplicates, with_correctness
+from .dataset import conflicts, exact_duplicates, with_correctness
 from .stages import atomic_dir
 
 
@@ -76,7 +76,7 @@ def figures(train: pd.DataFrame, test: pd.DataFrame | None = None) -> dict:
     space = fit_label_space(train)
     labels = labels_of(train)
     checked = with_correctness(train, space)
-    bad = disagreeing(train, space)
+    bad = checked[checked["agrees"] == False]  # noqa: E712 (None means unknown, not disagreeing)
     clashes = conflicts(train)
     candidates = pd.Series(space.candidate_mask(train).sum(1), index=train.index)
     out = {
@@ -90,6 +90,7 @@ def figures(train: pd.DataFrame, test: pd.DataFrame | None = None) -> dict:
         "duplicate_inputs": int(train.duplicated(["QuestionId", "QuestionText", "MC_Answer", "StudentExplanation"]).sum()),
         "conflict_groups": len(clashes),
         "conflict_rows": int(clashes["rows"].sum()),
+        "conflict_examples": clashes.head(20).to_dict("records"),
         "disagreeing_rows": len(bad),
         "disagreeing_by_question": bad["QuestionId"].value_counts().to_dict(),
         "disagreeing_row_ids": bad["row_id"].tolist(),
@@ -132,7 +133,7 @@ def examples(train: pd.DataFrame, f: dict, limit: int = 20) -> str:
     if len(bad):
         shown = bad.assign(label=labels_of(bad))[["row_id", "QuestionId", "MC_Answer", "label", "StudentExplanation"]]
         parts.append("Rows whose prefix contradicts correctness:\n\n" + shown.to_markdown(index=False))
-    clashes = conflicts(train).head(limit)
+    clashes = pd.DataFrame(f["conflict_examples"][:limit])
     if len(clashes):
         shown = clashes.assign(labels=clashes["labels"].map(lambda d: ", ".join(f"{k} x{v}" for k, v in d.items())))
         parts.append("Inputs with conflicting labels:\n\n" + shown[["QuestionId", "MC_Answer", "StudentExplanation", "labels"]].to_markdown(index=False))

@@ -320,15 +320,12 @@ def prompts_show(template: str, row: int, data: str | None, model: str | None) -
     data = data or str(SAMPLE_TRAIN)
     df = read_data(data)
     picked = df.iloc[[pick_row(df, row, data).name]]
-    if model is None:
-        click.echo(render(picked, template, label_space_for(df))[0])
-        return
     from .chat import chat_parts
     from .models import load_tokenizer, resolve
 
-    tok = load_tokenizer(resolve(model))
-    text = render(picked, template, label_space_for(df), chat_parts(tok))[0]
-    click.echo(f"{text}\n--- {len(tok(text)['input_ids'])} tokens for {model}")
+    tok = load_tokenizer(resolve(model)) if model else None
+    text = render(picked, template, label_space_for(df), chat_parts(tok) if tok else None)[0]
+    click.echo(f"{text}\n--- {len(tok(text)['input_ids'])} tokens for {model}" if tok else text)
 
 
 def stream(text: str) -> None:

@@ -63,7 +63,5 @@ def clean(df: pd.DataFrame, space: LabelSpace, dedupe: bool = True, relabel_rows
     changed = 0
     if relabel_rows:
         df, changed = relabel(df, space)
-    dropped = int(exact_duplicates(df).sum()) if dedupe else 0
-    if dedupe:
-        df = df[~exact_duplicates(df)]
-    return df, {"duplicates_dropped": dropped, "rows_relabelled": changed}
+    copies = exact_duplicates(df) if dedupe else pd.Series(False, index=df.index)
+    return df[~copies], {"duplicates_dropped": int(copies.sum()), "rows_relabelled": changed}
