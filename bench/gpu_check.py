@@ -4,7 +4,8 @@
 
 Trains fold 0 in the precision the hardware picks, merges, exports fp16 and packages, then times the bundle's
 runtime (CUDA provider, sorted batches) against PyTorch fp16 (input order, batch 32) on the same held-out rows,
-tokenization included. Prints one JSON object of figures. Without CUDA it stops at once with a one-line message.
+tokenization included. Prints one JSON object of figures and writes it to OUT/figures.json. Without CUDA it stops at once with a one-line message.
+`--cpu` runs every step on CPU instead (PyTorch in fp32), a smoke test of the script whose figures mean nothing.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--rows", type=int, default=4000, help="held-out rows to time")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--limit", type=int, help="train on the first N rows only")
+    parser.add_argument("--force", action="store_true", help="package the fp16 export even past the drift gate")
+    parser.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU")
     args = parser.parse_args()
 
     import onnxruntime as ort
     import torch
 
-    if not torch.cuda.is_available():
+    if not args.cpu and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device on this machine; run it where `torch.cuda.is_available()` is true")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if not args.cpu and "CUDAExecutionProvider" not in ort.get_available_providers():
         sys.exit("gpu_check: onnxruntime has no CUDA provider; `pip uninstall -y onnxruntime && pip install onnxruntime-gpu`")
     if not args.data.is_file():
         sys.exit(f"gpu_check: --data {args.data}: file not found")
@@ -54,10 +59,10 @@ def main() -> None:
     from runtime.prompts import render
 
     out = args.out
-    cfg = TrainConfig(model="smollm2", data=str(args.data), epochs=args.epochs, learning_rate=args.learning_rate)
+    cfg = TrainConfig(model=args.model, data=str(args.data), epochs=args.epochs, learning_rate=args.learning_rate, limit=args.limit)
     metrics = train(cfg, out / "run")
     merge(out / "run", out / "merged")
-    drift = export(out / "merged", out / "onnx", "fp16", rows=512)
+    drift = export(out / "merged", out / "onnx", "fp16", rows=512, force=args.force)
     package([str(out / "onnx")], out / "bundle", "mapbuild/gpu-check")
 
     meta = json.loads((out / "merged" / "mapbuild.json").read_text())
@@ -65,36 +70,38 @@ def main() -> None:
     space = LabelSpace.from_json(manifest["label_space"])
     rows = held_out_rows(meta, args.rows)
     truth, mask, labels = labels_of(rows).tolist(), space.candidate_mask(rows), np.array(space.labels)
-    model = AutoModelForSequenceClassification.from_pretrained(out / "merged", dtype=torch.float16).cuda().eval()
+    device, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.float16)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "merged", dtype=dtype).to(device).eval()
     tok = load_tokenizer(str(out / "merged"))
 
     @torch.inference_mode()
     def forward(ids: np.ndarray, attention: np.ndarray) -> np.ndarray:
-        logits = model(input_ids=torch.from_numpy(ids).cuda(), attention_mask=torch.from_numpy(attention).cuda()).logits
+        logits = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(attention).to(device)).logits
         return logits.float().cpu().numpy()
 
     start = time.perf_counter()
     ids = tok(render(rows, meta["template"], space, meta.get("chat")), truncation=True, max_length=meta["max_length"])["input_ids"]
-    base = softmax(run_batches(forward, ids, meta["pad_token_id"], 32, sort=False, dedupe=False, desc="torch fp16"))
+    base = softmax(run_batches(forward, ids, meta["pad_token_id"], 32, sort=False, dedupe=False, desc=f"torch {dtype}"))
     base_s = time.perf_counter() - start
     start = time.perf_counter()
     probs, used = predict(out / "bundle", manifest, space, rows)
     run_s = time.perf_counter() - start
     figures = {
-        "device": torch.cuda.get_device_name(0),
+        "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
         "hardware": json.loads((out / "run" / "mapbuild.json").read_text())["hardware"],
         "fold_map3": metrics["map3"],
         "train_rows_per_s": metrics["train_rows_per_s"],
         "fp16_drift": drift,
         "rows": len(rows),
-        "torch_fp16_rows_per_s": round(len(rows) / base_s, 1),
-        "runtime_cuda_rows_per_s": round(len(rows) / run_s, 1),
+        "torch_rows_per_s": round(len(rows) / base_s, 1),
+        "runtime_rows_per_s": round(len(rows) / run_s, 1),
         "speedup": round(base_s / run_s, 2),
         "torch_map3": map_at_3(truth, labels[top3(base, mask)].tolist()),
         "runtime_map3": map_at_3(truth, labels[top3(probs, mask)].tolist()),
         "members_run": used,
         "bundle_mib": round(sum(f.stat().st_size for f in (out / "bundle").rglob("*") if f.is_file()) / 2**20, 1),
     }
+    (out / "figures.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures, indent=1))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .models import Source, load_classifier
 from .stages import atomic_dir, read_meta, write_meta
+from .train import quantization_config
 
 
 def load_lora_model(run: str | os.PathLike):
@@ -16,7 +17,12 @@ def load_lora_model(run: str | os.PathLike):
 
     meta = read_meta(run, "run")
     source = Source(meta["base_model"], meta["gguf_file"])
-    base, _ = load_classifier(source, meta["label_space"]["labels"], meta["pad_token_id"])
+    # A QLoRA adapter learned against the NF4-rounded weights: merge into those, dequantized, not the originals.
+    qlora = meta["config"].get("qlora", False)
+    quant = quantization_config(qlora, meta["hardware"]["precision"]) if qlora else None
+    base, _ = load_classifier(source, meta["label_space"]["labels"], meta["pad_token_id"], quant)
+    if quant:
+        base = base.dequantize()
     return PeftModel.from_pretrained(base, Path(run) / "adapter").eval()
 
 

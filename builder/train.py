@@ -43,10 +43,11 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step (effective batch = batch x accum x devices)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward: less memory, about 30% slower."})
     precision: str = field(default="auto", metadata={"help": f"{', '.join(PRECISIONS)}; auto: bf16 on Ampere+, fp16 on older GPUs (T4), fp32 on CPU/MPS."})
-    qlora: bool = field(default=False, metadata={"help": "Load the base model in 4-bit NF4 (bitsandbytes; CUDA only)."})
+    qlora: bool = field(default=False, metadata={"help": "Load the base model in 4-bit NF4 (bitsandbytes): for models too big for the GPU in 16 bits."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine schedule)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
+    # 0 trains MiniLM 1.37x faster, but the full fold-0 run at lr 1e-3 then collapsed to the label prior (MAP@3 0.787).
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     warmup: float = field(default=0.06, metadata={"help": "Share of steps spent warming up."})
     chat_template: bool = field(default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template when it has one (instruct decoders)."})
@@ -114,18 +115,16 @@ def validate(probs: np.ndarray, rows: pd.DataFrame, space: LabelSpace, unmasked:
     return scores
 
 
-def quantization_config(cfg: TrainConfig, hw, precision: str):
-    """QLoRA's 4-bit NF4 base, or None."""
-    if not cfg.qlora:
+def quantization_config(qlora: bool, precision: str):
+    """QLoRA's 4-bit NF4 base, or None. bitsandbytes runs it on CPU too: slow, but the same path as on CUDA."""
+    if not qlora:
         return None
-    if hw.device != "cuda":
-        raise MapbuildError(f"--qlora needs a CUDA GPU (bitsandbytes 4-bit); this machine trains on {hw.device}: drop --qlora")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise MapbuildError("--qlora needs bitsandbytes: pip install bitsandbytes")
     import torch
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if precision == "bf16" else torch.float16
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
@@ -181,7 +180,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
     torch.manual_seed(cfg.seed)
     # Modules the checkpoint lacks (the head; ModernBERT's `head` too) start random: LoRA on them would be lost
     # at merge, which re-creates them, so they train fully and are saved whole instead.
-    model, fresh = load_classifier(source, labels, tok.pad_token_id, quantization_config(cfg, hw, precision))
+    model, fresh = load_classifier(source, labels, tok.pad_token_id, quantization_config(cfg.qlora, precision))
     if cfg.qlora:
         from peft import prepare_model_for_kbit_training
 

@@ -1,11 +1,12 @@
-"""The prepared benchmark scripts fail cleanly where they cannot run."""
+"""The prepared benchmark scripts: they fail cleanly where they cannot run, and run through on CPU."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, SAMPLE_TRAIN, make_tiny
 
 
 def test_gpu_check_stops_with_one_line_without_cuda():
@@ -16,3 +17,17 @@ def test_gpu_check_stops_with_one_line_without_cuda():
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "no CUDA device" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_through_on_cpu(tmp_path):
+    """Every step of the GPU check but CUDA itself, with a tiny decoder on the sample data."""
+    base = make_tiny("llama", tmp_path / "base")
+    args = ["--cpu", "--model", str(base), "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "check"), "--rows", "40", "--force"]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads((tmp_path / "check" / "figures.json").read_text())
+    assert figures["device"] == "cpu" and figures["hardware"]["precision"] == "fp32"
+    assert figures["rows"] == 40 and figures["members_run"] and figures["torch_rows_per_s"] > 0 and figures["runtime_rows_per_s"] > 0
+    assert figures["fp16_drift"]["rows"] > 0 and (tmp_path / "check" / "bundle" / "manifest.json").is_file()
+    assert abs(figures["runtime_map3"] - figures["torch_map3"]) < 0.1  # fp16 ONNX against fp32 PyTorch, same rows

@@ -54,14 +54,22 @@ def test_train_flags_are_validated(tmp_path, flags, needle):
     assert_one_line_error(invoke("train", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r"), *flags), needle)
 
 
-@pytest.mark.parametrize("flags, needle", [(["--qlora"], "--qlora needs a CUDA GPU"), (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU")])
-def test_gpu_only_settings_fail_cleanly_on_cpu(tmp_path, flags, needle):
+def test_gpu_only_precision_fails_cleanly_on_cpu(tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert_one_line_error(invoke("train", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r"), *flags), needle)
+    result = invoke("train", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r"), "--precision", "fp16")
+    assert_one_line_error(result, "--precision fp16 needs a CUDA GPU")
     assert not (tmp_path / "r").exists()
+
+
+def test_qlora_without_bitsandbytes_names_the_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    assert_one_line_error(invoke("train", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r"), "--qlora"), "pip install bitsandbytes")
 
 
 def test_missing_alias_weights_name_the_install(tmp_path, monkeypatch):

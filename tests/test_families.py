@@ -73,3 +73,39 @@ def test_family_through_the_pipeline(model_type, tmp_path):
         assert np.abs(run_batches(forward, ids, pad_id, 1) - quantized).max() < tolerance, precision
         if precision == "fp16":
             assert not fp16_fragile_nodes(tmp_path / precision / "model.onnx")
+
+
+def test_qlora_run_merges_into_the_weights_it_trained_on(tmp_path):
+    """QLoRA through bitsandbytes' CPU kernels: the same code path as on CUDA, without a GPU."""
+    from bitsandbytes.nn import Linear4bit
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from builder.models import Source, load_classifier
+    from builder.stages import read_meta
+    from builder.train import quantization_config
+
+    base = make_tiny("llama", tmp_path / "base")
+    train(TrainConfig(model=str(base), data=str(SAMPLE_TRAIN), epochs=1, lora_r=4, qlora=True), tmp_path / "run")
+    merge(tmp_path / "run", tmp_path / "merged")
+    meta = read_meta(tmp_path / "run", "run")
+    assert meta["config"]["qlora"] and meta["hardware"]["precision"] == "fp32"
+
+    def with_adapter(quant):
+        model, _ = load_classifier(Source(str(base)), meta["label_space"]["labels"], meta["pad_token_id"], quant)
+        return PeftModel.from_pretrained(model, tmp_path / "run" / "adapter").eval()
+
+    trained = with_adapter(quantization_config(True, "fp32"))  # the function training optimised: adapter on NF4 weights
+    assert any(isinstance(m, Linear4bit) for m in trained.modules())
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    df = read_rows(SAMPLE_TRAIN, labelled=True).head(24)
+    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"]), meta.get("chat"))
+    ids = load_hf_tokenizer(str(tmp_path / "merged"))(texts, truncation=True, max_length=meta["max_length"])["input_ids"]
+    pad_id = meta["pad_token_id"]
+    expected = torch_logits(trained, ids, pad_id, batch_size=8)
+    assert np.abs(torch_logits(merged, ids, pad_id, batch_size=8) - expected).max() < 1e-4
+    # Merging into the original, unrounded weights would have moved the logits: the dequantized merge matters.
+    assert np.abs(torch_logits(with_adapter(None), ids, pad_id, batch_size=8) - expected).max() > 1e-3
+    export(tmp_path / "merged", tmp_path / "onnx", "fp32", rows=24)
+    assert json.loads((tmp_path / "onnx" / "mapbuild.json").read_text())["drift"]["max_abs_logit_diff"] < 1e-4
