@@ -68,7 +68,7 @@ def train(out: str, **kwargs) -> None:
     metrics = run(TrainConfig(**kwargs), out)
     if metrics is not None:
         unmasked = f" (unmasked {metrics['map3_unmasked']:.4f})" if "map3_unmasked" in metrics else ""
-        click.echo(f"fold MAP@3 {metrics['map3']:.4f}{unmasked} -> {out}")
+        click.echo(f"fold MAP@3 {metrics['map3']:.4f}{unmasked}, label prior alone {metrics['map3_prior']:.4f} -> {out}")
 
 
 @cli.command()

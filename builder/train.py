@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 import time
@@ -17,6 +18,7 @@ from runtime.data import InputError, labels_of, read_rows
 from runtime.engine import softmax
 from runtime.labels import LabelSpace, fit_label_space, top3
 from runtime.metrics import map_at_3
+from runtime.predict import prior
 from runtime.prompts import TEMPLATES, render
 
 from .chat import chat_parts
@@ -26,6 +28,8 @@ from .folds import assign_folds
 from .hardware import PRECISIONS, choose_precision, detect
 from .models import family_of, load_classifier, load_tokenizer, resolve
 from .stages import atomic_dir, write_meta
+
+log = logging.getLogger("mapbuild")
 
 
 @dataclass
@@ -109,10 +113,28 @@ def validate(probs: np.ndarray, rows: pd.DataFrame, space: LabelSpace, unmasked:
     on candidates alone never learned to rank the others, so that figure would mean nothing)."""
     truth = labels_of(rows).tolist()
     lab = np.array(space.labels)
-    scores = {"map3": map_at_3(truth, lab[top3(probs, space.candidate_mask(rows))].tolist())}
+    mask = space.candidate_mask(rows)
+    scores = {
+        "map3": map_at_3(truth, lab[top3(probs, mask)].tolist()),
+        "map3_prior": map_at_3(truth, lab[top3(prior(space, len(rows)), mask)].tolist()),
+    }
     if unmasked:
         scores["map3_unmasked"] = map_at_3(truth, lab[top3(probs, np.ones_like(probs, dtype=bool))].tolist())
     return scores
+
+
+def learned_little(metrics: dict) -> str | None:
+    """A warning when the model closes under a quarter of the gap from the label prior's MAP@3 to a perfect 1.
+
+    A run at too high a learning rate can collapse to the prior midway and still finish without an error."""
+    base = metrics["map3_prior"]
+    closed = (metrics["map3"] - base) / (1 - base) if base < 1 else 1.0
+    if closed >= 0.25:
+        return None
+    return (
+        f"fold MAP@3 {metrics['map3']:.4f} closes only {closed:.0%} of the gap from the label prior alone ({base:.4f}) to 1: "
+        "the run learned little or collapsed; see training_curve.png, and try more rows or epochs, or a lower --learning-rate"
+    )
 
 
 def quantization_config(qlora: bool, precision: str):
@@ -235,6 +257,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
         "train_rows_per_s": round(len(tr) * cfg.epochs / seconds, 2),
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
     }
+    if warning := learned_little(metrics):
+        log.warning(warning)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
         tok.save_pretrained(tmp / "tokenizer")
