@@ -18,10 +18,12 @@ from .errors import MapbuildError
 from .export import PRECISIONS, export
 from .merge import merge
 from .package import check_dataset_id, package
+from .tfidf import TfidfConfig, train_tfidf
 from .train import TrainConfig, train
 
 DEMO = Path(__file__).parent / "data" / "demo.toml"
 SAMPLE_TRAIN = Path(__file__).parent / "data" / "sample_train.csv"
+KINDS = {"transformer": TrainConfig, "tfidf": TfidfConfig}
 
 
 @dataclass
@@ -30,7 +32,7 @@ class BuildConfig:
 
     out: str = field(metadata={"help": "Folder for every stage: <name>/run, <name>/merged, <name>/onnx and bundle/."})
     dataset_id: str = field(metadata={"help": "Kaggle dataset id of the bundle, OWNER/SLUG."})
-    models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option."})
+    models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option; with `kind = \"tfidf\"`, any `mapbuild tfidf` option."})
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
     ensemble: str = field(default="prob", metadata={"help": "How members combine: prob (weighted probabilities) or rank."})
 
@@ -47,7 +49,7 @@ class BuildConfig:
 
 class Member(NamedTuple):
     name: str
-    train: TrainConfig
+    config: TrainConfig | TfidfConfig
     quantize: str
     force: bool  # keep a quantized export that fails the drift gate
 
@@ -70,19 +72,22 @@ def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildC
         cfg = BuildConfig(**raw)
     except TypeError as e:
         raise MapbuildError(f"{path}: {e}") from None
-    allowed = {f.name for f in fields(TrainConfig)}
     members = []
     for m in cfg.models:
         m = dict(m)
         name, quantize, force = m.pop("name"), m.pop("quantize", "int8"), bool(m.pop("force", False))
+        kind = m.pop("kind", "transformer")
+        if kind not in KINDS:
+            raise MapbuildError(f"{path}: [[models]] {name}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if quantize not in PRECISIONS:
             raise MapbuildError(f"{path}: [[models]] {name}: quantize must be one of {', '.join(PRECISIONS)}")
+        allowed = {f.name for f in fields(KINDS[kind])}
         if set(m) - allowed:
             raise MapbuildError(f"{path}: [[models]] {name}: unknown key {', '.join(sorted(set(m) - allowed))}")
         if "data" not in m:
             raise MapbuildError(f"{path}: [[models]] {name}: set `data` to a labelled train.csv")
         m["data"] = str(here / m["data"])
-        members.append(Member(name, TrainConfig(**m), quantize, force))
+        members.append(Member(name, KINDS[kind](**m), quantize, force))
     return cfg, members
 
 
@@ -91,9 +96,14 @@ def build(config: str | os.PathLike, out: str | None = None) -> Path:
     cfg, members = load_config(config, out)
     root = Path(cfg.out)
     onnx_dirs = []
-    for name, train_cfg, quantize, force in members:
+    for name, spec, quantize, force in members:
+        if isinstance(spec, TfidfConfig):
+            metrics = train_tfidf(spec, root / name / "onnx")
+            click.echo(f"== {name}: tfidf fold MAP@3 {metrics['map3']:.4f}")
+            onnx_dirs.append(str(root / name / "onnx"))
+            continue
         click.echo(f"== {name}: train")
-        metrics = train(train_cfg, root / name / "run")
+        metrics = train(spec, root / name / "run")
         click.echo(f"== {name}: fold MAP@3 {metrics['map3']:.4f}; merge")
         merge(root / name / "run", root / name / "merged")
         click.echo(f"== {name}: export {quantize}")

@@ -19,6 +19,7 @@ from .errors import MapbuildError
 from .export import PRECISIONS
 from .options import config_options
 from .stages import remove_pending
+from .tfidf import TfidfConfig
 from .train import TrainConfig
 
 
@@ -54,8 +55,7 @@ def cli() -> None:
 
 
 @cli.command()
-@config_options(TrainConfig, skip=("data",))
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help=TrainConfig.__dataclass_fields__["data"].metadata["help"])
+@config_options(TrainConfig, required=("data",))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @friendly
 def train(out: str, **kwargs) -> None:
@@ -69,6 +69,21 @@ def train(out: str, **kwargs) -> None:
     if metrics is not None:
         unmasked = f" (unmasked {metrics['map3_unmasked']:.4f})" if "map3_unmasked" in metrics else ""
         click.echo(f"fold MAP@3 {metrics['map3']:.4f}{unmasked}, label prior alone {metrics['map3_prior']:.4f} -> {out}")
+
+
+@cli.command()
+@config_options(TfidfConfig, required=("data",))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Member folder to write (an ONNX folder for `package`).")
+@friendly
+def tfidf(out: str, **kwargs) -> None:
+    """Fit one TF-IDF + logistic-regression model per question and write it as an ONNX member folder.
+
+    Word 1-2 grams and in-word character 2-5 grams of the explanation, plus the chosen answer. No merge or export
+    step: package OUT beside the exported transformers, on the same folds, and the ensemble weighs it."""
+    from .tfidf import train_tfidf
+
+    metrics = train_tfidf(TfidfConfig(**kwargs), out)
+    click.echo(f"fold MAP@3 {metrics['map3']:.4f}, label prior alone {metrics['map3_prior']:.4f} ({metrics['train_seconds']:.0f} s) -> {out}")
 
 
 @cli.command()
@@ -405,7 +420,7 @@ def build(config: str, out: str | None) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="build/demo", show_default=True, help="Where the stages go.")
 @friendly
 def demo(out: str) -> None:
-    """Build a bundle from the embedded default (MiniLM on the shipped sample) and run it on the sample test rows."""
+    """Build a bundle from the embedded default (MiniLM and TF-IDF on the shipped sample) and run it on the sample test rows."""
     from .build import DEMO
     from .build import build as run
 

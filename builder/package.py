@@ -29,6 +29,7 @@ log = logging.getLogger("mapbuild")
 RUNTIME_DIR = Path(runtime.__file__).parent
 # Credentials must never reach a public dataset: kaggle.json, .env files, netrc, files named for keys or secrets.
 SECRET = re.compile(r"kaggle\.json|\.env(\..*)?|.*\.env|\.?netrc|\.git-credentials|.*(secret|credential|api[_-]?key|access[_-]?token).*", re.I)
+MEMBER_KEYS = ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "params", "mean_tokens")
 PACKAGES = ("numpy", "pandas", "tokenizers", "onnxruntime", "onnx", "torch", "transformers", "peft")
 
 
@@ -110,7 +111,7 @@ def package(
                 continue
             name = f"m{len(members)}-{m['model_type']}-{m['precision']}"
             (tmp / "models" / name).mkdir(parents=True)
-            files = {"model": "model.onnx", "tokenizer": "tokenizer.json", "data": "model.onnx.data"}
+            files = m.get("files", {"model": "model.onnx", "tokenizer": "tokenizer.json", "data": "model.onnx.data"})
             files = {k: f for k, f in files.items() if (Path(d) / f).is_file()}  # .data: external weights over 2 GiB
             for f in files.values():
                 shutil.copy(Path(d) / f, tmp / "models" / name / f)
@@ -119,8 +120,9 @@ def package(
                 "weight": weight,
                 "oof_map3": oof_map3,
                 "files": {k: f"models/{name}/{f}" for k, f in files.items()},
+                "kind": m.get("kind", "transformer"),
                 "chat": m.get("chat"),  # folders exported before chat templates have none
-                **{k: m[k] for k in ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "params", "mean_tokens")},
+                **{k: m[k] for k in MEMBER_KEYS if k in m},  # a tfidf member has no tokenizer, template or base model
             })
         wheel_files = fetch(tmp / "wheels", find_links=find_links) if wheels else []
         shutil.copytree(RUNTIME_DIR, tmp / "runtime", ignore=shutil.ignore_patterns("__pycache__"))

@@ -14,6 +14,7 @@ from .ensemble import combine
 from .labels import LabelSpace
 from .manifest import check_files
 from .prompts import render
+from .tfidf import tfidf_probs
 
 log = logging.getLogger("mapbuild")
 
@@ -21,6 +22,8 @@ log = logging.getLogger("mapbuild")
 def member_probs(
     bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> np.ndarray:
+    if member.get("kind") == "tfidf":  # thousands of rows a second on one CPU core: no devices, no deadline checks
+        return tfidf_probs(bundle / member["files"]["model"], bundle / member["files"]["vocab"], df, len(space.labels), desc=member["name"])
     tok = load_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
     seqs = encode(tok, render(df, member["template"], space, member.get("chat")))
     model = bundle / member["files"]["model"]

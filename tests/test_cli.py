@@ -1,5 +1,7 @@
 """User mistakes end in one line naming the file, column or flag: never a traceback."""
 
+import json
+
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -22,7 +24,7 @@ def assert_one_line_error(result, *needles: str) -> None:
 
 def test_help_lists_every_stage():
     result = invoke("--help")
-    for command in ("train", "merge", "export", "package", "build", "demo", "plan", "verify", "upload", "kernel", "models",
+    for command in ("train", "tfidf", "merge", "export", "package", "build", "demo", "plan", "verify", "upload", "kernel", "models",
                     "analyze", "tokens", "prompts", "generate", "explain"):
         assert command in result.output
 
@@ -81,6 +83,23 @@ def test_missing_alias_weights_name_the_install(tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("flags, needle", [(["--c", "0"], "--c must be positive"), (["--min-df", "0"], "--min-df must be at least 1")])
+def test_tfidf_flags_are_validated(tmp_path, flags, needle):
+    assert_one_line_error(invoke("tfidf", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "t"), *flags), needle)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "tfidf"])
+def test_data_flag_is_required(tmp_path, command):
+    result = invoke(command, "--out", str(tmp_path / "t"))
+    assert result.exit_code == 2 and "Missing option '--data'" in result.output and "Traceback" not in result.output
+
+
+def test_tfidf_names_the_missing_column(tmp_path):
+    pd.read_csv(SAMPLE_TRAIN, dtype=str).drop(columns="Misconception").to_csv(tmp_path / "t.csv", index=False)
+    assert_one_line_error(invoke("tfidf", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "t")), "missing column Misconception")
+
+
 def test_stage_folders_are_checked(tmp_path):
     assert_one_line_error(invoke("merge", str(tmp_path), "--out", str(tmp_path / "m")), "not a mapbuild stage folder")
     assert_one_line_error(invoke("export", str(tmp_path), "--out", str(tmp_path / "o")), "not a mapbuild stage folder")
@@ -106,6 +125,10 @@ def test_build_config_errors_name_the_key(tmp_path):
     assert_one_line_error(invoke("build", str(config)), "unknown key lora_rank")
     config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\ndata = "x.csv"\nquantize = "int3"\n')
     assert_one_line_error(invoke("build", str(config)), "quantize must be one of fp32, fp16, int8, int4")
+    config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\nkind = "svm"\ndata = "x.csv"\n')
+    assert_one_line_error(invoke("build", str(config)), "kind must be one of transformer, tfidf, got 'svm'")
+    config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\nkind = "tfidf"\ndata = "x.csv"\nepochs = 3\n')
+    assert_one_line_error(invoke("build", str(config)), "unknown key epochs")
     config.write_text("dataset_id = [\n")
     assert_one_line_error(invoke("build", str(config)), str(config))
 
@@ -115,10 +138,13 @@ def test_build_chains_every_stage(tmp_path, tiny_bert):
     config.write_text(
         f'dataset_id = "me/tiny-build"\ntest = "{SAMPLE_TEST}"\n'
         f'[[models]]\nname = "tiny"\nmodel = "{tiny_bert}"\ndata = "{SAMPLE_TRAIN}"\nepochs = 1\nlora_r = 2\nquantize = "fp32"\n'
+        f'[[models]]\nname = "words"\nkind = "tfidf"\ndata = "{SAMPLE_TRAIN}"\nmin_df = 1\n'
     )
     result = invoke("build", str(config), "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
-    for stage in ("tiny/run", "tiny/merged", "tiny/onnx", "bundle"):
+    assert "words: tfidf fold MAP@3" in result.output
+    assert json.loads((tmp_path / "out" / "words" / "onnx" / "mapbuild.json").read_text())["config"]["min_df"] == 1
+    for stage in ("tiny/run", "tiny/merged", "tiny/onnx", "words/onnx", "bundle"):
         assert (tmp_path / "out" / stage / ("manifest.json" if stage == "bundle" else "mapbuild.json")).is_file()
     assert (tmp_path / "out" / "submission.csv").is_file()
     assert not list((tmp_path / "out").glob(".*tmp"))
