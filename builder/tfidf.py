@@ -18,11 +18,9 @@ from runtime.data import labels_of
 from runtime.labels import fit_label_space
 from runtime.tfidf import grams, tfidf_probs
 
-from .dataset import clean
 from .errors import require
-from .folds import assign_folds
 from .stages import atomic_dir, write_meta
-from .train import load_labelled, validate
+from .train import split_fold, validate
 
 PAD_BIAS = -1e4  # logit of the padding classes of questions with fewer labels than the widest
 
@@ -137,12 +135,7 @@ def scorer(fitted: dict[str, QuestionModel]) -> tuple[bytes, dict]:
 
 def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
     """Fit every question's model on the training folds, export, validate through the runtime; returns the metrics."""
-    df = load_labelled(cfg.data, cfg.limit)
-    fold = assign_folds(df, cfg.folds, cfg.seed)
-    tr, va = df[fold != cfg.fold], df[fold == cfg.fold]
-    labels = sorted(labels_of(df).unique())
-    space_tr = fit_label_space(tr, labels)
-    tr, cleaning = clean(tr, space_tr, dedupe=cfg.dedupe, relabel_rows=False)
+    df, tr, va, labels, space_tr, cleaning = split_fold(cfg.data, cfg.limit, cfg.folds, cfg.fold, cfg.seed, cfg.dedupe)
     index = {lab: i for i, lab in enumerate(labels)}
     y = labels_of(tr).map(index).to_numpy()
     start = time.perf_counter()

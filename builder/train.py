@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -85,6 +86,27 @@ def load_labelled(path: str, limit: int | None = None) -> pd.DataFrame:
     except InputError as e:
         raise MapbuildError(str(e)) from None
     return df.head(limit) if limit else df
+
+
+class FoldSplit(NamedTuple):
+    rows: pd.DataFrame  # every labelled row
+    train: pd.DataFrame  # the training folds, cleaned
+    valid: pd.DataFrame  # the held-out fold, as the test set would have it
+    labels: list[str]  # the sorted label list: a model's head order
+    space: LabelSpace  # fitted on the training folds alone: validation sees only what training saw
+    cleaning: dict  # what cleaning changed, for metrics.json
+
+
+def split_fold(data: str, limit: int | None, folds: int, fold: int, seed: int, dedupe: bool, relabel: bool = False) -> FoldSplit:
+    """The rows every member trains and validates on: the same held-out fold for the same data, folds and seed, so
+    an ensemble's members share their out-of-fold rows."""
+    df = load_labelled(data, limit)
+    which = assign_folds(df, folds, seed)
+    tr, va = df[which != fold], df[which == fold]
+    labels = sorted(labels_of(df).unique())
+    space = fit_label_space(tr, labels)
+    tr, cleaning = clean(tr, space, dedupe=dedupe, relabel_rows=relabel)
+    return FoldSplit(df, tr, va, labels, space, cleaning)
 
 
 def save_curve(history: list[dict], path: Path) -> None:
@@ -173,11 +195,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
 
     CandidateTrainer = candidate_trainer()
 
-    df = load_labelled(cfg.data, cfg.limit)
-    fold = assign_folds(df, cfg.folds, cfg.seed)
-    tr, va = df[fold != cfg.fold], df[fold == cfg.fold]
-    labels = sorted(labels_of(df).unique())
-    space_tr = fit_label_space(tr, labels)  # validation sees only what training saw
+    df, tr, va, labels, space_tr, cleaning = split_fold(cfg.data, cfg.limit, cfg.folds, cfg.fold, cfg.seed, cfg.dedupe, cfg.relabel)
     source = resolve(cfg.model)
     model_type, family = family_of(source)
     template = cfg.template or family.template
@@ -187,8 +205,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
 
     def encode(rows: pd.DataFrame) -> list[list[int]]:
         return tok(render(rows, template, space_tr, chat), truncation=True, max_length=max_length)["input_ids"]
-
-    tr, cleaning = clean(tr, space_tr, dedupe=cfg.dedupe, relabel_rows=cfg.relabel)
 
     y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).to_numpy()
     allowed = space_tr.candidate_mask(tr) if cfg.candidate_loss else np.ones((len(tr), len(labels)), dtype=bool)
