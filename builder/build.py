@@ -20,6 +20,7 @@ from .merge import merge
 from .package import check_dataset_id, package
 from .tfidf import TfidfConfig, train_tfidf
 from .train import TrainConfig, train
+from .wheels import CUDA, ORT_GPU, PYTHONS, cp_tag
 
 DEMO = Path(__file__).parent / "data" / "demo.toml"
 SAMPLE_TRAIN = Path(__file__).parent / "data" / "sample_train.csv"
@@ -35,9 +36,20 @@ class BuildConfig:
     models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option; with `kind = \"tfidf\"`, any `mapbuild tfidf` option."})
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
     ensemble: str = field(default="prob", metadata={"help": "How members combine: prob (weighted probabilities) or rank."})
+    wheels: bool = field(default=True, metadata={"help": "Bring onnxruntime-gpu wheels: Kaggle's image has no onnxruntime."})
+    python: list[str] = field(default_factory=lambda: list(PYTHONS), metadata={"help": "Kernel CPython versions to bring a wheel for."})
+    cuda: int = field(default=CUDA, metadata={"help": "CUDA major of the kernel image; picks the onnxruntime-gpu build."})
+    find_links: str | None = field(default=None, metadata={"help": "Take the wheels from this folder alone, not PyPI."})
 
     def __post_init__(self) -> None:
         check_dataset_id(self.dataset_id)
+        try:
+            for python in self.python:
+                cp_tag(python)
+        except MapbuildError:
+            raise MapbuildError(f'build config: python = {self.python!r}: give CPython versions such as ["3.11", "3.12"]') from None
+        if self.cuda not in ORT_GPU:
+            raise MapbuildError(f"build config: cuda must be one of {', '.join(map(str, ORT_GPU))}, got {self.cuda!r}")
         if self.ensemble not in METHODS:
             raise MapbuildError(f"build config: ensemble must be one of {', '.join(METHODS)}, got {self.ensemble!r}")
         if not self.models:
@@ -66,8 +78,9 @@ def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildC
     if unknown:
         raise MapbuildError(f"{path}: unknown key {', '.join(sorted(unknown))}")
     raw["out"] = out or str(here / raw.get("out", "build"))
-    if raw.get("test"):
-        raw["test"] = str(here / raw["test"])
+    for key in ("test", "find_links"):
+        if raw.get(key):
+            raw[key] = str(here / raw[key])
     try:
         cfg = BuildConfig(**raw)
     except TypeError as e:
@@ -110,7 +123,7 @@ def build(config: str | os.PathLike, out: str | None = None) -> Path:
         export(root / name / "merged", root / name / "onnx", quantize, force=force)
         onnx_dirs.append(str(root / name / "onnx"))
     bundle = root / "bundle"
-    package(onnx_dirs, bundle, cfg.dataset_id, ensemble=cfg.ensemble)
+    package(onnx_dirs, bundle, cfg.dataset_id, wheels=cfg.wheels, find_links=cfg.find_links, ensemble=cfg.ensemble, pythons=tuple(cfg.python), cuda=cfg.cuda)
     click.echo(f"== bundle -> {bundle}")
     if cfg.test:
         submission = root / "submission.csv"

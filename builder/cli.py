@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -21,6 +22,8 @@ from .options import config_options
 from .stages import remove_pending
 from .tfidf import TfidfConfig
 from .train import TrainConfig
+from .twin import DEFAULT_IMAGE, IMAGES
+from .wheels import CUDA, ORT_GPU, PYTHONS
 
 
 def friendly(fn: Callable) -> Callable:
@@ -34,6 +37,14 @@ def friendly(fn: Callable) -> Callable:
             raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+def kaggle_ready(manifest: dict) -> str:
+    """The line that says whether the bundle can run on Kaggle's image, which has no onnxruntime."""
+    wheels = manifest.get("wheels") or []
+    if not wheels:
+        return "NOT Kaggle-ready: no onnxruntime wheel in the bundle, and Kaggle's image has none; package again with --wheels"
+    return "Kaggle-ready for " + ", ".join(f"Python {w['python']} ({w['name']} {w['version']}, CUDA {w['cuda']})" for w in wheels)
 
 
 def terminate(signum: int, frame: object) -> None:
@@ -123,21 +134,24 @@ def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> 
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--dataset-id", required=True, help="Kaggle dataset id, OWNER/SLUG.")
 @click.option("--title", help="Dataset title (default: 'mapbuild SLUG').")
-@click.option("--wheels", is_flag=True, help="Fetch the kernel's wheels (onnxruntime-gpu, cp311 manylinux x86_64) into BUNDLE/wheels.")
-@click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take --wheels from this folder alone, not PyPI.")
+@click.option("--wheels/--no-wheels", default=True, show_default=True, help="Bring onnxruntime-gpu wheels in BUNDLE/wheels: Kaggle's image has no onnxruntime.")
+@click.option("--python", "pythons", default=",".join(PYTHONS), show_default=True, help="Kernel CPython versions to bring a wheel for, comma-separated (e.g. 3.11,3.12).")
+@click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), default=str(CUDA), show_default=True, help="CUDA major of the kernel image; picks the onnxruntime-gpu build.")
+@click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI (offline builds).")
 @click.option("--ensemble", type=click.Choice(METHODS), default="prob", show_default=True, help="Average member probabilities or per-row ranks.")
 @friendly
 def package(
-    onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, find_links: str | None, ensemble: str
+    onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, pythons: str, cuda: str, find_links: str | None, ensemble: str
 ) -> None:
-    """Package ONNX_DIRS with the runtime and a kernel notebook into a Kaggle dataset folder.
+    """Package ONNX_DIRS with the runtime, a kernel notebook and onnxruntime wheels into a Kaggle dataset folder.
 
     Several ONNX_DIRS make an ensemble, weighted to maximise MAP@3 on the out-of-fold rows their runs share.
+    Wheels are cached (MAPBUILD_CACHE, default ~/.cache/mapbuild), so a second build fetches nothing.
     Upload the folder with `kaggle datasets create -p OUT --dir-mode zip`.
     """
     from .package import package as run
 
-    manifest = run(list(onnx_dirs), out, dataset_id, title, wheels, find_links, ensemble)
+    manifest = run(list(onnx_dirs), out, dataset_id, title, wheels, find_links, ensemble, tuple(pythons.split(",")), int(cuda))
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     fmt = lambda x: "-" if x is None else f"{x:.4f}"
     for m in manifest["members"]:
@@ -147,24 +161,26 @@ def package(
         click.echo(f"  dropped {d['dir']}: weight 0, OOF MAP@3 {fmt(d['oof_map3'])} (adding it never raised the ensemble's)")
     click.echo(f"  {e['method']} ensemble OOF MAP@3 {fmt(e['map3'])} on {e['rows']} shared rows")
     click.echo(f"bundle -> {out}: {len(manifest['members'])} member(s), {len(manifest['files'])} files, {size / 2**20:.1f} MiB")
+    click.echo(kaggle_ready(manifest))
 
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--test", type=click.Path(dir_okay=False, exists=True), help="Test CSV to run (default: the embedded sample test rows).")
-@click.option("--python", type=click.Path(dir_okay=False, exists=True), help="Use this interpreter's environment instead of a fresh one.")
+@click.option("--image", type=click.Choice(list(IMAGES)), default=DEFAULT_IMAGE, show_default=True, help="Which Kaggle image the twin copies.")
 @friendly
-def verify(bundle_dir: str, test: str | None, python: str | None) -> None:
-    """Run BUNDLE_DIR as the kernel would, before you upload it.
+def verify(bundle_dir: str, test: str | None, image: str) -> None:
+    """Run BUNDLE_DIR's own notebook in a twin of Kaggle's image, before you upload it.
 
-    The bundle's own runtime runs in a fresh virtual environment holding only runtime/requirements.txt (the Kaggle
-    image's stack) and the bundle's wheels, with torch, transformers, peft, the builder and the network blocked.
-    It fails if any member is skipped, if the submission is malformed, or if a file differs from the manifest."""
+    The twin has the image's Python and packages but no onnxruntime (the bundle brings it), no network, and
+    torch, transformers, peft and the builder blocked; /kaggle/input and /kaggle/working are temporary folders.
+    It fails if the notebook stops, if any member is skipped, if the submission is malformed, if a file differs
+    from the manifest, or, with labelled --test rows, if MAP@3 falls below the label prior's."""
     from .verify import verify as run
 
-    r = run(bundle_dir, test, python)
-    map3 = f", MAP@3 {r['map3']:.4f}" if r["map3"] is not None else ""
-    click.echo(f"verified {bundle_dir}: {r['rows']} rows in {r['seconds']} s{map3}, checksums intact ({r['python']})")
+    r = run(bundle_dir, test, image)
+    map3 = f", MAP@3 {r['map3']:.4f} (label prior {r['prior_map3']:.4f})" if r["map3"] is not None else ""
+    click.echo(f"verified {bundle_dir} in the {image} twin: {r['rows']} rows, notebook {r['seconds']} s{map3}, checksums intact")
 
 
 @cli.command()
@@ -426,6 +442,7 @@ def demo(out: str) -> None:
 
     bundle = run(DEMO, out)
     click.echo(f"\nbundle:     {bundle}\nsubmission: {Path(out) / 'submission.csv'}")
+    click.echo(kaggle_ready(json.loads((bundle / "manifest.json").read_text())))
 
 
 @cli.command()

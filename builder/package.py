@@ -21,10 +21,14 @@ from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, estimate, verdict
 from .ensemble import fit
 from .errors import MapbuildError
 from .stages import atomic_dir, read_meta
-from .wheels import describe, fetch
+from .wheels import CUDA, PYTHONS, fetch
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
-SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{4,48}[a-z0-9]$")
+# The kaggle client's own rules (kaggle 2.2.5, KaggleApi._validate_slug_syntax and dataset_create_new): lowercase
+# letters and digits joined by single dashes (owners may use underscores too), dataset slugs of 6-50 characters.
+OWNER = re.compile(r"[a-z0-9]+(?:[_-][a-z0-9]+)*")
+SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+KERNEL_SUFFIX = "-submit"
 log = logging.getLogger("mapbuild")
 RUNTIME_DIR = Path(runtime.__file__).parent
 # Credentials must never reach a public dataset: kaggle.json, .env files, netrc, files named for keys or secrets.
@@ -43,9 +47,30 @@ def render_template(name: str, **values: str) -> str:
 
 def check_dataset_id(dataset_id: str) -> tuple[str, str]:
     owner, _, slug = dataset_id.partition("/")
-    if not owner or not SLUG.match(slug):
-        raise MapbuildError(f"--dataset-id {dataset_id!r}: use OWNER/SLUG with a slug of 6-50 lowercase letters, digits or dashes")
+    if not OWNER.fullmatch(owner) or not SLUG.fullmatch(slug) or not 6 <= len(slug) <= 50:
+        raise MapbuildError(
+            f"--dataset-id {dataset_id!r}: use OWNER/SLUG, a slug of 6-50 lowercase letters and digits joined by single dashes"
+        )
     return owner, slug
+
+
+def kernel_slug(slug: str) -> str:
+    """The submission notebook's slug: a valid slug of at most 50 characters, ending in -submit."""
+    return slug[: 50 - len(KERNEL_SUFFIX)].rstrip("-") + KERNEL_SUFFIX
+
+
+def notebook(dataset_id: str, title: str) -> str:
+    """submit.ipynb: a title cell and templates/kernel.py as its one code cell, written and validated by nbformat."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    code = string.Template((TEMPLATES / "kernel.py").read_text()).substitute(dataset_id=dataset_id).rstrip("\n")
+    intro = f"# {title}\n\nOffline submission built by mapbuild from the dataset `{dataset_id}`."
+    kernelspec = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    cells = [new_markdown_cell(intro, id="about"), new_code_cell(code, id="submit")]  # fixed ids: same inputs, same file
+    nb = new_notebook(cells=cells, metadata={"kernelspec": kernelspec, "language_info": {"name": "python"}})
+    nbformat.validate(nb)
+    return nbformat.writes(nb)
 
 
 def versions() -> dict[str, str]:
@@ -71,8 +96,8 @@ def check_plan(members: list[dict]) -> dict:
         "rows": TEST_ROWS,
         "t4_seconds": {e.name: round(e.seconds, 1) for e in plan},
         "t4_total_seconds": round(total, 1),
-        # measured on the build machine's CPU at export: the fallback when the kernel has no GPU
-        "cpu_seconds": round(sum(TEST_ROWS / m["cpu_rows_per_s"] for m in members)),
+        # measured on the build machine's CPU at export: the plan when the kernel's sessions land on the CPU
+        "cpu_seconds": {m["name"]: round(TEST_ROWS / m["cpu_rows_per_s"], 1) for m in members},
     }
 
 
@@ -81,12 +106,14 @@ def package(
     out: str | os.PathLike,
     dataset_id: str,
     title: str | None = None,
-    wheels: bool = False,
+    wheels: bool = True,
     find_links: str | None = None,
     ensemble: str = "prob",
+    pythons: tuple[str, ...] = PYTHONS,
+    cuda: int = CUDA,
 ) -> dict:
-    """Write the bundle folder; returns its manifest. `wheels`: fetch the kernel's wheels (onnxruntime-gpu) into
-    BUNDLE/wheels, from PyPI or from the `find_links` folder alone.
+    """Write the bundle folder; returns its manifest. `wheels`: bring onnxruntime-gpu for each CPython in `pythons`
+    built for CUDA major `cuda` in BUNDLE/wheels, from the `find_links` folder alone or from PyPI through a cache.
     Several members are weighted by ensemble selection on their shared out-of-fold rows; a member that never
     raises the OOF MAP@3 gets weight 0 and stays out of the bundle."""
     owner, slug = check_dataset_id(dataset_id)
@@ -124,13 +151,14 @@ def package(
                 "chat": m.get("chat"),  # folders exported before chat templates have none
                 **{k: m[k] for k in MEMBER_KEYS if k in m},  # a tfidf member has no tokenizer, template or base model
             })
-        wheel_files = fetch(tmp / "wheels", find_links=find_links) if wheels else []
+        wheel_entries = fetch(tmp / "wheels", pythons, cuda, find_links) if wheels else []
         shutil.copytree(RUNTIME_DIR, tmp / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
-        kernel_slug = f"{slug}-submit"[:50]  # also its title: Kaggle warns when a title does not slugify to the id
-        values = {"dataset_id": dataset_id, "title": title, "owner": owner, "kernel_slug": kernel_slug, "kernel_title": kernel_slug}
+        kernel = kernel_slug(slug)  # also its title: Kaggle warns when a title does not slugify to the id
+        values = {"dataset_id": dataset_id, "title": title, "owner": owner, "kernel_slug": kernel, "kernel_title": kernel}
         values["description"] = f"Offline MAP submission bundle with {len(members)} model(s), built by mapbuild {runtime.__version__}."
-        for name in ("submit.ipynb", "kernel-metadata.json", "dataset-metadata.json"):
+        for name in ("kernel-metadata.json", "dataset-metadata.json"):
             (tmp / name).write_text(render_template(name, **values))
+        (tmp / "submit.ipynb").write_text(notebook(dataset_id, title))
         manifest = {
             "format": FORMAT,
             "dataset_id": dataset_id,
@@ -139,7 +167,7 @@ def package(
             "members": members,
             "ensemble": {k: fitted[k] for k in ("method", "rows", "map3")} | {"dropped": dropped},
             "versions": versions(),
-            "wheels": [describe(w) for w in wheel_files],
+            "wheels": wheel_entries,
             "estimate": check_plan(members),
             "files": hash_tree(tmp),
         }

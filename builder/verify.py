@@ -1,44 +1,26 @@
-"""`mapbuild verify`: the kernel's own code path on a bundle, in a clean environment, with the network blocked."""
+"""`mapbuild verify`: the bundle's own notebook in a twin of Kaggle's image, its files checked before and after."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import click
+import numpy as np
+import pandas as pd
 
-from runtime.data import read_rows
+from runtime.data import InputError, has_labels, labels_of, read_rows
+from runtime.labels import LabelSpace, top3
 from runtime.manifest import BundleError, check_files, hash_tree, load_manifest
-from runtime.submission import check_submission
+from runtime.metrics import map_at_3
+from runtime.predict import prior
+from runtime.submission import COLUMNS, check_submission
 
 from .errors import MapbuildError
+from .twin import DEFAULT_IMAGE, IMAGES, run_notebook
 
-SANDBOX = Path(__file__).parent / "data" / "sandbox"  # sitecustomize: no torch, transformers, peft, builder, sockets
 SAMPLE_TEST = Path(__file__).parent / "data" / "sample_test.csv"
-CACHE = Path(os.environ.get("MAPBUILD_CACHE", Path.home() / ".cache" / "mapbuild"))
-
-
-def kernel_python(bundle: Path) -> Path:
-    """A virtual environment with only runtime/requirements.txt and the bundle's wheels, cached by their names."""
-    reqs = [r for r in (bundle / "runtime" / "requirements.txt").read_text().splitlines() if r.strip() and not r.startswith("#")]
-    wheels = sorted((bundle / "wheels").glob("*.whl"))
-    if any(w.name.startswith("onnxruntime_gpu") for w in wheels):  # one module, two distributions: never both
-        reqs = [r for r in reqs if not re.match(r"onnxruntime\b", r)]
-    venv = CACHE / ("verify-" + hashlib.sha256("\n".join(reqs + [w.name for w in wheels]).encode()).hexdigest()[:12])
-    python = venv / "bin" / "python"
-    if not (venv / ".installed").exists():
-        click.echo(f"verify: creating {venv} ({', '.join(reqs + [w.name for w in wheels])})")
-        for cmd in ([sys.executable, "-m", "venv", "--clear", str(venv)], [str(python), "-m", "pip", "install", "-q", *reqs]):
-            subprocess.run(cmd, check=True)
-        if wheels:
-            subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", *map(str, wheels)], check=True)
-        (venv / ".installed").touch()
-    return python
+FALLBACKS = ("SKIPPED", "DROPPED", "NO MEMBER LEFT", "NOT ENGAGED")
 
 
 def check_tree(bundle: Path, manifest: dict) -> list[str]:
@@ -47,35 +29,45 @@ def check_tree(bundle: Path, manifest: dict) -> list[str]:
     return check_files(bundle, manifest, list(manifest["files"])) + [f"{f}: not in the manifest" for f in extra]
 
 
-def verify(bundle: str | os.PathLike, test: str | os.PathLike | None = None, python: str | os.PathLike | None = None) -> dict:
-    """Run the bundle as the kernel would and check its files before and after; returns what the run printed."""
+def prior_map3(manifest: dict, df: pd.DataFrame) -> float:
+    """MAP@3 of the training label prior through the kernel's mask: the floor any model must beat."""
+    space = LabelSpace.from_json(manifest["label_space"])
+    ranked = np.array(space.labels)[top3(prior(space, len(df)), space.candidate_mask(df))]
+    return map_at_3(labels_of(df).tolist(), ranked.tolist())
+
+
+def verify(bundle: str | os.PathLike, test: str | os.PathLike | None = None, image: str = DEFAULT_IMAGE) -> dict:
+    """Run the bundle's notebook in the twin of `image` and check what it wrote; with labelled test rows, its
+    MAP@3 must reach the label prior's."""
     bundle = Path(bundle).resolve()
     try:
         manifest = load_manifest(bundle)
-    except BundleError as e:
+        df = read_rows(test or SAMPLE_TEST)
+    except (BundleError, InputError) as e:
         raise MapbuildError(str(e)) from None
     problems = check_tree(bundle, manifest)
     if problems:
         raise MapbuildError(f"{bundle}: {problems[0]} ({len(problems)} problem(s)); package it again")
-    test = Path(test or SAMPLE_TEST).resolve()
-    python = Path(python) if python else kernel_python(bundle)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(SANDBOX), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "submission.csv"
-        cmd = [str(python), "-m", "runtime.submit", "--bundle", ".", "--test", str(test), "--out", str(out)]
-        done = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True)
-        lines = done.stderr.splitlines()
-        if done.returncode:
-            raise MapbuildError(f"verify: the kernel run failed: {next((l for l in reversed(lines) if l.strip()), 'no output')}")
-        # CPU for a missing CUDA is expected on a build machine; a lost member never is.
-        fallbacks = [l.strip() for l in lines if any(w in l for w in ("SKIPPED", "DROPPED", "NO MEMBER LEFT"))]
+    where = f"the {image} twin (Python {IMAGES[image].python})"
+    with tempfile.TemporaryDirectory(prefix="mapbuild-verify-") as tmp:
+        run = run_notebook(bundle, Path(test or SAMPLE_TEST).resolve(), Path(tmp), image)
+        if run.returncode:
+            raise MapbuildError(f"verify: the notebook stopped in {where}: {run.last_line}")
+        fallbacks = [line.strip() for line in run.output.splitlines() if any(w in line for w in FALLBACKS)]
         if fallbacks:
-            raise MapbuildError(f"verify: the kernel run fell back: {fallbacks[0]}")
-        problems = check_submission(out, read_rows(test)["row_id"].tolist()) + check_tree(bundle, manifest)
+            raise MapbuildError(f"verify: the kernel run fell back in {where}: {fallbacks[0]}")
+        if run.submission is None:
+            raise MapbuildError(f"verify: the notebook exited 0 in {where} but wrote no submission.csv")
+        problems = check_submission(run.submission, df["row_id"].tolist()) + check_tree(bundle, manifest)
         if problems:
             raise MapbuildError(f"verify: {problems[0]}")
-    score = re.search(r"MAP@3 on labelled rows: ([0-9.]+)", done.stdout)
-    speed = re.search(r"(\d+) rows in ([0-9.]+) s", done.stderr)
-    return {"python": str(python), "rows": int(speed.group(1)) if speed else None, "seconds": float(speed.group(2)) if speed else None,
-            "map3": float(score.group(1)) if score else None}
+        predictions = pd.read_csv(run.submission, dtype=str, keep_default_na=False)[COLUMNS[1]].str.split(" ").tolist()
+    result = {"image": image, "rows": len(df), "seconds": round(run.seconds, 1), "map3": None, "prior_map3": None}
+    if has_labels(df):
+        result.update(map3=map_at_3(labels_of(df).tolist(), predictions), prior_map3=prior_map3(manifest, df))
+        if result["map3"] < result["prior_map3"]:
+            raise MapbuildError(
+                f"verify: MAP@3 {result['map3']:.4f} on {test or SAMPLE_TEST} is below the label prior's {result['prior_map3']:.4f}: "
+                "the bundle's models do not fit these rows"
+            )
+    return result

@@ -1,35 +1,112 @@
-"""`package --wheels`: the wheels the runtime needs and Kaggle's image lacks, fetched for the kernel's platform."""
+"""The wheels a bundle brings because Kaggle's image lacks them: onnxruntime-gpu for the kernel's CPython and CUDA.
+
+Chosen by the CUDA version each wheel records about itself, fetched once into a cache, linked into the bundle."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
+
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from .errors import MapbuildError
 
-# onnxruntime-gpu 1.31.1 is the newest on PyPI (CPU onnxruntime is 1.32.0); Kaggle's image has numpy and protobuf,
-# so dependencies stay out: pip would otherwise upgrade the image's numpy.
-KERNEL_WHEELS = ("onnxruntime-gpu==1.31.1",)
-TARGET = (
-    "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-    "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-)
+# Today's Kaggle image runs CPython 3.12 (Kaggle/docker-python, "Upgrade to Python 3.12 (#1516)", 2025-12-12).
+PYTHONS = ("3.12",)
+# Kaggle's T4 image had an NVIDIA driver 560 (CUDA <= 12.6, onnxruntime #26073, 2025-09); PyPI's CUDA 13 builds of
+# onnxruntime-gpu (1.27 on) need a newer driver. So CUDA 12 unless asked otherwise.
+CUDA = 12
+# The newest onnxruntime-gpu on PyPI for each CUDA major (2026-11-28). A pin is only a guess until the wheel it
+# fetches records the same CUDA major in onnxruntime/capi/build_and_package_info.py, which `choose` checks.
+ORT_GPU = {12: "1.26.0", 13: "1.31.1"}
+NAME = "onnxruntime-gpu"
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+INFO = "onnxruntime/capi/build_and_package_info.py"
 
 
-def fetch(dest: Path, requirements: tuple[str, ...] = KERNEL_WHEELS, find_links: str | None = None) -> list[Path]:
-    """`pip download --only-binary` for CPython 3.11 on manylinux x86_64 into dest; from find_links alone when given."""
-    dest.mkdir(parents=True, exist_ok=True)
-    source = ["--no-index", "--find-links", str(find_links)] if find_links else []
-    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps", *TARGET, *source, "-d", str(dest), *requirements]
+def cache_dir() -> Path:
+    return Path(os.environ.get("MAPBUILD_CACHE", Path.home() / ".cache" / "mapbuild"))
+
+
+def cp_tag(python: str) -> str:
+    """'3.12' -> 'cp312'; a one-line error for anything that is not a CPython 3.x version."""
+    if not re.fullmatch(r"3\.\d{1,2}", python):
+        raise MapbuildError(f"--python {python!r}: give CPython versions such as 3.12 or 3.11,3.12")
+    return "cp3" + python.split(".")[1]
+
+
+def cuda_version(wheel: Path) -> str | None:
+    """The CUDA version an onnxruntime wheel was built for, as it records it; None for CPU builds."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            info = z.read(INFO).decode()
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+    found = re.search(r"^cuda_version\s*=\s*['\"]([0-9.]+)['\"]", info, re.M)
+    return found.group(1) if found else None
+
+
+def choose(wheels: Iterable[Path], python: str, cuda: int) -> Path | None:
+    """The newest onnxruntime-gpu wheel for CPython `python` on x86-64 Linux whose recorded CUDA major is `cuda`."""
+    tag, best = cp_tag(python), None
+    for wheel in wheels:
+        try:
+            name, version, _, tags = parse_wheel_filename(wheel.name)
+        except InvalidWheelFilename:
+            continue
+        if name != NAME or not any(t.interpreter == tag and t.platform in PLATFORMS for t in tags):
+            continue
+        recorded = cuda_version(wheel)
+        if recorded and recorded.split(".")[0] == str(cuda) and (best is None or version > best[0]):
+            best = (version, wheel)
+    return best[1] if best else None
+
+
+def download(python: str, cuda: int, dest: Path) -> None:
+    """`pip download` of the pinned release for one CPython, without dependencies: the image has numpy and protobuf,
+    and pip would otherwise replace its numpy."""
+    platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+    target = ["--python-version", python, "--implementation", "cp", "--abi", cp_tag(python), *platforms]
+    requirement = f"{NAME}=={ORT_GPU[cuda]}"
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--no-deps", *target, "-d", str(dest), requirement]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         why = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "pip failed")
-        raise MapbuildError(f"--wheels: pip download {' '.join(requirements)} failed: {why.strip()}")
-    return sorted(dest.glob("*.whl"))
+        raise MapbuildError(f"--wheels: pip download {requirement} for CPython {python} failed: {why.strip()}; offline, pass --find-links DIR")
 
 
-def describe(wheel: Path) -> dict:
-    """Name and version from a wheel's file name (PEP 427), for the manifest's pins."""
-    name, version = wheel.name.split("-")[:2]
-    return {"file": wheel.name, "name": name.replace("_", "-").lower(), "version": version}
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A hard link where the file system allows one (wheels are 277 MB), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def fetch(dest: Path, pythons: Iterable[str] = PYTHONS, cuda: int = CUDA, find_links: str | os.PathLike | None = None) -> list[dict]:
+    """One onnxruntime-gpu wheel per CPython version into dest, from the find_links folder alone, or else from the
+    cache, downloading what it lacks. Returns the manifest's entries."""
+    if cuda not in ORT_GPU:
+        raise MapbuildError(f"--cuda {cuda}: onnxruntime-gpu is on PyPI for CUDA {' and '.join(map(str, ORT_GPU))}")
+    source = Path(find_links) if find_links else cache_dir() / "wheels"
+    source.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for python in dict.fromkeys(pythons):
+        wheel = choose(source.glob("*.whl"), python, cuda)
+        if wheel is None and not find_links:
+            download(python, cuda, source)
+            wheel = choose(source.glob("*.whl"), python, cuda)
+        if wheel is None:
+            where = f"--find-links {find_links}" if find_links else f"{NAME}=={ORT_GPU[cuda]} from PyPI"
+            raise MapbuildError(f"{where}: no {NAME} wheel for CPython {python} on x86-64 Linux built for CUDA {cuda}.x")
+        link_or_copy(wheel, dest / wheel.name)
+        version = str(parse_wheel_filename(wheel.name)[1])
+        entries.append({"file": wheel.name, "name": NAME, "version": version, "python": python, "cuda": cuda_version(wheel)})
+    return entries

@@ -124,22 +124,49 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def requested_providers(available: Sequence[str], gpus: int, device_id: int = 0) -> list:
+    """CUDA device `device_id` then CPU when a GPU is visible and onnxruntime has CUDA; else CPU alone (an
+    onnxruntime-gpu wheel on a machine without a GPU would only log CUDA load errors)."""
+    if gpus and CUDA in available:
+        return [(CUDA, {"device_id": device_id}), CPU]
+    return [CPU]
+
+
+def not_engaged(requested: Sequence, got: Sequence[str]) -> str | None:
+    """The loud line for a session asked to run on CUDA that onnxruntime put on another provider, else None."""
+    asked = [p[0] if isinstance(p, tuple) else p for p in requested]
+    if asked[0] == CUDA and got[0] != CUDA:
+        return f"CUDA NOT ENGAGED: asked for {', '.join(asked)}, the session runs on {got[0]}; predictions take CPU time"
+    return None
+
+
 def onnx_forward(path: str, threads: int = 0, device_id: int = 0) -> Forward:
-    """An onnxruntime session on CUDA device `device_id` when available, else CPU."""
+    """An onnxruntime session on CUDA device `device_id` when a GPU is visible and usable, else CPU. The function's
+    `provider` attribute says where the session really runs."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    available = ort.get_available_providers()
-    providers: list = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    if "CUDAExecutionProvider" in providers:
-        providers[0] = ("CUDAExecutionProvider", {"device_id": device_id})
+    providers = requested_providers(ort.get_available_providers(), gpu_count(), device_id)
+    if providers[0] != CPU and hasattr(ort, "preload_dlls"):  # >= 1.21: the CUDA and cuDNN of the image's torch wheels
+        ort.preload_dlls()
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # a broken CUDA install must cost speed, not the submission
-        if providers == ["CPUExecutionProvider"]:
+        if providers == [CPU]:
             raise
-        log.warning("CUDA session failed (%s); falling back to CPU", str(e).splitlines()[0])
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        log.error("CUDA session failed (%s); falling back to CPU", str(e).splitlines()[0])
+        sess = ort.InferenceSession(str(path), opts, providers=[CPU])
+    loud = not_engaged(providers, sess.get_providers())
+    if loud:
+        log.error("%s: %s", path, loud)
     log.info("%s on %s", path, sess.get_providers()[0])
-    return lambda ids, mask: sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+
+    def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+
+    forward.provider = sess.get_providers()[0]
+    return forward

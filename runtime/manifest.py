@@ -41,8 +41,9 @@ def load_manifest(bundle: str | os.PathLike) -> dict:
         raise BundleError(f"{path}: no manifest; pass --bundle a folder written by `mapbuild package`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: format {manifest.get('format')!r}, this runtime reads {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{path}: format {found!r}, this runtime reads {FORMAT!r}")
     return manifest
 
 

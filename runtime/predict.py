@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .engine import device_pool, encode, load_tokenizer, onnx_forward, run_batches, softmax
+from .engine import CPU, device_pool, encode, gpu_count, load_tokenizer, onnx_forward, run_batches, softmax
 from .ensemble import combine
 from .labels import LabelSpace
 from .manifest import check_files
@@ -21,19 +21,21 @@ log = logging.getLogger("mapbuild")
 
 def member_probs(
     bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
-) -> np.ndarray:
+) -> tuple[np.ndarray, str | None]:
+    """The member's probabilities, and the provider its session ran on (None: a CPU member, or one per device)."""
     if member.get("kind") == "tfidf":  # thousands of rows a second on one CPU core: no devices, no deadline checks
-        return tfidf_probs(bundle / member["files"]["model"], bundle / member["files"]["vocab"], df, len(space.labels), desc=member["name"])
+        return tfidf_probs(bundle / member["files"]["model"], bundle / member["files"]["vocab"], df, len(space.labels), desc=member["name"]), None
     tok = load_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
     seqs = encode(tok, render(df, member["template"], space, member.get("chat")))
     model = bundle / member["files"]["model"]
     run = lambda forward: softmax(run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline))
     if devices <= 1:
-        return run(onnx_forward(model))
+        forward = onnx_forward(model)
+        return run(forward), getattr(forward, "provider", None)
     log.info("%s: %d worker processes, one per device", member["name"], devices)
     pool = device_pool(model, devices)
     try:
-        return run(pool)
+        return run(pool), None
     finally:
         pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
@@ -57,15 +59,18 @@ def predict(
 
     Members run heaviest weight first. With a `deadline` (time.monotonic()), each member's planned time is scaled by
     how the members so far kept to theirs; one that would overrun is dropped, and a running one stops as soon as
-    its own pace says it would."""
+    its own pace says it would. Once a session lands on the CPU while a GPU is visible, the plan switches from the
+    T4 estimates to the CPU ones measured at export."""
     bundle = Path(bundle)
     probs, weights, used = [], [], []
     if df.empty:
         log.warning("no test rows: nothing to predict")
         return np.zeros((0, len(space.labels)), dtype=np.float32), used
-    planned = manifest.get("estimate", {}).get("t4_seconds", {})
-    scale = len(df) / manifest.get("estimate", {}).get("rows", len(df))
+    estimate = manifest.get("estimate", {})
+    planned = estimate.get("t4_seconds", {})
+    scale = len(df) / estimate.get("rows", len(df))
     spent = plan_spent = 0.0
+    gpus, cpu_plan = gpu_count(), False
     for m in sorted(manifest["members"], key=lambda m: -m["weight"]):
         plan = planned.get(m["name"], 0.0) * scale
         if deadline is not None and plan_spent > 0 and plan > 0:
@@ -79,11 +84,16 @@ def predict(
             continue
         start = time.monotonic()
         try:
-            probs.append(member_probs(bundle, m, df, space, batch_size, devices, deadline))
+            p, provider = member_probs(bundle, m, df, space, batch_size, devices, deadline)
         except Exception as e:  # noqa: BLE001 - any member failure must leave the others and the prior
             log.error("SKIPPED member %s: %s: %s", m["name"], type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             continue
+        probs.append(p)
         spent, plan_spent = spent + time.monotonic() - start, plan_spent + plan
+        if gpus and provider == CPU and not cpu_plan:
+            cpu_plan, planned = True, estimate.get("cpu_seconds", {})
+            spent, plan_spent = time.monotonic() - start, planned.get(m["name"], 0.0) * scale
+            log.error("RE-PLANNED at the CPU pace: %d GPU(s) visible, %s ran on the CPU", gpus, m["name"])
         weights.append(m["weight"])
         used.append(m["name"])
     if not used:

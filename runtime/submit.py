@@ -12,42 +12,28 @@ from pathlib import Path
 import numpy as np
 
 from .data import InputError, duplicate_row_ids, has_labels, labels_of, read_rows
-from .engine import gpu_count
+from .engine import CUDA, gpu_count
 from .labels import LabelSpace, top3
 from .manifest import FORMAT, MANIFEST, BundleError, load_manifest
 from .metrics import map_at_3
 from .plan import LIMIT_HOURS, MARGIN_HOURS
 from .predict import predict
+from .preflight import KAGGLE_INPUT, EnvironmentFault, find_test, onnxruntime_providers
 from .submission import check_submission, write_submission
 
 log = logging.getLogger("mapbuild")
-KAGGLE_INPUT = "/kaggle/input"
 
 
 def find_bundle(root: str) -> Path:
     """The folder under root holding a mapbuild manifest (Kaggle's mount layout has changed over time)."""
     for path in sorted(Path(root).rglob(MANIFEST)):
         try:
-            if json.loads(path.read_text()).get("format") == FORMAT:
-                return path.parent
+            manifest = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+            return path.parent
     raise BundleError(f"no mapbuild bundle under {root}; attach the bundle dataset or pass --bundle")
-
-
-def find_test(root: str) -> Path:
-    """The competition's test.csv under root."""
-    hits = sorted(Path(root).rglob("test.csv"), key=lambda p: ("map-charting" not in str(p), str(p)))
-    if not hits:
-        raise InputError(f"no test.csv under {root}; attach the competition data or pass --test")
-    return hits[0]
-
-
-def default_devices() -> int:
-    """One worker per visible GPU when onnxruntime can use CUDA; else a single CPU process."""
-    import onnxruntime as ort
-
-    return max(gpu_count(), 1) if "CUDAExecutionProvider" in ort.get_available_providers() else 1
 
 
 def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None) -> float | None:
@@ -68,17 +54,17 @@ def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, 
     problems = check_submission(out, df["row_id"])
     if problems:
         raise BundleError(f"{out}: invalid submission: {problems[0]}")
-    log.info("%d rows in %.1f s (%.1f rows/s) with %s -> %s", len(df), seconds, len(df) / max(seconds, 1e-9), used or "no model", out)
+    log.info("%d rows in %.1f s (%.1f rows/s) with %s -> %s", len(df), seconds, len(df) / max(seconds, 1e-9), ", ".join(used) or "no model", out)
     return map_at_3(labels_of(df).tolist(), preds) if has_labels(df) else None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.submit", description=__doc__)
     parser.add_argument("--bundle", type=Path, help=f"bundle folder (default: search {KAGGLE_INPUT})")
-    parser.add_argument("--test", type=Path, help=f"test.csv (default: search {KAGGLE_INPUT})")
+    parser.add_argument("--test", type=Path, help=f"test.csv (default: the competition's, under --input-root)")
     parser.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission to write")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per inference batch")
-    parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and test.csv")
+    parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and the competition")
     parser.add_argument("--devices", type=int, help="worker processes, one per device (default: one per visible GPU, else 1)")
     parser.add_argument(
         "--hours", type=float, default=LIMIT_HOURS - MARGIN_HOURS,
@@ -88,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         bundle = args.bundle or find_bundle(args.input_root)
+        gpus = gpu_count()
+        providers = onnxruntime_providers(load_manifest(bundle), gpus)  # no onnxruntime must never become a prior
         test = args.test or find_test(args.input_root)
         deadline = time.monotonic() + args.hours * 3600
-        score = run(bundle, test, args.out, args.batch_size, args.devices or default_devices(), deadline)
-    except (InputError, BundleError) as e:
+        devices = args.devices or (max(gpus, 1) if CUDA in providers else 1)
+        score = run(bundle, test, args.out, args.batch_size, devices, deadline)
+    except (InputError, BundleError, EnvironmentFault) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if score is not None:

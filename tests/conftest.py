@@ -24,10 +24,10 @@ def shared_train() -> Path:
     return SHARED_TRAIN
 
 
-def run_kernel(bundle: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m runtime.submit` from inside the bundle, as the kernel runs it: the Kaggle-like old stack
-    (.venv-kernel, made by `make test`) when present, with torch, transformers, peft, builder and sockets blocked."""
-    python = str(KERNEL_PYTHON if KERNEL_PYTHON.exists() else sys.executable)
+def run_kernel(bundle: Path, *args: str, python: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m runtime.submit` from inside the bundle, as the kernel runs it: by default on the runtime's oldest
+    stack (.venv-kernel, made by `make test`) when present, with torch, transformers, peft, builder and sockets blocked."""
+    python = str(python or (KERNEL_PYTHON if KERNEL_PYTHON.exists() else sys.executable))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(SANDBOX), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run([python, "-m", "runtime.submit", *args], cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
@@ -110,5 +110,5 @@ def tiny_pipeline(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     merge(root / "run", root / "merged")
     export(root / "merged", root / "onnx", "fp32")
     export(root / "merged", root / "onnx-int8", "int8", force=True)  # a tiny random model's logits nearly tie
-    package([str(root / "onnx")], root / "bundle", "tester/tiny-bundle")
+    package([str(root / "onnx")], root / "bundle", "tester/tiny-bundle", wheels=False)  # the kernel-stack venv has onnxruntime
     return {k: root / k for k in ("run", "merged", "onnx", "onnx-int8", "bundle")}

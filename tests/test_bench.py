@@ -29,5 +29,7 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     figures = json.loads((tmp_path / "check" / "figures.json").read_text())
     assert figures["device"] == "cpu" and figures["hardware"]["precision"] == "fp32"
     assert figures["rows"] == 40 and figures["members_run"] and figures["torch_rows_per_s"] > 0 and figures["runtime_rows_per_s"] > 0
+    assert figures["providers_requested"] == ["CPUExecutionProvider"] and figures["provider_session"] == "CPUExecutionProvider"
+    assert figures["cuda_engaged"] is False
     assert figures["fp16_drift"]["rows"] > 0 and (tmp_path / "check" / "bundle" / "manifest.json").is_file()
     assert abs(figures["runtime_map3"] - figures["torch_map3"]) < 0.1  # fp16 ONNX against fp32 PyTorch, same rows

@@ -129,6 +129,8 @@ def test_build_config_errors_name_the_key(tmp_path):
     assert_one_line_error(invoke("build", str(config)), "kind must be one of transformer, tfidf, got 'svm'")
     config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\nkind = "tfidf"\ndata = "x.csv"\nepochs = 3\n')
     assert_one_line_error(invoke("build", str(config)), "unknown key epochs")
+    config.write_text('dataset_id = "me/abcdef"\npython = ["312"]\n[[models]]\nname = "a"\ndata = "x.csv"\n')
+    assert_one_line_error(invoke("build", str(config)), "python = ['312']")
     config.write_text("dataset_id = [\n")
     assert_one_line_error(invoke("build", str(config)), str(config))
 
@@ -148,6 +150,9 @@ def test_build_chains_every_stage(tmp_path, tiny_bert):
         assert (tmp_path / "out" / stage / ("manifest.json" if stage == "bundle" else "mapbuild.json")).is_file()
     assert (tmp_path / "out" / "submission.csv").is_file()
     assert not list((tmp_path / "out").glob(".*tmp"))
+    wheels = json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())["wheels"]  # Kaggle-ready by default
+    assert [(w["name"], w["python"]) for w in wheels] == [("onnxruntime-gpu", "3.12")]
+    assert (tmp_path / "out" / "bundle" / "wheels" / wheels[0]["file"]).is_file()
 
 
 def test_a_killed_stage_leaves_no_half_written_folder(tmp_path, tiny_bert):

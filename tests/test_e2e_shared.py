@@ -33,7 +33,7 @@ def test_offline_bundle_matches_pytorch_on_shared_data(shared_train, tmp_path):
     train(TrainConfig(model="minilm", data=str(data), epochs=3, learning_rate=1e-3), tmp_path / "run")  # 1,200 rows: a short run
     merge(tmp_path / "run", tmp_path / "merged")
     export(tmp_path / "merged", tmp_path / "onnx", "fp32", rows=64)
-    package([str(tmp_path / "onnx")], tmp_path / "bundle", "tester/minilm-e2e")
+    package([str(tmp_path / "onnx")], tmp_path / "bundle", "tester/minilm-e2e", wheels=False)
 
     meta = json.loads((tmp_path / "merged" / "mapbuild.json").read_text())
     rows = held_out_rows(meta, 200)

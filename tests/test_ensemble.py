@@ -55,7 +55,7 @@ def test_two_run_bundle_reports_weights_and_runs_in_the_kernel(tiny_pipeline, ti
     train(cfg, tmp_path / "run")  # same fold as tiny_pipeline's run (same seed), another template
     merge(tmp_path / "run", tmp_path / "merged")
     export(tmp_path / "merged", tmp_path / "onnx", "fp32")
-    manifest = package([str(tiny_pipeline["onnx"]), str(tmp_path / "onnx")], tmp_path / "bundle", "tester/tiny-ensemble", ensemble="rank")
+    manifest = package([str(tiny_pipeline["onnx"]), str(tmp_path / "onnx")], tmp_path / "bundle", "tester/tiny-ensemble", wheels=False, ensemble="rank")
     e, members = manifest["ensemble"], manifest["members"]
     run_metrics = [json.loads((d / "metrics.json").read_text()) for d in (tiny_pipeline["run"], tmp_path / "run")]
     assert e["method"] == "rank" and e["rows"] == run_metrics[0]["rows_valid"]

@@ -59,6 +59,7 @@ def test_a_failing_cuda_provider_moves_inference_to_cpu(tiny_pipeline, monkeypat
             raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
         return real(path, opts, providers=providers, **kw)
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # CUDA is asked for only where a GPU is visible
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", no_gpu)
     manifest = load_manifest(tiny_pipeline["bundle"])
@@ -67,3 +68,4 @@ def test_a_failing_cuda_provider_moves_inference_to_cpu(tiny_pipeline, monkeypat
         probs, used = predict(tiny_pipeline["bundle"], manifest, LabelSpace.from_json(manifest["label_space"]), df)
     assert used == [manifest["members"][0]["name"]] and probs.shape[0] == len(df)
     assert "CUDA session failed (CUDA failure 100" in caplog.text and "on CPUExecutionProvider" in caplog.text
+    assert "CUDA NOT ENGAGED" in caplog.text

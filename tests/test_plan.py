@@ -57,12 +57,12 @@ def test_package_warns_inside_the_margin_and_refuses_past_the_limit(tiny_pipelin
 
     monkeypatch.setitem(T4_FLOPS, "fp32", rate_for_hours(tiny_pipeline["onnx"], 8.5))
     with caplog.at_level(logging.WARNING, logger="mapbuild"):
-        manifest = package([str(tiny_pipeline["onnx"])], tmp_path / "warned", "tester/tiny-bundle")
+        manifest = package([str(tiny_pipeline["onnx"])], tmp_path / "warned", "tester/tiny-bundle", wheels=False)
     assert "inside the 1 h safety margin" in caplog.text
     assert manifest["estimate"]["t4_total_seconds"] == pytest.approx(8.5 * 3600, rel=1e-3)
     monkeypatch.setitem(T4_FLOPS, "fp32", rate_for_hours(tiny_pipeline["onnx"], 9.5))
     with pytest.raises(MapbuildError, match="past the 9 h limit"):
-        package([str(tiny_pipeline["onnx"])], tmp_path / "refused", "tester/tiny-bundle")
+        package([str(tiny_pipeline["onnx"])], tmp_path / "refused", "tester/tiny-bundle", wheels=False)
     assert not (tmp_path / "refused").exists()
 
 

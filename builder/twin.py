@@ -1,0 +1,143 @@
+"""A twin of Kaggle's kernel image: the bundle's own notebook code, run under the image's Python and packages.
+
+The twin has no onnxruntime (the image has none), no network and no training stack; `/kaggle/input` and
+`/kaggle/working` become temporary folders laid out as Kaggle mounts them. Where it may differ from Kaggle: no GPU,
+no CUDA libraries, and only the packages the runtime touches (the image has hundreds more)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from runtime.preflight import COMPETITION
+
+from .errors import MapbuildError
+from .wheels import cache_dir, link_or_copy
+
+SANDBOX = Path(__file__).parent / "data" / "sandbox"  # sitecustomize: no torch, transformers, peft, builder, sockets
+ROOTS = {"INPUT": "/kaggle/input", "WORKING": "/kaggle/working"}
+
+
+@dataclass(frozen=True)
+class Image:
+    python: str
+    packages: tuple[str, ...]
+    source: str
+
+
+# pip, packaging, protobuf and flatbuffers are what onnxruntime's wheel needs and its --no-deps install leaves out.
+IMAGES = {
+    "kaggle-2026": Image(
+        "3.12",
+        ("numpy>=2,<3", "pandas==2.2.*", "tokenizers==0.22.*", "tqdm", "packaging", "protobuf", "flatbuffers"),
+        "Kaggle/docker-python: Python 3.12 on a Colab base (#1516, 2025-12-12); no onnxruntime in kaggle_requirements.txt",
+    ),
+    "kaggle-2025": Image(
+        "3.11",
+        ("numpy==1.26.4", "pandas==2.2.3", "tokenizers==0.21.4", "tqdm", "packaging", "protobuf", "flatbuffers"),
+        "the Python 3.11 image the competition ran on (2025), numpy 1.26",
+    ),
+}
+DEFAULT_IMAGE = "kaggle-2026"
+
+
+@dataclass(frozen=True)
+class Run:
+    returncode: int
+    output: str  # stdout and stderr together, as a notebook shows them
+    submission: Path | None
+    seconds: float
+
+    @property
+    def last_line(self) -> str:
+        return next((line.strip() for line in reversed(self.output.splitlines()) if line.strip()), "no output")
+
+
+def interpreter(python: str) -> Path:
+    """CPython `python` (e.g. 3.12) from pyenv, else from PATH; a one-line error naming the fix when neither runs."""
+    candidates = []
+    if shutil.which("pyenv"):
+        listed = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout.split()
+        version = next((v for v in reversed(listed) if v.startswith(f"{python}.")), None)
+        if version:
+            env = {**os.environ, "PYENV_VERSION": version}
+            candidates.append(subprocess.run(["pyenv", "which", f"python{python}"], capture_output=True, text=True, env=env).stdout.strip())
+    candidates.append(shutil.which(f"python{python}") or "")
+    for found in filter(None, candidates):
+        probe = subprocess.run([found, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == python:
+            return Path(found)
+    raise MapbuildError(f"the twin needs CPython {python}: install it (pyenv install {python}) or put python{python} on PATH")
+
+
+def image_env(name: str) -> Path:
+    """The image's clean virtual environment, built once into the cache; every run works on a copy of it."""
+    image = IMAGES[name]
+    venv = cache_dir() / f"twin-{name}"
+    if (venv / ".installed").exists():
+        return venv
+    click.echo(f"twin: creating {venv} (Python {image.python}: {', '.join(image.packages)})")
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".twin-{name}.", dir=cache_dir()))
+    try:
+        subprocess.run([str(interpreter(image.python)), "-m", "venv", "--clear", str(tmp)], check=True, capture_output=True)
+        done = subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", *image.packages], capture_output=True, text=True)
+        if done.returncode:
+            raise MapbuildError(f"twin {name}: pip install failed: {done.stderr.strip().splitlines()[-1]}")
+        shutil.rmtree(venv, ignore_errors=True)
+        tmp.rename(venv)  # complete or absent; moving a venv breaks only its bin/ scripts, and the twin runs `python -m`
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (venv / ".installed").touch()
+    return venv
+
+
+def notebook_code(bundle: Path, roots: dict[str, Path]) -> str:
+    """The bundle's submit.ipynb code cells, with Kaggle's two folders mapped to `roots`."""
+    nb = json.loads((bundle / "submit.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    for name, kaggle in ROOTS.items():
+        line = f'{name} = "{kaggle}"'
+        if code.count(line) != 1:
+            raise MapbuildError(f"{bundle}/submit.ipynb: expected one line {line}; package it again")
+        code = code.replace(line, f"{name} = {str(roots[name])!r}")
+    return code
+
+
+def run_notebook(bundle: str | os.PathLike, test: str | os.PathLike, root: Path, image: str = DEFAULT_IMAGE, layout: str = "datasets") -> Run:
+    """Run the bundle's notebook in the twin of `image`, laid out under the empty folder `root`: the bundle attached
+    as a dataset, `test` as the competition's test.csv. `layout`: "datasets" (INPUT/datasets/OWNER/SLUG and
+    INPUT/competitions/COMP) or "flat" (INPUT/SLUG and INPUT/COMP), Kaggle's two mount layouts."""
+    bundle = Path(bundle).resolve()
+    dataset_id = json.loads((bundle / "manifest.json").read_text())["dataset_id"]
+    python_env = image_env(image)
+    roots = {"INPUT": root / "input", "WORKING": root / "working"}
+    nested = layout == "datasets"
+    attached = roots["INPUT"] / ("datasets/" + dataset_id if nested else dataset_id.split("/")[1])
+    competition = roots["INPUT"] / ("competitions/" if nested else "") / COMPETITION
+    shutil.copytree(bundle, attached, copy_function=link_or_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    competition.mkdir(parents=True)
+    shutil.copy(test, competition / "test.csv")
+    roots["WORKING"].mkdir()
+    env_copy = root / "python"
+    shutil.copytree(python_env, env_copy, symlinks=True, copy_function=link_or_copy)  # pip installs into this copy
+    (root / "notebook.py").write_text(notebook_code(attached, roots))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV"))}
+    # No index and none of this machine's pip configuration: only what the bundle brings can be installed.
+    env.update(PYTHONPATH=str(SANDBOX), PYTHONNOUSERSITE="1", HF_HUB_OFFLINE="1", PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [str(env_copy / "bin" / "python"), str(root / "notebook.py")], cwd=roots["WORKING"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
+    )
+    written = roots["WORKING"] / "submission.csv"
+    return Run(done.returncode, done.stdout, written if written.exists() else None, time.perf_counter() - start)

@@ -1,0 +1,53 @@
+# mapbuild submission kernel: installs the bundle's onnxruntime wheel, checks the environment, then runs the bundle's
+# runtime offline and writes submission.csv. Any fault in the environment stops here with one line.
+import glob, json, os, subprocess, sys
+
+DATASET_ID = "$dataset_id"
+INPUT = "/kaggle/input"
+WORKING = "/kaggle/working"
+
+
+def manifest_of(path):
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(m, dict) and m.get("format") == "mapbuild-bundle/1" and m.get("dataset_id") == DATASET_ID
+    return m if ours else None
+
+
+# Kaggle has mounted datasets at INPUT/<slug> and at INPUT/datasets/<owner>/<slug>: search.
+found = [(p, m) for p in sorted(glob.glob(f"{INPUT}/**/manifest.json", recursive=True)) for m in [manifest_of(p)] if m]
+if not found:
+    raise SystemExit(f"mapbuild: dataset {DATASET_ID} is not attached: add it to this notebook's inputs")
+bundle, manifest = os.path.dirname(found[0][0]), found[0][1]
+env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+python = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+# onnxruntime is not in Kaggle's image: install the bundle's wheel for this interpreter, offline.
+wheels = manifest.get("wheels") or []
+if wheels:
+    wheel = next((w for w in wheels if w.get("python") == python), None)
+    if wheel is None:
+        have = ", ".join(w["file"] for w in wheels)
+        raise SystemExit(f"mapbuild: the bundle has no onnxruntime-gpu wheel for Python {python} (it holds {have}); package it again with --python {python}")
+    # onnxruntime and onnxruntime-gpu share one module: never both in one environment
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "onnxruntime"], capture_output=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--find-links", os.path.join(bundle, "wheels")]
+    done = subprocess.run([*pip, f"{wheel['name']}=={wheel['version']}"], capture_output=True, text=True)
+    if done.returncode:
+        why = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
+        raise SystemExit(f"mapbuild: pip could not install {wheel['file']}: {why[-1].strip()}")
+
+# onnxruntime imports, has CUDA when a GPU is visible, and the competition's test.csv is found; else one line.
+check = subprocess.run([sys.executable, "-m", "runtime.preflight", "--bundle", bundle, "--input-root", INPUT], cwd=bundle, env=env, capture_output=True, text=True)
+if check.returncode:
+    why = [line for line in check.stderr.splitlines() if line.strip()] or ["no output"]
+    raise SystemExit(f"mapbuild: {why[-1].strip().removeprefix('error: ')}")
+test = check.stdout.strip()
+
+run = [sys.executable, "-m", "runtime.submit", "--bundle", bundle, "--test", test, "--out", os.path.join(WORKING, "submission.csv")]
+done = subprocess.run(run, cwd=bundle, env=env)
+if done.returncode:
+    raise SystemExit(f"mapbuild: the runtime stopped (exit {done.returncode}); its last line above says why")

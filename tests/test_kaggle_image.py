@@ -1,0 +1,297 @@
+"""The bundle on today's Kaggle image: wheel choice, the environment checks, and the notebook itself in the twins."""
+
+import copy
+import logging
+import shutil
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import builder.wheels
+from builder.cli import cli
+from builder.errors import MapbuildError
+from builder.package import package
+from builder.twin import image_env, run_notebook
+from builder.wheels import choose, cuda_version, fetch
+from runtime.data import InputError, labels_of, read_rows
+from runtime.engine import CPU, CUDA, not_engaged, onnx_forward, requested_providers
+from runtime.labels import LabelSpace, top3
+from runtime.manifest import load_manifest
+from runtime.predict import predict, prior
+from runtime.preflight import COMPETITION, EnvironmentFault, find_test, onnxruntime_providers
+from runtime.submission import check_submission
+
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
+from .test_cli import assert_one_line_error
+
+LINUX = "manylinux_2_27_x86_64.manylinux_2_28_x86_64"
+
+
+def fake_ort_wheel(folder, version="1.26.0", python="cp312", platform=LINUX, cuda="12.8", name="onnxruntime_gpu"):
+    """A wheel named like onnxruntime's that records a CUDA version the way the real ones do."""
+    path = folder / f"{name}-{version}-{python}-{python}-{platform}.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        info = f"package_name = 'onnxruntime-gpu'\n__version__ = '{version}'\n" + (f"cuda_version = '{cuda}'\n" if cuda else "")
+        z.writestr("onnxruntime/capi/build_and_package_info.py", info)
+    return path
+
+
+def test_wheel_choice_reads_python_tag_platform_and_recorded_cuda(tmp_path):
+    cu12_312 = fake_ort_wheel(tmp_path)
+    cu12_311 = fake_ort_wheel(tmp_path, python="cp311")
+    older = fake_ort_wheel(tmp_path, version="1.25.1")
+    cu13 = fake_ort_wheel(tmp_path, version="1.31.1", cuda="13.0")
+    fake_ort_wheel(tmp_path, version="1.40.0", platform="win_amd64")
+    fake_ort_wheel(tmp_path, version="1.40.0", cuda=None)  # a CPU build: no cuda_version
+    fake_ort_wheel(tmp_path, version="1.40.0", name="onnxruntime")
+    wheels = list(tmp_path.glob("*.whl"))
+    assert cuda_version(cu13) == "13.0" and cuda_version(fake_ort_wheel(tmp_path, version="0.1", cuda=None)) is None
+    assert choose(wheels, "3.12", 12) == cu12_312  # the newest CUDA 12 build, not 1.25.1, not the CUDA 13 one
+    assert choose(wheels, "3.11", 12) == cu12_311 and choose(wheels, "3.12", 13) == cu13
+    assert choose(wheels, "3.13", 12) is None and choose([older], "3.12", 13) is None
+    with pytest.raises(MapbuildError, match="--python '312'"):
+        choose(wheels, "312", 12)
+
+
+def test_fetch_caches_downloads_and_records_python_and_cuda(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAPBUILD_CACHE", str(tmp_path / "cache"))
+    downloads = []
+
+    def download(python, cuda, dest):  # PyPI stands in: what pip download would leave in the cache
+        downloads.append(python)
+        fake_ort_wheel(dest, version=builder.wheels.ORT_GPU[cuda], python="cp3" + python.split(".")[1])
+
+    monkeypatch.setattr(builder.wheels, "download", download)
+    first = fetch(tmp_path / "a", ("3.11", "3.12"))
+    again = fetch(tmp_path / "b", ("3.12",))
+    assert downloads == ["3.11", "3.12"] and again == first[1:]
+    assert first[1] == {"file": first[1]["file"], "name": "onnxruntime-gpu", "version": "1.26.0", "python": "3.12", "cuda": "12.8"}
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(e["file"] for e in first)
+
+
+def test_a_pin_whose_wheel_records_another_cuda_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAPBUILD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(builder.wheels, "download", lambda python, cuda, dest: fake_ort_wheel(dest, cuda="13.0"))
+    with pytest.raises(MapbuildError, match=r"^onnxruntime-gpu==1.26.0 from PyPI: no onnxruntime-gpu wheel for CPython 3.12 .* CUDA 12.x$"):
+        fetch(tmp_path / "a")
+
+
+def test_a_folder_without_the_wheel_is_one_line_and_leaves_no_bundle(tiny_pipeline, tmp_path):
+    fake_ort_wheel(tmp_path, python="cp311")
+    result = CliRunner().invoke(cli, ["package", str(tiny_pipeline["onnx"]), "--out", str(tmp_path / "b"), "--dataset-id", "me/abcdef", "--find-links", str(tmp_path)])
+    assert_one_line_error(result, f"--find-links {tmp_path}: no onnxruntime-gpu wheel for CPython 3.12")
+    assert not (tmp_path / "b").exists()
+
+
+def test_requested_providers_and_the_engagement_check():
+    assert requested_providers([CUDA, CPU], gpus=2, device_id=1) == [(CUDA, {"device_id": 1}), CPU]
+    assert requested_providers([CUDA, CPU], gpus=0) == [CPU]  # onnxruntime-gpu on a CPU machine
+    assert requested_providers([CPU], gpus=2) == [CPU]
+    assert not_engaged([(CUDA, {"device_id": 0}), CPU], [CUDA, CPU]) is None
+    assert "CUDA NOT ENGAGED" in not_engaged([(CUDA, {"device_id": 0}), CPU], [CPU])
+    assert not_engaged([CPU], [CPU]) is None
+
+
+def test_preflight_stops_on_a_missing_onnxruntime_or_cuda_provider(monkeypatch):
+    import onnxruntime
+
+    wheel = {"file": "onnxruntime_gpu-1.26.0-cp312-cp312-x.whl", "name": "onnxruntime-gpu", "version": "1.26.0"}
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CPU])
+    assert onnxruntime_providers({}, gpus=0) == [CPU]
+    with pytest.raises(EnvironmentFault, match=f"1 GPU.* visible but onnxruntime .* has no {CUDA} .*pip uninstall -y onnxruntime"):
+        onnxruntime_providers({}, gpus=1)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
+    assert onnxruntime_providers({}, gpus=1) == [CUDA, CPU]
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(EnvironmentFault, match="onnxruntime does not import .*package it again with --wheels"):
+        onnxruntime_providers({"wheels": []}, gpus=0)
+    with pytest.raises(EnvironmentFault, match="--find-links BUNDLE/wheels onnxruntime-gpu==1.26.0"):
+        onnxruntime_providers({"wheels": [wheel]}, gpus=0)
+
+
+def test_a_session_that_misses_cuda_is_loud_and_replans_at_the_cpu_pace(tiny_pipeline, monkeypatch, caplog):
+    """A visible GPU and a CUDA provider that does not engage (here: the CPU build asked for CUDA, as a CUDA
+    install without its libraries would do): the loud line, and the next member is planned with CPU seconds."""
+    import onnxruntime
+
+    preloaded = []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda *a, **k: preloaded.append(1), raising=False)
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        forward = onnx_forward(tiny_pipeline["onnx"] / "model.onnx")
+    assert forward.provider == CPU and preloaded == [1] and "CUDA NOT ENGAGED" in caplog.text
+
+    manifest = copy.deepcopy(load_manifest(tiny_pipeline["bundle"]))
+    first, second = copy.deepcopy(manifest["members"][0]), copy.deepcopy(manifest["members"][0])
+    first.update(name="first", weight=0.7)
+    second.update(name="second", weight=0.3)
+    manifest["members"] = [first, second]
+    rows = manifest["estimate"]["rows"]
+    manifest["estimate"]["t4_seconds"] = {"first": 1e-3 * rows, "second": 1e-3 * rows}  # both fit at the T4 pace
+    manifest["estimate"]["cpu_seconds"] = {"first": 1e-3 * rows, "second": 1e6 * rows}  # the second not on a CPU
+    df = read_rows(SAMPLE_TEST)
+    space = LabelSpace.from_json(manifest["label_space"])
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        _, used = predict(tiny_pipeline["bundle"], manifest, space, df, deadline=time.monotonic() + 600)
+    assert used == ["first"] and "RE-PLANNED at the CPU pace" in caplog.text and "DROPPED member second" in caplog.text
+
+
+def test_find_test_takes_the_competition_folder_in_either_layout_and_never_guesses(tmp_path):
+    (tmp_path / "datasets" / "me" / "bundle").mkdir(parents=True)
+    (tmp_path / "datasets" / "me" / "bundle" / "test.csv").write_text("a stray test.csv in a dataset")
+    with pytest.raises(InputError, match=f"no {COMPETITION}/test.csv under"):
+        find_test(tmp_path)
+    for layout in (tmp_path / COMPETITION, tmp_path / "competitions" / COMPETITION):
+        layout.mkdir(parents=True)
+        (layout / "test.csv").write_text("row_id\n")
+    with pytest.raises(InputError, match="2 competition folders under .*; pass --test"):
+        find_test(tmp_path)
+    (tmp_path / COMPETITION / "test.csv").unlink()
+    assert find_test(tmp_path) == tmp_path / "competitions" / COMPETITION / "test.csv"
+
+
+def test_a_manifest_that_is_not_an_object_is_skipped_by_the_kernel(tiny_pipeline, tmp_path):
+    root = tmp_path / "input"
+    (root / "aaa-list").mkdir(parents=True)
+    (root / "aaa-list" / "manifest.json").write_text("[]")  # found first: sorted before the bundle
+    shutil.copytree(tiny_pipeline["bundle"], root / "datasets" / "tester" / "tiny-bundle")
+    (root / "competitions" / COMPETITION).mkdir(parents=True)
+    shutil.copy(SAMPLE_TEST, root / "competitions" / COMPETITION / "test.csv")
+    done = run_kernel(root / "datasets" / "tester" / "tiny-bundle", "--input-root", str(root), "--out", str(tmp_path / "s.csv"))
+    assert done.returncode == 0, done.stderr
+    bad = run_kernel(tiny_pipeline["bundle"], "--bundle", str(root / "aaa-list"), "--test", str(SAMPLE_TEST), "--out", str(tmp_path / "t.csv"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "format 'list'" in bad.stderr
+
+
+# The twins: real onnxruntime-gpu wheels (277 MB each, fetched once into the cache) in clean CPython 3.12 and 3.11.
+
+
+@pytest.fixture(scope="session")
+def wheel_folder(tmp_path_factory):
+    """A local wheel folder with the real onnxruntime-gpu CUDA 12 wheels for CPython 3.11 and 3.12."""
+    folder = tmp_path_factory.mktemp("wheels")
+    fetch(folder, ("3.11", "3.12"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def kaggle_bundle(tiny_pipeline, wheel_folder, tmp_path_factory):
+    """A bundle made with package's defaults, from a local wheel folder."""
+    out = tmp_path_factory.mktemp("kaggle") / "bundle"
+    package([str(tiny_pipeline["onnx"])], out, "tester/tiny-bundle", find_links=str(wheel_folder))
+    return out
+
+
+def assert_model_submission(run, rows_csv):
+    assert run.returncode == 0, run.output
+    assert run.submission and check_submission(run.submission, read_rows(rows_csv)["row_id"].tolist()) == []
+    assert "with m0-bert-fp32" in run.output and "NO MEMBER LEFT" not in run.output and "SKIPPED" not in run.output
+
+
+@pytest.mark.slow
+def test_the_default_bundle_runs_its_notebook_on_python_312_without_onnxruntime(kaggle_bundle, tmp_path):
+    manifest = load_manifest(kaggle_bundle)
+    assert [(w["python"], w["cuda"].split(".")[0]) for w in manifest["wheels"]] == [("3.12", "12")]
+    (tmp_path / "input" / "aaa-list").mkdir(parents=True)
+    (tmp_path / "input" / "aaa-list" / "manifest.json").write_text("[]")  # another dataset's JSON, found first
+    run = run_notebook(kaggle_bundle, SAMPLE_TEST, tmp_path, "kaggle-2026")
+    assert_model_submission(run, SAMPLE_TEST)
+    frozen = (tmp_path / "python").glob("lib/python3.12/site-packages/*.dist-info")
+    names = {p.name.split("-")[0].lower() for p in frozen}
+    assert "onnxruntime_gpu" in names and not names & {"onnxruntime", "torch", "transformers"}  # what the notebook installed
+
+
+@pytest.mark.slow
+def test_no_wheel_for_the_interpreter_stops_the_notebook_in_one_line(kaggle_bundle, tmp_path):
+    run = run_notebook(kaggle_bundle, SAMPLE_TEST, tmp_path, "kaggle-2025")
+    assert run.returncode == 1 and run.submission is None
+    assert run.last_line == (
+        "mapbuild: the bundle has no onnxruntime-gpu wheel for Python 3.11 (it holds "
+        f"{load_manifest(kaggle_bundle)['wheels'][0]['file']}); package it again with --python 3.11"
+    )
+
+
+@pytest.mark.slow
+def test_the_older_image_runs_a_bundle_that_brings_its_wheel_in_the_flat_layout(tiny_pipeline, wheel_folder, tmp_path):
+    package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle", find_links=str(wheel_folder), pythons=("3.11", "3.12"))
+    run = run_notebook(tmp_path / "bundle", SAMPLE_TRAIN, tmp_path / "twin", "kaggle-2025", layout="flat")
+    assert_model_submission(run, SAMPLE_TRAIN)
+
+
+@pytest.mark.slow
+def test_the_runtime_without_onnxruntime_stops_instead_of_predicting_the_prior(tiny_pipeline, tmp_path):
+    out = tmp_path / "submission.csv"
+    python = image_env("kaggle-2026") / "bin" / "python"  # the clean twin: no onnxruntime
+    done = run_kernel(tiny_pipeline["bundle"], "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(out), "--devices", "1", python=python)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines()[-1].startswith("error: onnxruntime does not import") and "--wheels" in done.stderr
+
+
+@pytest.mark.slow
+def test_verify_fails_a_bundle_without_wheels_naming_the_flag(tiny_pipeline):
+    result = CliRunner().invoke(cli, ["verify", str(tiny_pipeline["bundle"])])
+    assert_one_line_error(result, "the notebook stopped in the kaggle-2026 twin", "onnxruntime does not import", "--wheels")
+
+
+@pytest.mark.slow
+def test_verify_scores_labelled_rows_and_refuses_a_bundle_below_the_label_prior(kaggle_bundle, tmp_path):
+    ok = CliRunner().invoke(cli, ["verify", str(kaggle_bundle), "--test", str(SAMPLE_TRAIN)])
+    assert ok.exit_code == 0 and "in the kaggle-2026 twin" in ok.output and "label prior" in ok.output, ok.output
+    # Relabel every row with the prior's own first choice: the prior scores 1.0, and the model, which ranks some
+    # rows otherwise (checked first), falls below it.
+    manifest = load_manifest(kaggle_bundle)
+    space = LabelSpace.from_json(manifest["label_space"])
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    favourite = np.array(space.labels)[top3(prior(space, len(df)), space.candidate_mask(df))[:, 0]]
+    done = run_kernel(kaggle_bundle, "--bundle", ".", "--test", str(SAMPLE_TRAIN), "--out", str(tmp_path / "model.csv"))
+    assert done.returncode == 0, done.stderr
+    model_first = pd.read_csv(tmp_path / "model.csv", dtype=str)["Category:Misconception"].str.split(" ").str[0].tolist()
+    assert len(model_first) == len(df) and model_first != favourite.tolist()
+    df["Category"], df["Misconception"] = zip(*(label.split(":") for label in favourite))
+    assert (labels_of(df) == favourite).all()
+    df.to_csv(tmp_path / "prior_labels.csv", index=False)
+    refused = CliRunner().invoke(cli, ["verify", str(kaggle_bundle), "--test", str(tmp_path / "prior_labels.csv")])
+    assert_one_line_error(refused, "is below the label prior's 1.0000")
+
+
+def test_kaggle_client_slug_rules_are_ours(monkeypatch, tmp_path):
+    """check_dataset_id agrees with the kaggle client's own validation on ids it must refuse or accept."""
+    from builder.package import check_dataset_id, kernel_slug
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KAGGLE_USERNAME", "tester")
+    monkeypatch.setenv("KAGGLE_KEY", "not-a-real-key")
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    api = KaggleApi()
+
+    def client_accepts(dataset_id):
+        owner, _, slug = dataset_id.partition("/")
+        try:
+            api._validate_slug_syntax(owner, allow_underscore=True)
+            api._validate_slug_syntax(slug)
+        except ValueError:
+            return False
+        return 6 <= len(slug) <= 50
+
+    def ours_accepts(dataset_id):
+        try:
+            check_dataset_id(dataset_id)
+        except MapbuildError:
+            return False
+        return True
+
+    ids = ["me/abcdef", "me/ab--cdef", "me/-abcdef", "me/abcdef-", "me/ABCDEF", "me/ab_cdef", "my_name/abcdef", "_me/abcdef",
+           "me/abcde", "me/" + "a" * 50, "me/" + "a" * 51, "me/" + "a-" * 24 + "b"]
+    assert [ours_accepts(i) for i in ids] == [client_accepts(i) for i in ids]
+    assert [ours_accepts(i) for i in ids[:2]] == [True, False]
+    for slug in ("abcdef", "a" * 49, "a" * 42 + "-b" * 3, "a" * 50):
+        kernel = kernel_slug(slug)
+        api._validate_slug_syntax(kernel)
+        assert len(kernel) <= 50 and kernel.endswith("-submit")
