@@ -1,8 +1,10 @@
-"""One prepared check for a CUDA machine: SmolLM2 on the full shared train set, fp16 ONNX, CUDA runtime vs PyTorch.
+"""One prepared check for a CUDA machine: the whole GPU path with SmolLM2 (a pip wheel: no hub needed) on the shared data.
 
-    python bench/gpu_check.py [--data ../shared/data/map/train.csv] [--out build/gpu_check] [--epochs 1] [--rows 4000]
+    python bench/gpu_check.py [--data ../shared/data/map/train.csv] [--out build/gpu_check] [--sample 4000] [--rows 4000]
 
-Trains fold 0 in the precision the hardware picks, merges, exports fp16 and packages, then times the bundle's
+Trains fold 0 of a stratified sample (a few hundred steps) in the precision the hardware picks, in a `mapbuild train`
+process that is killed after its first checkpoint and finished with `--resume`; merges, exports fp16 and packages, then
+times the bundle's
 runtime (CUDA provider, sorted batches) against PyTorch fp16 (input order, batch 32) on the same held-out rows,
 tokenization included, and records whether the CUDA provider really engaged (the session's provider against the
 ones requested). Prints one JSON object of figures and writes it to OUT/figures.json. Without CUDA it stops at once with a one-line message.
@@ -13,11 +15,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def interrupt(flags: list[str], checkpoints: Path) -> str:
+    """Start `mapbuild train`, kill it (SIGKILL, as a lost machine would) once its first checkpoint is written, and
+    return that checkpoint's name."""
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "train", *flags], start_new_session=True)
+    while proc.poll() is None:
+        done = sorted(checkpoints.glob("checkpoint-*/trainer_state.json"))  # written last: the checkpoint is whole
+        if done:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return done[0].parent.name
+        time.sleep(0.2)
+    sys.exit(f"gpu_check: training ended (exit {proc.returncode}) before its first checkpoint; lower --save-steps")
 
 
 def main() -> None:
@@ -28,7 +46,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--rows", type=int, default=4000, help="held-out rows to time")
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--limit", type=int, help="train on the first N rows only")
+    parser.add_argument("--sample", type=int, default=4000, help="train on about N rows, stratified by label (0: all)")
+    parser.add_argument("--save-steps", type=int, default=50, help="checkpoint interval; the first run is killed after one")
     parser.add_argument("--force", action="store_true", help="package the fp16 export even past the drift gate")
     parser.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU")
     args = parser.parse_args()
@@ -50,7 +69,7 @@ def main() -> None:
     from builder.merge import merge
     from builder.models import load_tokenizer
     from builder.package import package
-    from builder.train import TrainConfig, train
+    from builder.train import checkpoint_dir
     from runtime.data import labels_of
     from runtime.engine import gpu_count, onnx_forward, requested_providers, run_batches, softmax
     from runtime.labels import LabelSpace, top3
@@ -60,8 +79,13 @@ def main() -> None:
     from runtime.prompts import render
 
     out = args.out
-    cfg = TrainConfig(model=args.model, data=str(args.data), epochs=args.epochs, learning_rate=args.learning_rate, limit=args.limit)
-    metrics = train(cfg, out / "run")
+    flags = ["--model", args.model, "--data", str(args.data), "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
+             "--save-steps", str(args.save_steps), "--out", str(out / "run")] + (["--sample", str(args.sample)] if args.sample else [])
+    killed_at = interrupt(flags, checkpoint_dir(out / "run"))
+    resumed = subprocess.run([sys.executable, "-m", "builder", "train", *flags, "--resume"])
+    if resumed.returncode:
+        sys.exit(f"gpu_check: `mapbuild train --resume` failed (exit {resumed.returncode})")
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
     merge(out / "run", out / "merged")
     drift = export(out / "merged", out / "onnx", "fp16", rows=512, force=args.force)
     package([str(out / "onnx")], out / "bundle", "mapbuild/gpu-check", wheels=False)  # this machine's onnxruntime-gpu runs it
@@ -92,6 +116,8 @@ def main() -> None:
     session = onnx_forward(out / "bundle" / member["files"]["model"])
     asked = [p[0] if isinstance(p, tuple) else p for p in requested_providers(ort.get_available_providers(), gpu_count())]
     figures = {
+        "killed_after": killed_at,
+        "resumed_from": metrics["resumed_from"],
         "providers_requested": asked,
         "provider_session": session.provider,
         "cuda_engaged": session.provider == "CUDAExecutionProvider",

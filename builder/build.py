@@ -17,6 +17,7 @@ from runtime.ensemble import METHODS
 from .errors import MapbuildError
 from .export import PRECISIONS, export
 from .merge import merge
+from .options import check_types
 from .package import check_dataset_id, package
 from .tfidf import TfidfConfig, train_tfidf
 from .train import TrainConfig, train
@@ -35,6 +36,7 @@ class BuildConfig:
     dataset_id: str = field(metadata={"help": "Kaggle dataset id of the bundle, OWNER/SLUG."})
     models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option; with `kind = \"tfidf\"`, any `mapbuild tfidf` option."})
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
+    title: str | None = field(default=None, metadata={"help": "Dataset title, 6-50 characters (default: 'mapbuild SLUG')."})
     ensemble: str = field(default="prob", metadata={"help": "How members combine: prob (weighted probabilities) or rank."})
     wheels: bool = field(default=True, metadata={"help": "Bring onnxruntime-gpu wheels: Kaggle's image has no onnxruntime."})
     python: list[str] = field(default_factory=lambda: list(PYTHONS), metadata={"help": "Kernel CPython versions to bring a wheel for."})
@@ -66,8 +68,9 @@ class Member(NamedTuple):
     force: bool  # keep a quantized export that fails the drift gate
 
 
-def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildConfig, list[Member]]:
-    """Parse CONFIG.toml; relative paths are relative to the file."""
+def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list[Member]]:
+    """Parse CONFIG.toml; relative paths are relative to the file. `overrides` (the command line's, None for unset)
+    replace the file's top-level keys; their paths are relative to the working folder."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -77,10 +80,13 @@ def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildC
     unknown = set(raw) - {f.name for f in fields(BuildConfig)}
     if unknown:
         raise MapbuildError(f"{path}: unknown key {', '.join(sorted(unknown))}")
-    raw["out"] = out or str(here / raw.get("out", "build"))
+    check_types(BuildConfig, raw, str(path))
+    raw["out"] = str(here / raw.get("out", "build"))
     for key in ("test", "find_links"):
         if raw.get(key):
             raw[key] = str(here / raw[key])
+    given = {k: v for k, v in overrides.items() if v is not None}
+    raw.update({k: str(Path(v).resolve()) if k in ("out", "test", "find_links") else v for k, v in given.items()})
     try:
         cfg = BuildConfig(**raw)
     except TypeError as e:
@@ -88,7 +94,9 @@ def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildC
     members = []
     for m in cfg.models:
         m = dict(m)
-        name, quantize, force = m.pop("name"), m.pop("quantize", "int8"), bool(m.pop("force", False))
+        name, quantize, force = m.pop("name"), m.pop("quantize", "int8"), m.pop("force", False)
+        if not isinstance(force, bool):
+            raise MapbuildError(f"{path}: [[models]] {name}: force must be true or false, got {force!r}")
         kind = m.pop("kind", "transformer")
         if kind not in KINDS:
             raise MapbuildError(f"{path}: [[models]] {name}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -97,6 +105,7 @@ def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildC
         allowed = {f.name for f in fields(KINDS[kind])}
         if set(m) - allowed:
             raise MapbuildError(f"{path}: [[models]] {name}: unknown key {', '.join(sorted(set(m) - allowed))}")
+        check_types(KINDS[kind], m, f"{path}: [[models]] {name}")
         if "data" not in m:
             raise MapbuildError(f"{path}: [[models]] {name}: set `data` to a labelled train.csv")
         m["data"] = str(here / m["data"])
@@ -104,26 +113,32 @@ def load_config(path: str | os.PathLike, out: str | None = None) -> tuple[BuildC
     return cfg, members
 
 
-def build(config: str | os.PathLike, out: str | None = None) -> Path:
-    """Run every stage; returns the bundle folder (and writes submission.csv beside it when `test` is set)."""
-    cfg, members = load_config(config, out)
+def build_member(member: Member, dest: Path) -> tuple[Path, dict]:
+    """One model's stages into dest (run, merged, onnx; a TF-IDF member writes onnx alone). Returns its ONNX folder
+    and its training metrics."""
+    name, spec, quantize, force = member
+    what = "full refit" if spec.full else f"fold {spec.fold}"
+    if isinstance(spec, TfidfConfig):
+        metrics = train_tfidf(spec, dest / "onnx")
+    else:
+        click.echo(f"== {name}, {what}: train")
+        metrics = train(spec, dest / "run")
+        merge(dest / "run", dest / "merged")
+        click.echo(f"== {name}, {what}: export {quantize}")
+        export(dest / "merged", dest / "onnx", quantize, force=force)
+    score = f"MAP@3 {metrics['map3']:.4f}" if "map3" in metrics else "no held-out rows"
+    click.echo(f"== {name}, {what}: {score}")
+    return dest / "onnx", metrics
+
+
+def build(config: str | os.PathLike, **overrides) -> Path:
+    """Run every stage; returns the bundle folder (and writes submission.csv beside it when `test` is set).
+    `overrides`: top-level config keys from the command line."""
+    cfg, members = load_config(config, **overrides)
     root = Path(cfg.out)
-    onnx_dirs = []
-    for name, spec, quantize, force in members:
-        if isinstance(spec, TfidfConfig):
-            metrics = train_tfidf(spec, root / name / "onnx")
-            click.echo(f"== {name}: tfidf fold MAP@3 {metrics['map3']:.4f}")
-            onnx_dirs.append(str(root / name / "onnx"))
-            continue
-        click.echo(f"== {name}: train")
-        metrics = train(spec, root / name / "run")
-        click.echo(f"== {name}: fold MAP@3 {metrics['map3']:.4f}; merge")
-        merge(root / name / "run", root / name / "merged")
-        click.echo(f"== {name}: export {quantize}")
-        export(root / name / "merged", root / name / "onnx", quantize, force=force)
-        onnx_dirs.append(str(root / name / "onnx"))
+    onnx_dirs = [str(build_member(m, root / m.name)[0]) for m in members]
     bundle = root / "bundle"
-    package(onnx_dirs, bundle, cfg.dataset_id, wheels=cfg.wheels, find_links=cfg.find_links, ensemble=cfg.ensemble, pythons=tuple(cfg.python), cuda=cfg.cuda)
+    package(onnx_dirs, bundle, cfg.dataset_id, cfg.title, wheels=cfg.wheels, find_links=cfg.find_links, ensemble=cfg.ensemble, pythons=tuple(cfg.python), cuda=cfg.cuda)
     click.echo(f"== bundle -> {bundle}")
     if cfg.test:
         submission = root / "submission.csv"

@@ -68,18 +68,22 @@ def cli() -> None:
 @cli.command()
 @config_options(TrainConfig, required=("data",))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT.checkpoints, with the same options.")
 @friendly
-def train(out: str, **kwargs) -> None:
-    """Fine-tune MODEL as a LoRA classifier on one fold and save the run folder.
+def train(out: str, resume: bool, **kwargs) -> None:
+    """Fine-tune MODEL as a LoRA classifier on one fold (or, with --full, all rows) and save the run folder.
 
+    Checkpoints every --save-steps go to OUT.checkpoints, so a crash or timeout costs at most that many steps.
     Runs unchanged under `torchrun --nproc_per_node N -m builder train ...` or `accelerate launch -m builder train ...`
     (DDP); rank 0 validates and writes the run folder."""
     from .train import train as run
 
-    metrics = run(TrainConfig(**kwargs), out)
-    if metrics is not None:
+    metrics = run(TrainConfig(**kwargs), out, resume)
+    if metrics is not None and "map3" in metrics:
         unmasked = f" (unmasked {metrics['map3_unmasked']:.4f})" if "map3_unmasked" in metrics else ""
         click.echo(f"fold MAP@3 {metrics['map3']:.4f}{unmasked}, label prior alone {metrics['map3_prior']:.4f} -> {out}")
+    elif metrics is not None:
+        click.echo(f"full refit on {metrics['rows_train']} rows -> {out}")
 
 
 @cli.command()
@@ -94,7 +98,10 @@ def tfidf(out: str, **kwargs) -> None:
     from .tfidf import train_tfidf
 
     metrics = train_tfidf(TfidfConfig(**kwargs), out)
-    click.echo(f"fold MAP@3 {metrics['map3']:.4f}, label prior alone {metrics['map3_prior']:.4f} ({metrics['train_seconds']:.0f} s) -> {out}")
+    if "map3" in metrics:
+        click.echo(f"fold MAP@3 {metrics['map3']:.4f}, label prior alone {metrics['map3_prior']:.4f} ({metrics['train_seconds']:.0f} s) -> {out}")
+    else:
+        click.echo(f"full refit on {metrics['rows_train']} rows ({metrics['train_seconds']:.0f} s) -> {out}")
 
 
 @cli.command()
@@ -159,7 +166,8 @@ def package(
     e = manifest["ensemble"]
     for d in e["dropped"]:
         click.echo(f"  dropped {d['dir']}: weight 0, OOF MAP@3 {fmt(d['oof_map3'])} (adding it never raised the ensemble's)")
-    click.echo(f"  {e['method']} ensemble OOF MAP@3 {fmt(e['map3'])} on {e['rows']} shared rows")
+    held = f"; {e['map3_held_out']:.4f} with weights fitted on the other folds' rows" if e.get("map3_held_out") is not None else ""
+    click.echo(f"  {e['method']} ensemble of {e['recipes']} recipe(s): OOF MAP@3 {fmt(e['map3'])} on {e['rows']} shared rows{held}")
     click.echo(f"bundle -> {out}: {len(manifest['members'])} member(s), {len(manifest['files'])} files, {size / 2**20:.1f} MiB")
     click.echo(kaggle_ready(manifest))
 
@@ -424,12 +432,49 @@ def explain(model: str, data: str, row: int, max_new_tokens: int, temperature: f
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False, exists=True))
 @click.option("--out", type=click.Path(file_okay=False), help="Override the config's `out` folder.")
+@click.option("--dataset-id", help="Override the config's Kaggle dataset id, OWNER/SLUG.")
+@click.option("--title", help="Override the config's dataset title.")
+@click.option("--wheels/--no-wheels", default=None, help="Override whether the bundle brings onnxruntime-gpu wheels.")
+@click.option("--python", "pythons", help="Override the kernel CPython versions, comma-separated (e.g. 3.11,3.12).")
+@click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), help="Override the kernel image's CUDA major.")
+@click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI.")
+@click.option("--ensemble", type=click.Choice(METHODS), help="Override how members combine.")
 @friendly
-def build(config: str, out: str | None) -> None:
-    """Run every stage from CONFIG.toml: train, merge and export each model, then package the bundle."""
+def build(config: str, pythons: str | None, cuda: str | None, **overrides) -> None:
+    """Run every stage from CONFIG.toml: train, merge and export each model, then package the bundle.
+
+    Options given here replace the file's top-level keys."""
     from .build import build as run
 
-    run(config, out)
+    run(config, python=pythons.split(",") if pythons else None, cuda=int(cuda) if cuda else None, **overrides)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False, exists=True))
+@click.option("--out", type=click.Path(file_okay=False), help="Override the config's `out` folder.")
+@click.option("--folds", "which", help="Train only these folds, comma-separated (default: all); finished folds are never redone.")
+@click.option("--full", is_flag=True, help="Then refit every recipe on all rows, weighted in ensembles by its folds' out-of-fold rows.")
+@click.option("--only", multiple=True, metavar="NAME", help="Train only this [[models]] recipe (repeatable); the report still covers all.")
+@friendly
+def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[str, ...]) -> None:
+    """Cross-validate every recipe of CONFIG.toml: train each missing fold, report MAP@3 per fold, mean and standard
+    deviation, per question, and for the ensemble; write OUT/cv.json.
+
+    Package the fold models (`OUT/NAME/fold*/onnx`) or, after --full, the refits (`OUT/NAME/full/onnx`)."""
+    from .cv import cv as run
+
+    try:
+        folds = [int(k) for k in which.split(",")] if which else None
+    except ValueError:
+        raise click.BadParameter(f"{which!r}: give fold numbers such as 0,1", param_hint="--folds") from None
+    report = run(config, out, folds, full, list(only) or None)
+    for name, r in report["recipes"].items():
+        spread = f" ± {r['std']:.4f}" if r["std"] is not None else ""
+        click.echo(f"{name:16s} folds {','.join(map(str, r['folds']))}: MAP@3 {r['mean']:.4f}{spread} ({', '.join(f'{x:.4f}' for x in r['fold_map3'])}) on {r['rows']} rows")
+    if e := report.get("ensemble"):
+        held = f", {e['map3_held_out']:.4f} with weights fitted on the other folds" if e["map3_held_out"] is not None else ""
+        map3 = f"{e['map3']:.4f}" if e["map3"] is not None else "-"
+        click.echo(f"{'ensemble':16s} {e['method']}: MAP@3 {map3} on {e['rows']} shared rows{held}; weights {e['weights']}")
 
 
 @cli.command()
@@ -440,7 +485,7 @@ def demo(out: str) -> None:
     from .build import DEMO
     from .build import build as run
 
-    bundle = run(DEMO, out)
+    bundle = run(DEMO, out=out)
     click.echo(f"\nbundle:     {bundle}\nsubmission: {Path(out) / 'submission.csv'}")
     click.echo(kaggle_ready(json.loads((bundle / "manifest.json").read_text())))
 

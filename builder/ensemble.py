@@ -1,7 +1,11 @@
-"""Ensemble weights fitted on the members' out-of-fold probabilities to maximise MAP@3."""
+"""Ensemble weights fitted on the members' out-of-fold probabilities to maximise MAP@3.
+
+A recipe is one model configuration; its fold models (or its full refit) count as one member whose out-of-fold
+rows are the union of its folds'. Weights are fitted per recipe and shared equally by a recipe's models."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,8 +16,27 @@ from runtime.ensemble import combine, rank_rows
 from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
+from .errors import MapbuildError
+from .folds import assign_folds, load_labelled
 from .stages import read_meta
-from .train import load_labelled
+
+PER_FOLD = ("fold", "full", "oof")  # config keys that differ between the models of one recipe
+SPLIT = ("data", "folds", "seed", "sample")  # config keys every member must share for their rows to line up
+
+
+def recipe(meta: dict) -> str:
+    """What makes two ONNX folders models of the same recipe: kind, base and every option but the fold."""
+    config = {k: v for k, v in meta["config"].items() if k not in PER_FOLD}
+    return json.dumps([meta.get("kind", "transformer"), meta.get("model_type"), meta.get("precision"), config], sort_keys=True)
+
+
+def oof_of(meta: dict) -> dict[str, np.ndarray]:
+    """Row id -> probabilities on rows the model never trained on: its fold's, or for a full refit its recipe's
+    cross-validation out-of-fold file (config `oof`), or none."""
+    own = np.load(Path(meta["run"]) / "oof.npz")
+    path = meta["config"].get("oof") if not len(own["row_id"]) else None
+    z = np.load(path) if path else own
+    return dict(zip(z["row_id"].tolist(), z["probs"]))
 
 
 def select(parts: list[np.ndarray], score, rounds: int = 20) -> np.ndarray:
@@ -31,28 +54,41 @@ def select(parts: list[np.ndarray], score, rounds: int = 20) -> np.ndarray:
 
 
 def fit(onnx_dirs: list[str | os.PathLike], method: str = "prob") -> dict:
-    """Weights and OOF MAP@3 per member and for the ensemble, on the held-out rows every member's run shares.
-    Runs that held out different folds share none: then the weights stay equal and no score is given."""
-    oofs = []
-    for d in onnx_dirs:
-        z = np.load(Path(read_meta(d, "onnx")["run"]) / "oof.npz")
-        oofs.append(dict(zip(z["row_id"].tolist(), z["probs"])))
+    """Weights per ONNX folder, and MAP@3 per recipe and for the ensemble, on the out-of-fold rows every recipe
+    covers. Also the honest figure: weights fitted on the other folds' rows, scored on each fold's, averaged.
+    Without shared rows the weights stay equal per recipe and no score is given."""
+    metas = [read_meta(d, "onnx") for d in onnx_dirs]
+    for d, m in zip(onnx_dirs, metas):
+        if any(m["config"].get(k) != metas[0]["config"].get(k) for k in SPLIT):
+            raise MapbuildError(f"{d}: trained on other rows than {onnx_dirs[0]} ({', '.join(SPLIT)} differ); ensemble members must share them")
+    keys = list(dict.fromkeys(recipe(m) for m in metas))
+    group = [keys.index(recipe(m)) for m in metas]
+    oofs: list[dict] = [{} for _ in keys]
+    for g, m in zip(group, metas):
+        oofs[g].update(oof_of(m))
+    share = lambda w: [w[g] / group.count(g) for g in group]  # a recipe's weight, split over its models
     shared = sorted(set.intersection(*(set(o) for o in oofs)))
-    n = len(oofs)
+    result = {"method": method, "rows": len(shared), "recipes": len(keys), "map3_held_out": None}
     if not shared:
-        return {"method": method, "rows": 0, "weights": [1 / n] * n, "member_map3": [None] * n, "map3": None}
-    meta = read_meta(onnx_dirs[0], "onnx")
-    rows = load_labelled(meta["config"]["data"]).drop_duplicates("row_id").set_index("row_id", drop=False).loc[shared]
-    space = LabelSpace.from_json(meta["label_space"])
-    truth, mask, labels = labels_of(rows).tolist(), space.candidate_mask(rows), np.array(space.labels)
-    score = lambda p: map_at_3(truth, labels[top3(p, mask)].tolist())
+        return result | {"weights": share([1 / len(keys)] * len(keys)), "member_map3": [None] * len(metas), "map3": None}
+    cfg = metas[0]["config"]
+    df = load_labelled(cfg["data"], cfg.get("sample"), cfg["seed"])
+    df = df.assign(_fold=assign_folds(df, cfg["folds"], cfg["seed"])).drop_duplicates("row_id").set_index("row_id", drop=False)
+    rows = df.loc[shared]
+    space = LabelSpace.from_json(metas[0]["label_space"])
+    truth, mask, labels = np.array(labels_of(rows).tolist()), space.candidate_mask(rows), np.array(space.labels)
+    score = lambda p, at=slice(None): map_at_3(truth[at].tolist(), labels[top3(p, mask[at])].tolist())
     probs = [np.stack([o[r] for r in shared]) for o in oofs]
-    weights = select([rank_rows(p) if method == "rank" else p for p in probs], score) if n > 1 else np.ones(1)
-    kept = weights > 0
-    return {
-        "method": method,
-        "rows": len(shared),
-        "weights": weights.tolist(),
-        "member_map3": [score(p) for p in probs],
-        "map3": score(combine([p for p, k in zip(probs, kept) if k], weights[kept], method)),
-    }
+    parts = [rank_rows(p) if method == "rank" else p for p in probs]
+    weights = select(parts, score) if len(keys) > 1 else np.ones(1)
+    blend = lambda w, at=slice(None): score(combine([p[at] for p, x in zip(probs, w) if x > 0], w[w > 0], method), at)
+    folds = rows["_fold"].to_numpy()
+    if len(keys) > 1 and len(set(folds)) > 1:
+        held = []
+        for f in sorted(set(folds)):
+            fit_on, test = folds != f, folds == f
+            w = select([p[fit_on] for p in parts], lambda p: score(p, fit_on))
+            held.append(blend(w, test) * test.sum())
+        result["map3_held_out"] = sum(held) / len(folds)
+    recipe_map3 = [score(p) for p in probs]
+    return result | {"weights": share(weights.tolist()), "member_map3": [recipe_map3[g] for g in group], "map3": blend(weights)}

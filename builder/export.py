@@ -20,17 +20,18 @@ from .folds import assign_folds
 from .models import FAMILIES
 from .models import load_tokenizer as load_hf_tokenizer
 from .stages import atomic_dir, read_meta, write_meta
-from .train import load_labelled
+from .folds import split_fold
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf cannot serialize 2 GiB: above this, weights go to one .data file
 
 
 def held_out_rows(meta: dict, n: int) -> pd.DataFrame:
-    """Up to n rows of the run's validation fold: real rows the model never trained on."""
+    """Up to n rows of the run's validation fold, real rows the model never trained on; a full refit has none, and
+    checks its export on rows it trained on."""
     cfg = meta["config"]
-    df = load_labelled(cfg["data"], cfg["limit"])
-    return df[assign_folds(df, cfg["folds"], cfg["seed"]) == cfg["fold"]].head(n)
+    split = split_fold(cfg["data"], cfg.get("sample"), cfg["folds"], None if cfg.get("full") else cfg["fold"], cfg["seed"], dedupe=False)
+    return (split.valid if len(split.valid) else split.rows).head(n)
 
 
 def to_onnx(model, path: Path, dynamo: bool = False) -> None:

@@ -19,11 +19,13 @@ def torch_logits(
     dedupe: bool = True,
     desc: str = "torch",
 ) -> np.ndarray:
-    """Logits of every row in input order (fp32 numpy)."""
+    """Logits of every row in input order (fp32 numpy), wherever the model sits: inputs go to its device, logits
+    come back to the CPU (after training on a GPU the model is on the GPU)."""
+    device = next(model.parameters()).device
 
     @torch.inference_mode()
     def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-        return out.logits.float().numpy()
+        out = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device))
+        return out.logits.float().cpu().numpy()
 
     return run_batches(forward, seqs, pad_id, batch_size, sort=sort, dedupe=dedupe, desc=desc)

@@ -9,6 +9,10 @@ from collections.abc import Callable
 
 import click
 
+from .errors import MapbuildError
+
+NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+
 
 def _base_type(tp: object) -> type:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -32,3 +36,23 @@ def config_options(cls: type, skip: tuple[str, ...] = (), required: tuple[str, .
         return fn
 
     return decorate
+
+
+def check_types(cls: type, values: dict, where: str) -> None:
+    """A one-line error naming the first key whose TOML value does not have its field's type (ints pass as floats)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue
+        optional = type(None) in typing.get_args(tp)
+        base = typing.get_origin(_base_type(tp)) or _base_type(tp)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
+        ok = ok or (base is float and isinstance(value, int) and not isinstance(value, bool))
+        if base is list and ok:
+            item = typing.get_args(_base_type(tp))
+            ok = not item or all(isinstance(v, item[0]) for v in value)
+        if not ok:
+            raise MapbuildError(f"{where}: {key} must be {NAMES.get(base, base.__name__)}, got {value!r}")

@@ -165,7 +165,7 @@ def package(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "label_space": metas[0]["label_space"],
             "members": members,
-            "ensemble": {k: fitted[k] for k in ("method", "rows", "map3")} | {"dropped": dropped},
+            "ensemble": {k: fitted[k] for k in ("method", "rows", "recipes", "map3", "map3_held_out")} | {"dropped": dropped},
             "versions": versions(),
             "wheels": wheel_entries,
             "estimate": check_plan(members),

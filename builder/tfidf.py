@@ -20,7 +20,8 @@ from runtime.tfidf import grams, tfidf_probs
 
 from .errors import require
 from .stages import atomic_dir, write_meta
-from .train import split_fold, validate
+from .folds import split_fold
+from .train import absolute, validate
 
 PAD_BIAS = -1e4  # logit of the padding classes of questions with fewer labels than the widest
 
@@ -32,11 +33,13 @@ class TfidfConfig:
     data: str = field(default="", metadata={"help": "Labelled train.csv in the competition's format."})
     folds: int = field(default=5, metadata={"help": "Number of cross-validation folds (as the members it joins)."})
     fold: int = field(default=0, metadata={"help": "The fold held out for validation."})
+    full: bool = field(default=False, metadata={"help": "Fit on every row (the final refit): no fold held out, no validation."})
     c: float = field(default=10.0, metadata={"help": "Inverse L2 strength of each question's logistic regression."})
     min_df: int = field(default=2, metadata={"help": "Keep n-grams seen in at least this many of a question's rows."})
     dedupe: bool = field(default=True, metadata={"help": "Train on one copy of rows that are exact duplicates (same input and label)."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first N rows (quick runs)."})
-    seed: int = field(default=42, metadata={"help": "Seed for the folds."})
+    sample: int | None = field(default=None, metadata={"help": "Use about N rows, drawn stratified by label with --seed (quick runs)."})
+    oof: str | None = field(default=None, metadata={"help": "For a --full refit: its recipe's cross-validation oof.npz, which stands in for it in ensemble selection."})
+    seed: int = field(default=42, metadata={"help": "Seed for the folds and the sample."})
 
     def __post_init__(self) -> None:
         require(
@@ -44,8 +47,9 @@ class TfidfConfig:
             (0 <= self.fold < self.folds, f"--fold must be in 0..{self.folds - 1}, got {self.fold}"),
             (self.c > 0, f"--c must be positive, got {self.c}"),
             (self.min_df >= 1, f"--min-df must be at least 1, got {self.min_df}"),
-            (self.limit is None or self.limit >= 2 * self.folds, f"--limit must be at least 2 x folds, got {self.limit}"),
+            (self.sample is None or self.sample >= 2 * self.folds, f"--sample must be at least 2 x folds, got {self.sample}"),
         )
+        self.data, self.oof = absolute(self.data), self.oof and absolute(self.oof)
 
 
 class QuestionModel(NamedTuple):
@@ -135,7 +139,7 @@ def scorer(fitted: dict[str, QuestionModel]) -> tuple[bytes, dict]:
 
 def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
     """Fit every question's model on the training folds, export, validate through the runtime; returns the metrics."""
-    df, tr, va, labels, space_tr, cleaning = split_fold(cfg.data, cfg.limit, cfg.folds, cfg.fold, cfg.seed, cfg.dedupe)
+    df, tr, va, labels, space_tr, cleaning = split_fold(cfg.data, cfg.sample, cfg.folds, None if cfg.full else cfg.fold, cfg.seed, cfg.dedupe)
     index = {lab: i for i, lab in enumerate(labels)}
     y = labels_of(tr).map(index).to_numpy()
     start = time.perf_counter()
@@ -145,11 +149,14 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
     with atomic_dir(out) as tmp:
         (tmp / "model.onnx").write_bytes(model)
         (tmp / "tfidf.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        check = va if len(va) else tr.head(2000)  # a full refit has no held-out rows: speed and drift on seen ones
         start = time.perf_counter()
-        probs = tfidf_probs(tmp / "model.onnx", tmp / "tfidf.json", va, len(labels))
-        rows_per_s = len(va) / (time.perf_counter() - start)
-        metrics = {**validate(probs, va, space_tr, unmasked=False), **cleaning, "rows_train": len(tr), "rows_valid": len(va), "train_seconds": round(seconds, 1)}
-        np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs.astype(np.float32))
+        probs = tfidf_probs(tmp / "model.onnx", tmp / "tfidf.json", check, len(labels))
+        rows_per_s = len(check) / (time.perf_counter() - start)
+        metrics = {**cleaning, "rows_train": len(tr), "rows_valid": len(va), "train_seconds": round(seconds, 1)}
+        if len(va):
+            metrics.update(validate(probs, va, space_tr, unmasked=False))
+        np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs[: len(va)].astype(np.float32))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         write_meta(tmp, {
             "stage": "onnx",
@@ -161,7 +168,7 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
             "label_space": fit_label_space(df, labels).to_json(),
             "config": asdict(cfg),
             "metrics": metrics,
-            "drift": {"max_abs_prob_diff": sklearn_drift(fitted, va, probs), "rows": len(va)},
+            "drift": {"max_abs_prob_diff": sklearn_drift(fitted, check, probs), "rows": len(check)},
             "cpu_rows_per_s": round(rows_per_s, 1),
             # Estimated like a dense pass over every weight: a gather touches far fewer, so this is an upper bound.
             "params": int(sum(m.coef.size for m in fitted.values())),

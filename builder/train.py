@@ -6,16 +6,14 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
-
 import numpy as np
 import pandas as pd
 
-from runtime.data import InputError, labels_of, read_rows
+from runtime.data import labels_of
 from runtime.engine import softmax
 from runtime.labels import LabelSpace, fit_label_space, top3
 from runtime.metrics import map_at_3
@@ -23,9 +21,8 @@ from runtime.predict import prior
 from runtime.prompts import TEMPLATES, render
 
 from .chat import chat_parts
-from .dataset import clean
 from .errors import MapbuildError, require
-from .folds import assign_folds
+from .folds import split_fold
 from .hardware import PRECISIONS, choose_precision, detect
 from .models import family_of, load_classifier, load_tokenizer, resolve
 from .stages import atomic_dir, write_meta
@@ -42,6 +39,7 @@ class TrainConfig:
     template: str | None = field(default=None, metadata={"help": f"Prompt template: {', '.join(TEMPLATES)} (default: the family's)."})
     folds: int = field(default=5, metadata={"help": "Number of cross-validation folds."})
     fold: int = field(default=0, metadata={"help": "The fold held out for validation."})
+    full: bool = field(default=False, metadata={"help": "Train on every row (the final refit): no fold held out, no validation."})
     epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
     max_length: int | None = field(default=None, metadata={"help": "Maximum prompt tokens (default: the family's)."})
     batch_size: int = field(default=16, metadata={"help": "Rows per device per forward pass."})
@@ -59,8 +57,10 @@ class TrainConfig:
     dedupe: bool = field(default=True, metadata={"help": "Train on one copy of rows that are exact duplicates (same input and label)."})
     relabel: bool = field(default=False, metadata={"help": "Fix training labels that contradict the data: the True_/False_ prefix to the answer's correctness, conflicting duplicates to their majority label."})
     candidate_loss: bool = field(default=True, metadata={"help": "Softmax over each row's candidate labels only, the set the kernel's mask keeps."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first N rows (quick runs)."})
-    seed: int = field(default=42, metadata={"help": "Seed for folds, initialisation and shuffling."})
+    sample: int | None = field(default=None, metadata={"help": "Use about N rows, drawn stratified by label with --seed (quick runs)."})
+    oof: str | None = field(default=None, metadata={"help": "For a --full refit: its recipe's cross-validation oof.npz, which stands in for it in ensemble selection."})
+    save_steps: int = field(default=200, metadata={"help": "Checkpoint every N optimizer steps; `train --resume` continues from the last one."})
+    seed: int = field(default=42, metadata={"help": "Seed for folds, sampling, initialisation and shuffling."})
 
     def __post_init__(self) -> None:
         require(
@@ -76,37 +76,16 @@ class TrainConfig:
             (self.lora_r >= 1, f"--lora-r must be at least 1, got {self.lora_r}"),
             (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (0 <= self.warmup < 1, f"--warmup must be in [0, 1), got {self.warmup}"),
-            (self.limit is None or self.limit >= 2 * self.folds, f"--limit must be at least 2 x folds, got {self.limit}"),
+            (self.sample is None or self.sample >= 2 * self.folds, f"--sample must be at least 2 x folds, got {self.sample}"),
+            (self.save_steps >= 1, f"--save-steps must be at least 1, got {self.save_steps}"),
         )
+        self.data, self.oof = absolute(self.data), self.oof and absolute(self.oof)
+        self.model = absolute(self.model) if Path(self.model).exists() else self.model  # an alias or hub id stays
 
 
-def load_labelled(path: str, limit: int | None = None) -> pd.DataFrame:
-    try:
-        df = read_rows(path, labelled=True)
-    except InputError as e:
-        raise MapbuildError(str(e)) from None
-    return df.head(limit) if limit else df
-
-
-class FoldSplit(NamedTuple):
-    rows: pd.DataFrame  # every labelled row
-    train: pd.DataFrame  # the training folds, cleaned
-    valid: pd.DataFrame  # the held-out fold, as the test set would have it
-    labels: list[str]  # the sorted label list: a model's head order
-    space: LabelSpace  # fitted on the training folds alone: validation sees only what training saw
-    cleaning: dict  # what cleaning changed, for metrics.json
-
-
-def split_fold(data: str, limit: int | None, folds: int, fold: int, seed: int, dedupe: bool, relabel: bool = False) -> FoldSplit:
-    """The rows every member trains and validates on: the same held-out fold for the same data, folds and seed, so
-    an ensemble's members share their out-of-fold rows."""
-    df = load_labelled(data, limit)
-    which = assign_folds(df, folds, seed)
-    tr, va = df[which != fold], df[which == fold]
-    labels = sorted(labels_of(df).unique())
-    space = fit_label_space(tr, labels)
-    tr, cleaning = clean(tr, space, dedupe=dedupe, relabel_rows=relabel)
-    return FoldSplit(df, tr, va, labels, space, cleaning)
+def absolute(path: str) -> str:
+    """Stage folders record absolute paths, so that later stages run from any folder."""
+    return str(Path(path).resolve()) if path else path
 
 
 def save_curve(history: list[dict], path: Path) -> None:
@@ -179,23 +158,50 @@ def candidate_trainer():
             allowed, labels = inputs.pop("allowed"), inputs.pop("labels")
             outputs = model(**inputs)
             logits = outputs.logits.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
-            loss = torch.nn.functional.cross_entropy(logits, labels)
+            # The Trainer leaves the division by accumulation steps to the loss exactly when it hands over the rows
+            # of the whole accumulated batch (num_items_in_batch): then it is a sum over them, else a batch mean.
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
+            else:
+                loss = torch.nn.functional.cross_entropy(logits, labels)
             return (loss, outputs) if return_outputs else loss
 
     return CandidateTrainer
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
-    """Train, validate and save a run folder; returns its metrics (None on DDP ranks other than 0)."""
+def checkpoint_dir(out: str | os.PathLike) -> Path:
+    """Where a run keeps its checkpoints until its folder is written: beside it, so a crash leaves them."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dict | None:
+    """Train, validate and save a run folder; returns its metrics (None on DDP ranks other than 0).
+
+    Checkpoints go to OUT.checkpoints every `save_steps` and at the end, before validation; `resume` continues from
+    the last one (a finished training only validates again). They are removed once the run folder is written."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorWithPadding, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
     from .infer import torch_logits
 
     CandidateTrainer = candidate_trainer()
 
-    df, tr, va, labels, space_tr, cleaning = split_fold(cfg.data, cfg.limit, cfg.folds, cfg.fold, cfg.seed, cfg.dedupe, cfg.relabel)
+    df, tr, va, labels, space_tr, cleaning = split_fold(cfg.data, cfg.sample, cfg.folds, None if cfg.full else cfg.fold, cfg.seed, cfg.dedupe, cfg.relabel)
+    ckpt = checkpoint_dir(out)
+    recipe = ckpt / "config.json"
+    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    if resume and last is None:
+        raise MapbuildError(f"--resume: no checkpoint in {ckpt}; train without --resume")
+    if resume and json.loads(recipe.read_text()) != asdict(cfg):
+        raise MapbuildError(f"--resume: {recipe} was written for other options; resume with the same ones or train afresh")
+    if os.environ.get("RANK", "0") == "0":  # under DDP, one process prepares the folder
+        if not resume and ckpt.exists():
+            shutil.rmtree(ckpt)  # an earlier run's checkpoints must not leak into this one
+        ckpt.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(json.dumps(asdict(cfg), indent=1))
     source = resolve(cfg.model)
     model_type, family = family_of(source)
     template = cfg.template or family.template
@@ -230,48 +236,51 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
         exclude_modules=fresh or None,
     )
     model = get_peft_model(model, lora)
-    with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            num_train_epochs=cfg.epochs,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            use_cpu=hw.device == "cpu",  # also what makes torchrun on CPU start gloo DDP
-            fp16=precision == "fp16",
-            bf16=precision == "bf16",
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=cfg.warmup,
-            weight_decay=0.01,
-            train_sampling_strategy="group_by_length",
-            logging_steps=max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum) // 20),
-            save_strategy="no",
-            remove_unused_columns=False,  # keeps `allowed` for the loss
-            report_to="none",
-            seed=cfg.seed,
-            disable_tqdm=False,
-        )
-        trainer = CandidateTrainer(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tok))
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
+    args = TrainingArguments(
+        output_dir=str(ckpt),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=hw.device == "cpu",  # also what makes torchrun on CPU start gloo DDP
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup,
+        weight_decay=0.01,
+        train_sampling_strategy="group_by_length",
+        logging_steps=max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum) // 20),
+        save_strategy="steps",
+        save_steps=cfg.save_steps,  # the Trainer also saves at the last step: the adapter is safe before validation
+        save_total_limit=1,
+        remove_unused_columns=False,  # keeps `allowed` for the loss
+        report_to="none",
+        seed=cfg.seed,
+        disable_tqdm=False,
+    )
+    trainer = CandidateTrainer(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tok))
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last if resume else None)
+    seconds = time.perf_counter() - start
     if not trainer.is_world_process_zero():  # under torchrun / accelerate, rank 0 alone validates and writes
         return None
-    world = args.world_size
     model.eval()
-    probs = softmax(torch_logits(model, encode(va), tok.pad_token_id, desc="validate"))
     metrics = {
-        **validate(probs, va, space_tr, unmasked=not cfg.candidate_loss),
         **cleaning,
         "rows_train": len(tr),
         "rows_valid": len(va),
         "train_seconds": round(seconds, 1),
         "train_rows_per_s": round(len(tr) * cfg.epochs / seconds, 2),
+        "resumed_from": Path(last).name if resume else None,
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
     }
-    if warning := learned_little(metrics):
-        log.warning(warning)
+    probs = np.zeros((0, len(labels)), dtype=np.float32)
+    if len(va):
+        probs = softmax(torch_logits(model, encode(va), tok.pad_token_id, desc="validate"))
+        metrics.update(validate(probs, va, space_tr, unmasked=not cfg.candidate_loss))
+        if warning := learned_little(metrics):
+            log.warning(warning)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
         tok.save_pretrained(tmp / "tokenizer")
@@ -290,7 +299,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike) -> dict | None:
             "pad_token_id": tok.pad_token_id,
             "label_space": fit_label_space(df, labels).to_json(),
             "config": asdict(cfg),
-            "hardware": {**hw.to_json(), "precision": precision, "world_size": world},
+            "hardware": {**hw.to_json(), "precision": precision, "world_size": args.world_size},
             "metrics": metrics,
         })
+    shutil.rmtree(ckpt, ignore_errors=True)
     return metrics

@@ -78,6 +78,7 @@ def fit_label_space(train: pd.DataFrame, labels: list[str] | None = None) -> Lab
 
 
 def top3(probs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Indices of the 3 best labels per row, candidates first; other labels only fill a short candidate list."""
-    score = np.where(mask, probs + 2.0, probs)
-    return np.argsort(-score, axis=1, kind="stable")[:, :3]
+    """Indices of the 3 best labels per row, candidates first; other labels only fill a short candidate list.
+    Scores of any scale (probabilities, summed ensemble votes, ranks) keep that order."""
+    order = np.lexsort((-probs, ~mask), axis=1)  # by candidate first, then by score; ties keep label order
+    return order[:, :3]

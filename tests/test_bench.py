@@ -23,7 +23,8 @@ def test_gpu_check_stops_with_one_line_without_cuda():
 def test_gpu_check_runs_through_on_cpu(tmp_path):
     """Every step of the GPU check but CUDA itself, with a tiny decoder on the sample data."""
     base = make_tiny("llama", tmp_path / "base")
-    args = ["--cpu", "--model", str(base), "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "check"), "--rows", "40", "--force"]
+    args = ["--cpu", "--model", str(base), "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "check"), "--rows", "40", "--force",
+            "--epochs", "3", "--save-steps", "2"]
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads((tmp_path / "check" / "figures.json").read_text())
@@ -31,5 +32,7 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     assert figures["rows"] == 40 and figures["members_run"] and figures["torch_rows_per_s"] > 0 and figures["runtime_rows_per_s"] > 0
     assert figures["providers_requested"] == ["CPUExecutionProvider"] and figures["provider_session"] == "CPUExecutionProvider"
     assert figures["cuda_engaged"] is False
+    assert figures["killed_after"].startswith("checkpoint-") and figures["resumed_from"].startswith("checkpoint-")
+    assert int(figures["resumed_from"].split("-")[1]) >= int(figures["killed_after"].split("-")[1]) >= 2
     assert figures["fp16_drift"]["rows"] > 0 and (tmp_path / "check" / "bundle" / "manifest.json").is_file()
     assert abs(figures["runtime_map3"] - figures["torch_map3"]) < 0.1  # fp16 ONNX against fp32 PyTorch, same rows

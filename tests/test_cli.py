@@ -117,20 +117,29 @@ def test_package_checks_dataset_id_and_inputs(tmp_path, tiny_pipeline):
     assert not (tmp_path / "b").exists()
 
 
-def test_build_config_errors_name_the_key(tmp_path):
+MODEL = '[[models]]\nname = "a"\ndata = "x.csv"\n'
+
+
+@pytest.mark.parametrize("top, model, error", [
+    ('colour = "blue"\n', "", "unknown key colour"),
+    ("", "lora_rank = 3\n", "unknown key lora_rank"),
+    ("", 'quantize = "int3"\n', "quantize must be one of fp32, fp16, int8, int4"),
+    ("", 'kind = "svm"\n', "kind must be one of transformer, tfidf, got 'svm'"),
+    ("", 'kind = "tfidf"\nepochs = 3\n', "unknown key epochs"),
+    ("", 'sample = "300"\n', "[[models]] a: sample must be an integer, got '300'"),
+    ("", "folds = 3.5\n", "[[models]] a: folds must be an integer, got 3.5"),
+    ('wheels = "no"\n', "", "wheels must be true or false, got 'no'"),
+    ("", "force = 1\n", "force must be true or false, got 1"),
+    ('python = ["312"]\n', "", "python = ['312']"),
+])
+def test_build_config_errors_name_the_key(tmp_path, top, model, error):
     config = tmp_path / "build.toml"
-    config.write_text('dataset_id = "me/abcdef"\ncolour = "blue"\n[[models]]\nname = "a"\ndata = "x.csv"\n')
-    assert_one_line_error(invoke("build", str(config)), "unknown key colour")
-    config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\ndata = "x.csv"\nlora_rank = 3\n')
-    assert_one_line_error(invoke("build", str(config)), "unknown key lora_rank")
-    config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\ndata = "x.csv"\nquantize = "int3"\n')
-    assert_one_line_error(invoke("build", str(config)), "quantize must be one of fp32, fp16, int8, int4")
-    config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\nkind = "svm"\ndata = "x.csv"\n')
-    assert_one_line_error(invoke("build", str(config)), "kind must be one of transformer, tfidf, got 'svm'")
-    config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "a"\nkind = "tfidf"\ndata = "x.csv"\nepochs = 3\n')
-    assert_one_line_error(invoke("build", str(config)), "unknown key epochs")
-    config.write_text('dataset_id = "me/abcdef"\npython = ["312"]\n[[models]]\nname = "a"\ndata = "x.csv"\n')
-    assert_one_line_error(invoke("build", str(config)), "python = ['312']")
+    config.write_text('dataset_id = "me/abcdef"\n' + top + MODEL + model)
+    assert_one_line_error(invoke("build", str(config)), error)
+
+
+def test_an_unreadable_build_config_names_the_file(tmp_path):
+    config = tmp_path / "build.toml"
     config.write_text("dataset_id = [\n")
     assert_one_line_error(invoke("build", str(config)), str(config))
 
@@ -142,9 +151,11 @@ def test_build_chains_every_stage(tmp_path, tiny_bert):
         f'[[models]]\nname = "tiny"\nmodel = "{tiny_bert}"\ndata = "{SAMPLE_TRAIN}"\nepochs = 1\nlora_r = 2\nquantize = "fp32"\n'
         f'[[models]]\nname = "words"\nkind = "tfidf"\ndata = "{SAMPLE_TRAIN}"\nmin_df = 1\n'
     )
-    result = invoke("build", str(config), "--out", str(tmp_path / "out"))
+    result = invoke("build", str(config), "--out", str(tmp_path / "out"), "--title", "Tiny MAP bundle", "--ensemble", "rank")
     assert result.exit_code == 0, result.output
-    assert "words: tfidf fold MAP@3" in result.output
+    assert json.loads((tmp_path / "out" / "bundle" / "dataset-metadata.json").read_text())["title"] == "Tiny MAP bundle"
+    assert json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())["ensemble"]["method"] == "rank"  # overrides the file's prob
+    assert "== words, fold 0: MAP@3" in result.output and "== tiny, fold 0: MAP@3" in result.output
     assert json.loads((tmp_path / "out" / "words" / "onnx" / "mapbuild.json").read_text())["config"]["min_df"] == 1
     for stage in ("tiny/run", "tiny/merged", "tiny/onnx", "words/onnx", "bundle"):
         assert (tmp_path / "out" / stage / ("manifest.json" if stage == "bundle" else "mapbuild.json")).is_file()

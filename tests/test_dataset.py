@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 
 from builder.dataset import clean, conflicts, disagreeing, exact_duplicates, relabel
-from builder.folds import assign_folds
-from builder.train import TrainConfig, load_labelled
+from builder.folds import assign_folds, load_labelled
+from builder.train import TrainConfig
 from runtime.labels import fit_label_space
 
 from .conftest import SAMPLE_TRAIN

@@ -53,6 +53,15 @@ def test_top3_puts_candidates_first_and_fills_short_lists():
     assert top3(probs, mask).tolist() == [[2, 3, 0], [3, 2, 1]]
 
 
+@pytest.mark.parametrize("votes", [1, 3, 5, 20])
+def test_top3_keeps_candidates_first_whatever_the_scale_of_the_scores(votes):
+    """Ensemble selection scores summed votes: a candidate at 1.0 per vote must still beat a masked label at 0.9."""
+    probs = votes * np.array([[0.9, 0.0, 0.1, 0.0]])  # the masked label 0 leads every vote
+    mask = np.array([[False, True, True, True]])
+    truth_first = top3(probs, mask)[0].tolist()
+    assert truth_first[0] == 2 and 0 not in truth_first  # three candidates: the masked label never shows
+
+
 def test_map_at_3_by_hand():
     assert map_at_3(["a", "b", "c", "d"], [["a", "x", "y"], ["x", "b", "y"], ["x", "y", "c"], ["x", "y", "z"]]) == pytest.approx((1 + 1 / 2 + 1 / 3) / 4)
     with pytest.raises(ValueError):

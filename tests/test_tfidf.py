@@ -9,7 +9,7 @@ import pytest
 from builder.folds import assign_folds
 from builder.package import package
 from builder.tfidf import TfidfConfig, train_tfidf
-from builder.train import load_labelled
+from builder.folds import load_labelled
 from runtime.data import labels_of, read_rows
 from runtime.submission import check_submission
 from runtime.tfidf import grams, tfidf_probs

@@ -37,3 +37,154 @@ def test_a_run_near_the_label_prior_is_flagged(map3, warns):
     warning = learned_little({"map3": map3, "map3_prior": 0.7594})
     assert (warning is not None) == warns
     assert warning is None or "--learning-rate" in warning and f"{map3:.4f}" in warning
+
+
+def test_inputs_go_to_the_models_device_and_logits_come_back_to_the_cpu():
+    """What a GPU model needs, checked without one: a model on the meta device must receive its inputs there, and
+    logits that, like CUDA ones, refuse .numpy() must be moved with .cpu() first."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from builder.infer import torch_logits
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3)
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["input_ids"].device)
+        raise Seen
+
+    meta = BertForSequenceClassification(cfg).to("meta")
+    meta.register_forward_pre_hook(record, with_kwargs=True)
+    with pytest.raises(Seen):
+        torch_logits(meta, [[1, 2, 3]], pad_id=0)
+    assert seen == [torch.device("meta")]
+
+    class OnGPU(torch.Tensor):
+        def numpy(self, *args, **kwargs):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory first.")
+
+        def cpu(self, *args, **kwargs):
+            return torch.Tensor.cpu(self).as_subclass(torch.Tensor)
+
+    model = BertForSequenceClassification(cfg).eval()
+    model.register_forward_hook(lambda module, args, out: out.__class__(logits=out.logits.as_subclass(OnGPU)))
+    logits = torch_logits(model, [[1, 2, 3], [4, 5]], pad_id=0)
+    assert logits.shape == (2, 3) and np.isfinite(logits).all()
+
+
+def tiny_trainer(tiny_bert, batch_size, grad_accum, tmp_path):
+    """A CandidateTrainer over 4 rows of the sample at the given batch shape, one optimizer step, no shuffling."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+
+    from builder.train import candidate_trainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4, lora_dropout=0.0))
+    texts = ["one two three", "four five", "six seven eight nine", "ten"]  # different lengths: padding differs by batch
+    rows = [{"input_ids": tok(t)["input_ids"], "labels": i % 5, "allowed": [True, True, i != 2, True, False]} for i, t in enumerate(texts)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"b{batch_size}a{grad_accum}"), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        max_steps=1, learning_rate=0.1, lr_scheduler_type="constant", optim="sgd", weight_decay=0.0, use_cpu=True,
+        train_sampling_strategy="sequential", remove_unused_columns=False, report_to="none", save_strategy="no", disable_tqdm=True,
+    )
+    trainer = candidate_trainer()(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tok))
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    trainer.train()
+    return {k: v.detach().clone() - before[k] for k, v in model.named_parameters() if v.requires_grad}
+
+
+def test_gradient_accumulation_gives_the_same_first_update_as_one_big_batch(tiny_bert, tmp_path):
+    """batch 2 x accumulation 2 must step like batch 4 x accumulation 1: a loss that averaged each micro-batch
+    while the Trainer skipped its division by the accumulation steps would double the step."""
+    big = tiny_trainer(tiny_bert, 4, 1, tmp_path)
+    accumulated = tiny_trainer(tiny_bert, 2, 2, tmp_path)
+    assert big.keys() == accumulated.keys() and any(bool(step.abs().max() > 1e-4) for step in big.values())
+    for name in big:
+        assert torch_close(big[name], accumulated[name]), name
+
+
+def torch_close(a, b) -> bool:
+    import torch
+
+    return bool(torch.allclose(a, b, atol=1e-6, rtol=1e-4))
+
+
+class Crash(Exception):
+    """Stands for a killed process or a lost GPU."""
+
+
+def test_a_crash_costs_at_most_one_checkpoint_interval_and_resume_gives_the_same_run(tiny_bert, tmp_path, monkeypatch):
+    import transformers
+
+    from builder.errors import MapbuildError
+    from builder.train import TrainConfig, checkpoint_dir, train
+
+    cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=16, lora_r=2, save_steps=4)
+    whole = train(cfg, tmp_path / "whole")
+    real_step, steps, crashed = transformers.Trainer.training_step, [], []
+
+    def crash_after_six(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        if self.state.global_step == 6 and not crashed:
+            crashed.append(True)
+            raise Crash
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", crash_after_six)
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and (checkpoint_dir(tmp_path / "run") / "checkpoint-4").is_dir()
+    with pytest.raises(MapbuildError, match="--resume: .* other options"):
+        train(TrainConfig(**{**cfg.__dict__, "lora_r": 4}), tmp_path / "run", resume=True)
+    steps.clear()
+    resumed = train(cfg, tmp_path / "run", resume=True)
+    assert resumed["resumed_from"] == "checkpoint-4" and steps[0] == 4  # steps 5 and 6 again, not from 0
+    assert resumed["map3"] == pytest.approx(whole["map3"], abs=1e-6) and resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-4)
+    assert not checkpoint_dir(tmp_path / "run").exists()  # the run folder is written: checkpoints go
+    with pytest.raises(MapbuildError, match="--resume: no checkpoint"):
+        train(cfg, tmp_path / "run", resume=True)
+
+
+def test_a_crash_in_validation_keeps_the_trained_adapter(tiny_bert, tmp_path, monkeypatch):
+    import builder.infer
+    import transformers
+
+    from builder.train import TrainConfig, train
+
+    cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=16, lora_r=2, save_steps=100)
+
+    def lost_gpu(*args, **kwargs):
+        raise Crash
+
+    monkeypatch.setattr(builder.infer, "torch_logits", lost_gpu)
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    real_step, steps = transformers.Trainer.training_step, []
+    monkeypatch.setattr(transformers.Trainer, "training_step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
+    metrics = train(cfg, tmp_path / "run", resume=True)
+    assert steps == [] and metrics["resumed_from"].startswith("checkpoint-") and 0 < metrics["map3"] <= 1
+
+
+def test_sample_is_stratified_seeded_and_paths_are_stored_absolute(tmp_path, monkeypatch, shared_train):
+    from builder.folds import load_labelled
+    from builder.train import TrainConfig
+
+    full = load_labelled(str(shared_train))
+    picked = load_labelled(str(shared_train), sample=3000, seed=42)
+    assert abs(len(picked) - 3000) <= 40 and picked["QuestionId"].nunique() == full["QuestionId"].nunique() == 15
+    assert load_labelled(str(shared_train), sample=3000, seed=42).equals(picked)
+    assert not load_labelled(str(shared_train), sample=3000, seed=7).equals(picked)
+    share = labels_of(picked).value_counts(normalize=True)
+    assert (share - labels_of(full).value_counts(normalize=True)).abs().max() < 0.005
+    assert set(labels_of(full)) == set(labels_of(picked))  # every label keeps at least one row
+    monkeypatch.chdir(shared_train.parent)
+    assert TrainConfig(data="train.csv").data == str(shared_train.resolve())

@@ -1,0 +1,90 @@
+"""`mapbuild cv`: every fold, the union of out-of-fold rows, ensemble weights per recipe, the full refit."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from builder.cli import cli
+from builder.ensemble import fit
+from builder.folds import assign_folds, load_labelled
+from builder.package import package
+from runtime.data import read_rows
+from runtime.manifest import load_manifest
+from runtime.submission import check_submission
+
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
+from .test_cli import assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def cv_root(tiny_bert, tmp_path_factory):
+    """Folds 0 and 1 of a tiny BERT and a TF-IDF recipe on the sample, then fold 2 added, then the full refits."""
+    root = tmp_path_factory.mktemp("cv")
+    config = root / "cv.toml"
+    config.write_text(
+        f'dataset_id = "me/tiny-cv"\nout = "out"\nwheels = false\n'
+        f'[[models]]\nname = "bert"\nmodel = "{tiny_bert}"\ndata = "{SAMPLE_TRAIN}"\nfolds = 3\nepochs = 2\nlora_r = 2\nlearning_rate = 3e-3\nquantize = "fp32"\n'
+        f'[[models]]\nname = "words"\nkind = "tfidf"\ndata = "{SAMPLE_TRAIN}"\nfolds = 3\nmin_df = 1\n'
+    )
+    first = CliRunner().invoke(cli, ["cv", str(config), "--folds", "0,1"])
+    assert first.exit_code == 0, first.output
+    stamp = (root / "out" / "bert" / "fold0" / "onnx" / "model.onnx").stat().st_mtime_ns
+    more = CliRunner().invoke(cli, ["cv", str(config), "--full"])
+    assert more.exit_code == 0, more.output
+    return {"root": root / "out", "config": config, "first": first.output, "more": more.output, "stamp": stamp}
+
+
+def test_cv_reports_folds_and_adds_missing_ones_without_redoing_finished_ones(cv_root):
+    root = cv_root["root"]
+    assert "bert             folds 0,1: MAP@3" in cv_root["first"] and "words            folds 0,1: MAP@3" in cv_root["first"]
+    assert cv_root["more"].count("done before, kept") == 4 and "bert, fold 2: train" in cv_root["more"]
+    assert (root / "bert" / "fold0" / "onnx" / "model.onnx").stat().st_mtime_ns == cv_root["stamp"]
+    report = json.loads((root / "cv.json").read_text())
+    df = load_labelled(str(SAMPLE_TRAIN))
+    for name in ("bert", "words"):
+        r = report["recipes"][name]
+        assert r["folds"] == [0, 1, 2] and r["rows"] == len(df) and len(r["fold_map3"]) == 3
+        assert r["mean"] == pytest.approx(np.mean(r["fold_map3"]), abs=1e-4) and r["std"] == pytest.approx(np.std(r["fold_map3"], ddof=1), abs=1e-4)
+        assert set(r["per_question"]) == set(df["QuestionId"])
+        oof = np.load(root / name / "oof.npz")
+        assert sorted(oof["row_id"]) == sorted(df["row_id"])  # the union of the folds covers every row once
+    e = report["ensemble"]
+    assert e["rows"] == len(df) and 0 < e["map3_held_out"] <= 1 and sum(e["weights"].values()) == pytest.approx(1)
+
+
+def test_ensemble_weights_fold_models_as_one_recipe(cv_root):
+    root = cv_root["root"]
+    dirs = [str(root / n / f"fold{k}" / "onnx") for n in ("bert", "words") for k in range(3)]
+    fitted = fit(dirs)
+    assert fitted["recipes"] == 2 and fitted["rows"] == len(load_labelled(str(SAMPLE_TRAIN)))
+    bert, words = sum(fitted["weights"][:3]), sum(fitted["weights"][3:])
+    assert bert + words == pytest.approx(1) and len(set(fitted["weights"][:3])) == 1  # a recipe's share, split evenly
+    one_fold = fit([dirs[0], dirs[3]])  # the two recipes' fold 0 alone: the rows of fold 0
+    df = load_labelled(str(SAMPLE_TRAIN))
+    assert one_fold["rows"] == int((assign_folds(df, 3, 42) == 0).sum())
+
+
+def test_the_full_refits_package_with_weights_from_their_folds_and_run(cv_root, tmp_path):
+    root = cv_root["root"]
+    assert "bert, full refit: no held-out rows" in cv_root["more"]
+    meta = json.loads((root / "bert" / "full" / "run" / "mapbuild.json").read_text())
+    assert meta["config"]["full"] and meta["config"]["oof"] == str(root / "bert" / "oof.npz") and meta["metrics"]["rows_valid"] == 0
+    full = [str(root / n / "full" / "onnx") for n in ("bert", "words")]
+    folds = [str(root / n / f"fold{k}" / "onnx") for n in ("bert", "words") for k in range(3)]
+    assert fit(full)["weights"] == pytest.approx(fit(folds)["weights"][::3] * np.array([3]))
+    manifest = package(full, tmp_path / "bundle", "me/tiny-refit", wheels=False)
+    assert manifest["ensemble"]["rows"] == len(load_labelled(str(SAMPLE_TRAIN)))
+    out = tmp_path / "submission.csv"
+    done = run_kernel(tmp_path / "bundle", "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(out))
+    assert done.returncode == 0 and check_submission(out, read_rows(SAMPLE_TEST)["row_id"].tolist()) == []
+    kept = [m["name"] for m in load_manifest(tmp_path / "bundle")["members"]]
+    assert all(m in done.stderr for m in kept)
+
+
+def test_cv_names_unknown_recipes_and_bad_folds(cv_root):
+    assert_one_line_error(CliRunner().invoke(cli, ["cv", str(cv_root["config"]), "--only", "gpt"]), "--only gpt")
+    assert_one_line_error(CliRunner().invoke(cli, ["cv", str(cv_root["config"]), "--folds", "7"]), "--folds 7: bert has folds 0..2")
+    bad = CliRunner().invoke(cli, ["cv", str(cv_root["config"]), "--folds", "a"])
+    assert bad.exit_code == 2 and "Invalid value for --folds: 'a': give fold numbers such as 0,1" in bad.output
