@@ -20,7 +20,7 @@ from .merge import merge
 from .options import check_types
 from .package import check_dataset_id, package
 from .tfidf import TfidfConfig, train_tfidf
-from .train import TrainConfig, train
+from .train import TrainConfig, can_resume, train
 from .wheels import CUDA, ORT_GPU, PYTHONS, cp_tag
 
 DEMO = Path(__file__).parent / "data" / "demo.toml"
@@ -122,7 +122,7 @@ def build_member(member: Member, dest: Path) -> tuple[Path, dict]:
         metrics = train_tfidf(spec, dest / "onnx")
     else:
         click.echo(f"== {name}, {what}: train")
-        metrics = train(spec, dest / "run")
+        metrics = train(spec, dest / "run", resume=can_resume(spec, dest / "run"))  # a killed run goes on where it stopped
         merge(dest / "run", dest / "merged")
         click.echo(f"== {name}, {what}: export {quantize}")
         export(dest / "merged", dest / "onnx", quantize, force=force)

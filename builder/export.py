@@ -16,7 +16,6 @@ from runtime.labels import LabelSpace
 from runtime.prompts import render
 
 from .errors import MapbuildError
-from .folds import assign_folds
 from .models import FAMILIES
 from .models import load_tokenizer as load_hf_tokenizer
 from .stages import atomic_dir, read_meta, write_meta

@@ -175,6 +175,13 @@ def checkpoint_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
+def can_resume(cfg: TrainConfig, out: str | os.PathLike) -> bool:
+    """Whether OUT.checkpoints holds a checkpoint of a run with exactly these options."""
+    ckpt = checkpoint_dir(out)
+    recipe = ckpt / "config.json"
+    return recipe.is_file() and json.loads(recipe.read_text()) == asdict(cfg) and any(ckpt.glob("checkpoint-*"))
+
+
 def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dict | None:
     """Train, validate and save a run folder; returns its metrics (None on DDP ranks other than 0).
 
@@ -193,10 +200,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     ckpt = checkpoint_dir(out)
     recipe = ckpt / "config.json"
     last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
-    if resume and last is None:
-        raise MapbuildError(f"--resume: no checkpoint in {ckpt}; train without --resume")
-    if resume and json.loads(recipe.read_text()) != asdict(cfg):
-        raise MapbuildError(f"--resume: {recipe} was written for other options; resume with the same ones or train afresh")
+    if resume and not can_resume(cfg, out):
+        why = f"no checkpoint in {ckpt}; train without --resume" if last is None else f"{recipe} was written for other options; resume with the same ones or train afresh"
+        raise MapbuildError(f"--resume: {why}")
     if os.environ.get("RANK", "0") == "0":  # under DDP, one process prepares the folder
         if not resume and ckpt.exists():
             shutil.rmtree(ckpt)  # an earlier run's checkpoints must not leak into this one

@@ -61,7 +61,7 @@ def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.submit", description=__doc__)
     parser.add_argument("--bundle", type=Path, help=f"bundle folder (default: search {KAGGLE_INPUT})")
-    parser.add_argument("--test", type=Path, help=f"test.csv (default: the competition's, under --input-root)")
+    parser.add_argument("--test", type=Path, help="test.csv (default: the competition's, under --input-root)")
     parser.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission to write")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per inference batch")
     parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and the competition")

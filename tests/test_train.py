@@ -125,7 +125,7 @@ def test_a_crash_costs_at_most_one_checkpoint_interval_and_resume_gives_the_same
     import transformers
 
     from builder.errors import MapbuildError
-    from builder.train import TrainConfig, checkpoint_dir, train
+    from builder.train import TrainConfig, can_resume, checkpoint_dir, train
 
     cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=16, lora_r=2, save_steps=4)
     whole = train(cfg, tmp_path / "whole")
@@ -142,6 +142,7 @@ def test_a_crash_costs_at_most_one_checkpoint_interval_and_resume_gives_the_same
     with pytest.raises(Crash):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists() and (checkpoint_dir(tmp_path / "run") / "checkpoint-4").is_dir()
+    assert can_resume(cfg, tmp_path / "run") and not can_resume(TrainConfig(**{**cfg.__dict__, "lora_r": 4}), tmp_path / "run")
     with pytest.raises(MapbuildError, match="--resume: .* other options"):
         train(TrainConfig(**{**cfg.__dict__, "lora_r": 4}), tmp_path / "run", resume=True)
     steps.clear()
