@@ -175,11 +175,17 @@ def checkpoint_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
+def last_checkpoint(ckpt: Path) -> str | None:
+    """The newest whole checkpoint: the Trainer writes trainer_state.json last, so a kill mid-save leaves no match."""
+    whole = [p.parent for p in ckpt.glob("checkpoint-*/trainer_state.json")]
+    return str(max(whole, key=lambda p: int(p.name.split("-")[1]))) if whole else None
+
+
 def can_resume(cfg: TrainConfig, out: str | os.PathLike) -> bool:
-    """Whether OUT.checkpoints holds a checkpoint of a run with exactly these options."""
+    """Whether OUT.checkpoints holds a whole checkpoint of a run with exactly these options."""
     ckpt = checkpoint_dir(out)
     recipe = ckpt / "config.json"
-    return recipe.is_file() and json.loads(recipe.read_text()) == asdict(cfg) and any(ckpt.glob("checkpoint-*"))
+    return recipe.is_file() and json.loads(recipe.read_text()) == asdict(cfg) and last_checkpoint(ckpt) is not None
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dict | None:
@@ -190,7 +196,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorWithPadding, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .infer import torch_logits
 
@@ -199,7 +204,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     df, tr, va, labels, space_tr, cleaning = split_fold(cfg.data, cfg.sample, cfg.folds, None if cfg.full else cfg.fold, cfg.seed, cfg.dedupe, cfg.relabel)
     ckpt = checkpoint_dir(out)
     recipe = ckpt / "config.json"
-    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    last = last_checkpoint(ckpt)
     if resume and not can_resume(cfg, out):
         why = f"no checkpoint in {ckpt}; train without --resume" if last is None else f"{recipe} was written for other options; resume with the same ones or train afresh"
         raise MapbuildError(f"--resume: {why}")
