@@ -8,15 +8,21 @@ from pathlib import Path
 
 import pandas as pd
 
+from .manifest import BundleError
+
 COLUMNS = ["row_id", "Category:Misconception"]
 
 
 def write_submission(path: str | os.PathLike, row_ids: Sequence[str], predictions: Sequence[Sequence[str]]) -> None:
-    """Write atomically: a crash leaves the previous file or none, never half a file."""
+    """Write atomically and only a valid file: a crash or an invalid result leaves the previous file or none."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     df = pd.DataFrame({COLUMNS[0]: list(row_ids), COLUMNS[1]: [" ".join(p) for p in predictions]})
     df.to_csv(tmp, index=False)
+    problems = check_submission(tmp, row_ids)
+    if problems:
+        tmp.unlink()
+        raise BundleError(f"{path}: not written, the predictions are invalid: {problems[0]}")
     os.replace(tmp, path)
 
 
