@@ -32,7 +32,12 @@ KERNEL_SUFFIX = "-submit"
 log = logging.getLogger("mapbuild")
 RUNTIME_DIR = Path(runtime.__file__).parent
 # Credentials must never reach a public dataset: kaggle.json, .env files, netrc, files named for keys or secrets.
-SECRET = re.compile(r"kaggle\.json|\.env(\..*)?|.*\.env|\.?netrc|\.git-credentials|.*(secret|credential|api[_-]?key|access[_-]?token).*", re.I)
+SECRET = re.compile(r"kaggle\.json|\.env(\..*)?|.*\.env|\.?netrc|\.git-credentials|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|.*(secret|credential|api[_-]?key|access[_-]?token).*", re.I)
+# ... and inside files: Kaggle keys, AWS access keys, private keys, GitHub and Hugging Face tokens.
+SECRET_TEXT = re.compile(
+    rb"KAGGLE_KEY\s*[=:]\s*\S{8}|\"key\"\s*:\s*\"[0-9a-f]{32}\"|AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|ghp_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}"
+)
+UNSCANNED = (".whl", ".onnx", ".data")  # PyPI's wheels and the exported weights: binary, and not ours to hold keys
 MEMBER_KEYS = ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "params", "mean_tokens")
 PACKAGES = ("numpy", "pandas", "tokenizers", "onnxruntime", "onnx", "torch", "transformers", "peft")
 
@@ -52,6 +57,26 @@ def check_dataset_id(dataset_id: str) -> tuple[str, str]:
             f"--dataset-id {dataset_id!r}: use OWNER/SLUG, a slug of 6-50 lowercase letters and digits joined by single dashes"
         )
     return owner, slug
+
+
+def exposure(root: Path, files: dict[str, str]) -> str | None:
+    """The first file of the bundle that is or holds a credential, or sits in a hidden folder."""
+    for rel in files:
+        path = root / rel
+        if any(part.startswith(".") for part in Path(rel).parts[:-1]):
+            return f"{rel} is in a hidden folder"
+        if SECRET.fullmatch(path.name):
+            return f"{rel} looks like a credential"
+        if not rel.endswith(UNSCANNED) and SECRET_TEXT.search(path.read_bytes()):
+            return f"{rel} holds what looks like a credential"
+    return None
+
+
+def public(path: str | os.PathLike) -> str:
+    """What a public dataset may say of a build machine's path: a hub id as it is, a local folder by its last two
+    parts (a bundle must not publish /home/you/...)."""
+    p = Path(path)
+    return p.as_posix() if not p.is_absolute() and not p.exists() else "/".join(p.resolve().parts[-2:])
 
 
 def kernel_slug(slug: str) -> str:
@@ -134,13 +159,15 @@ def package(
         members, dropped = [], []
         for d, m, weight, oof_map3 in zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"]):
             if weight == 0:
-                dropped.append({"dir": str(d), "oof_map3": oof_map3})
+                dropped.append({"dir": public(d), "oof_map3": oof_map3})
                 continue
             name = f"m{len(members)}-{m['model_type']}-{m['precision']}"
             (tmp / "models" / name).mkdir(parents=True)
             files = m.get("files", {"model": "model.onnx", "tokenizer": "tokenizer.json", "data": "model.onnx.data"})
             files = {k: f for k, f in files.items() if (Path(d) / f).is_file()}  # .data: external weights over 2 GiB
             for f in files.values():
+                if (Path(d) / f).is_symlink():
+                    raise MapbuildError(f"package: {Path(d) / f} is a symlink; a bundle holds real files only")
                 shutil.copy(Path(d) / f, tmp / "models" / name / f)
             members.append({
                 "name": name,
@@ -151,8 +178,12 @@ def package(
                 "chat": m.get("chat"),  # folders exported before chat templates have none
                 **{k: m[k] for k in MEMBER_KEYS if k in m},  # a tfidf member has no tokenizer, template or base model
             })
+            if "base_model" in m:
+                members[-1]["base_model"] = public(m["base_model"])
         wheel_entries = fetch(tmp / "wheels", pythons, cuda, find_links) if wheels else []
-        shutil.copytree(RUNTIME_DIR, tmp / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+        (tmp / "runtime").mkdir()
+        for f in sorted(RUNTIME_DIR.glob("*.py")) + [RUNTIME_DIR / "requirements.txt"]:  # the code, nothing else
+            shutil.copy(f, tmp / "runtime" / f.name)
         kernel = kernel_slug(slug)  # also its title: Kaggle warns when a title does not slugify to the id
         values = {"dataset_id": dataset_id, "title": title, "owner": owner, "kernel_slug": kernel, "kernel_title": kernel}
         values["description"] = f"Offline MAP submission bundle with {len(members)} model(s), built by mapbuild {runtime.__version__}."
@@ -171,8 +202,8 @@ def package(
             "estimate": check_plan(members),
             "files": hash_tree(tmp),
         }
-        secrets = [f for f in manifest["files"] if SECRET.fullmatch(Path(f).name)]
-        if secrets:
-            raise MapbuildError(f"package: {secrets[0]} looks like a credential; a bundle is uploaded as a dataset, remove it and package again")
+        problem = exposure(tmp, manifest["files"])
+        if problem:
+            raise MapbuildError(f"package: {problem}; a bundle is uploaded as a dataset, remove it and package again")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
     return manifest

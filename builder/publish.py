@@ -11,7 +11,7 @@ from pathlib import Path
 from runtime.manifest import BundleError, load_manifest
 
 from .errors import MapbuildError
-from .package import SECRET
+from .package import exposure
 from .verify import check_tree
 
 ACCELERATOR = "NvidiaTeslaT4"
@@ -38,7 +38,7 @@ def checked(bundle: Path) -> dict:
         manifest = load_manifest(bundle)
     except BundleError as e:
         raise MapbuildError(str(e)) from None
-    problems = check_tree(bundle, manifest) + [f"{f}: looks like a credential" for f in manifest["files"] if SECRET.fullmatch(Path(f).name)]
+    problems = check_tree(bundle, manifest) + [p for p in [exposure(bundle, manifest["files"])] if p]
     if problems:
         raise MapbuildError(f"{bundle}: {problems[0]}; package it again")
     return manifest

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 MANIFEST = "manifest.json"
 FORMAT = "mapbuild-bundle/1"
+LABEL = re.compile(r"[^\s:]+:[^\s:]+")  # Category:Misconception, as the submission writes it
 
 
 class BundleError(ValueError):
@@ -44,7 +47,39 @@ def load_manifest(bundle: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{path}: format {found!r}, this runtime reads {FORMAT!r}")
+    problem = schema_problem(manifest)
+    if problem:
+        raise BundleError(f"{path}: {problem}; package the bundle again")
     return manifest
+
+
+def schema_problem(m: dict) -> str | None:
+    """The first way the manifest's structure breaks what the runtime relies on, or None."""
+    from .ensemble import METHODS
+
+    space, members, files = m.get("label_space"), m.get("members"), m.get("files")
+    if not isinstance(space, dict) or not isinstance(members, list) or not members or not isinstance(files, dict):
+        return "needs label_space (an object), members (a non-empty list) and files (an object)"
+    labels = space.get("labels")
+    if not isinstance(labels, list) or len(labels) < 3 or len(set(labels)) != len(labels):
+        return "label_space.labels must be at least 3 distinct labels"
+    bad = next((x for x in labels if not isinstance(x, str) or not LABEL.fullmatch(x)), None)
+    if bad is not None:
+        return f"label {bad!r} is not Category:Misconception without whitespace"
+    if not all(isinstance(space.get(k), dict) for k in ("correct", "answers", "misconceptions")) or len(space.get("counts") or []) != len(labels):
+        return "label_space needs correct, answers and misconceptions objects and one count per label"
+    for member in members:
+        if not isinstance(member, dict) or not isinstance(member.get("name"), str) or not isinstance(member.get("files"), dict):
+            return "every member needs a name and files"
+        weight = member.get("weight")
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            return f"member {member['name']}: weight {weight!r} must be a finite number above 0"
+    if m.get("ensemble", {}).get("method", "prob") not in METHODS:
+        return f"ensemble method {m['ensemble']['method']!r} is not one of {', '.join(METHODS)}"
+    rows = m.get("estimate", {}).get("rows", 1)
+    if not isinstance(rows, int) or rows < 1:
+        return f"estimate.rows {rows!r} must be a positive integer"
+    return None
 
 
 def check_files(bundle: str | os.PathLike, manifest: dict, paths: list[str]) -> list[str]:

@@ -85,6 +85,8 @@ def predict(
         start = time.monotonic()
         try:
             p, provider = member_probs(bundle, m, df, space, batch_size, devices, deadline)
+            if p.shape != (len(df), len(space.labels)):  # a head wider or narrower than the label list ranks wrong labels
+                raise ValueError(f"it gives {p.shape[1]} scores per row for {len(space.labels)} labels")
         except Exception as e:  # noqa: BLE001 - any member failure must leave the others and the prior
             log.error("SKIPPED member %s: %s: %s", m["name"], type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             continue

@@ -1,6 +1,6 @@
 # mapbuild submission kernel: installs the bundle's onnxruntime wheel, checks the environment, then runs the bundle's
 # runtime offline and writes submission.csv. Any fault in the environment stops here with one line.
-import glob, json, os, subprocess, sys
+import glob, hashlib, json, os, subprocess, sys
 
 DATASET_ID = "$dataset_id"
 INPUT = "/kaggle/input"
@@ -22,6 +22,15 @@ found = [(p, m) for p in sorted(glob.glob(f"{INPUT}/**/manifest.json", recursive
 if not found:
     raise SystemExit(f"mapbuild: dataset {DATASET_ID} is not attached: add it to this notebook's inputs")
 bundle, manifest = os.path.dirname(found[0][0]), found[0][1]
+# The runtime runs with the bundle's folder first on sys.path: check its code, and that nothing there shadows a module.
+stray = sorted(n for n in os.listdir(bundle) if n.endswith(".py") or n != "runtime" and os.path.isfile(os.path.join(bundle, n, "__init__.py")))
+if stray:
+    raise SystemExit(f"mapbuild: the bundle holds {stray[0]} at its root, which would shadow an installed module; package it again")
+for name, digest in manifest["files"].items():
+    if name.startswith("runtime/"):
+        with open(os.path.join(bundle, name), "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != digest:
+                raise SystemExit(f"mapbuild: {name} differs from the manifest's sha256; package the bundle again")
 env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
 python = f"{sys.version_info.major}.{sys.version_info.minor}"
 

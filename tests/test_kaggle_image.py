@@ -208,6 +208,19 @@ def test_the_default_bundle_runs_its_notebook_on_python_312_without_onnxruntime(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tamper, line", [
+    (lambda b: (b / "tqdm.py").write_text("raise SystemExit('shadowed')"), "mapbuild: the bundle holds tqdm.py at its root, which would shadow"),
+    (lambda b: (b / "runtime" / "labels.py").write_text("# edited after packaging\n"), "mapbuild: runtime/labels.py differs from the manifest's sha256"),
+])
+def test_the_notebook_refuses_shadowing_modules_and_edited_runtime_code(kaggle_bundle, tmp_path, tamper, line):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(kaggle_bundle, bundle)
+    tamper(bundle)
+    run = run_notebook(bundle, SAMPLE_TEST, tmp_path / "twin", "kaggle-2026")
+    assert run.returncode == 1 and run.submission is None and run.last_line.startswith(line)
+
+
+@pytest.mark.slow
 def test_no_wheel_for_the_interpreter_stops_the_notebook_in_one_line(kaggle_bundle, tmp_path):
     run = run_notebook(kaggle_bundle, SAMPLE_TEST, tmp_path, "kaggle-2025")
     assert run.returncode == 1 and run.submission is None

@@ -213,18 +213,56 @@ def test_nothing_to_find_is_a_one_line_error(tiny_pipeline, tmp_path, missing):
     assert done.returncode == 2 and done.stderr.startswith("error: no ") and missing in done.stderr
 
 
-@pytest.mark.parametrize("name", ["kaggle.json", ".env", "api_key.txt"])
-def test_package_refuses_a_bundle_holding_credentials(tiny_pipeline, tmp_path, monkeypatch, name):
+def test_package_copies_only_the_runtime_code(tiny_pipeline, tmp_path, monkeypatch):
+    """Before: all of runtime/ was copied, kaggle.json or a config.txt with a key included."""
+    import builder.package
+
+    runtime_copy = tmp_path / "runtime"
+    shutil.copytree(builder.package.RUNTIME_DIR, runtime_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("kaggle.json", ".env", "config.txt"):
+        (runtime_copy / name).write_text("KAGGLE_KEY=0123456789abcdef0123456789abcdef")
+    monkeypatch.setattr(builder.package, "RUNTIME_DIR", runtime_copy)
+    manifest = builder.package.package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
+    shipped = sorted(f for f in manifest["files"] if f.startswith("runtime/"))
+    assert shipped == sorted([f"runtime/{p.name}" for p in builder.package.RUNTIME_DIR.glob("*.py")] + ["runtime/requirements.txt"])
+
+
+KEYS = {
+    "kaggle": "KAGGLE_KEY=0123456789abcdef0123456789abcdef",
+    "kaggle.json": '{"username": "me", "key": "0123456789abcdef0123456789abcdef"}',
+    "aws": '{"aws": "AKIAIOSFODNN7EXAMPLE"}',
+    "ssh": "-----BEGIN OPENSSH PRIVATE KEY-----",
+    "github": "token ghp_" + "a1" * 18,
+    "hugging face": "hf_" + "Ab" * 17,
+}
+
+
+@pytest.mark.parametrize("what", list(KEYS))
+def test_package_refuses_a_credential_inside_any_file(tiny_pipeline, tmp_path, monkeypatch, what):
     import builder.package
     from builder.errors import MapbuildError
 
     runtime_copy = tmp_path / "runtime"
     shutil.copytree(builder.package.RUNTIME_DIR, runtime_copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (runtime_copy / name).write_text('{"username": "me", "key": "not-a-real-key"}')
+    (runtime_copy / "labels.py").write_text((runtime_copy / "labels.py").read_text() + f"\n# {KEYS[what]}\n")
     monkeypatch.setattr(builder.package, "RUNTIME_DIR", runtime_copy)
-    with pytest.raises(MapbuildError, match=f"runtime/{name} looks like a credential"):
+    with pytest.raises(MapbuildError, match="runtime/labels.py holds what looks like a credential"):
         builder.package.package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runtime"]  # nothing half-written
+
+
+def test_package_refuses_a_member_file_that_is_a_symlink(tiny_pipeline, tmp_path):
+    from builder.errors import MapbuildError
+    from builder.package import package
+
+    member = tmp_path / "onnx"
+    shutil.copytree(tiny_pipeline["onnx"], member)
+    (tmp_path / "kaggle.json").write_text('{"username": "me", "key": "0123456789abcdef0123456789abcdef"}')
+    (member / "tokenizer.json").unlink()
+    (member / "tokenizer.json").symlink_to(tmp_path / "kaggle.json")
+    with pytest.raises(MapbuildError, match="tokenizer.json is a symlink"):
+        package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_two_worker_processes_give_exactly_the_single_device_result(tiny_pipeline):
