@@ -32,8 +32,17 @@ def fold_dir(root: Path, name: str, fold: int | None) -> Path:
     return root / name / ("full" if fold is None else f"fold{fold}")
 
 
-def done(dest: Path) -> bool:
-    return (dest / "onnx" / META).is_file()  # stage folders appear whole or not at all
+def done(dest: Path, spec) -> bool:
+    """Whether dest holds a finished model of exactly `spec`; one of other options is an error, never reused."""
+    if not (dest / "onnx" / META).is_file():  # stage folders appear whole or not at all
+        return False
+    if read_meta(dest / "onnx", "onnx")["config"] != json.loads(json.dumps(dataclasses.asdict(spec))):
+        raise MapbuildError(f"{dest}: trained with other options than the config's now; remove it, or give the changed recipe a new name or --out")
+    return True
+
+
+def fold_spec(member: Member, fold: int):
+    return dataclasses.replace(member.config, fold=fold, full=False)
 
 
 def union_oof(root: Path, member: Member, folds: list[int]) -> Path:
@@ -91,14 +100,14 @@ def cv(config: str | os.PathLike, out: str | None = None, folds: list[int] | Non
         start = time.perf_counter()
         for k in wanted:
             dest = fold_dir(root, m.name, k)
-            if done(dest):
+            if done(dest, fold_spec(m, k)):
                 click.echo(f"== {m.name}, fold {k}: done before, kept")
                 continue
-            build_member(m._replace(config=dataclasses.replace(m.config, fold=k, full=False)), dest)
+            build_member(m._replace(config=fold_spec(m, k)), dest)
         timing[m.name] = round(time.perf_counter() - start, 1)
     report = {"recipes": {}, "seconds": timing}
     for m in members:
-        finished = [k for k in range(m.config.folds) if done(fold_dir(root, m.name, k))]
+        finished = [k for k in range(m.config.folds) if done(fold_dir(root, m.name, k), fold_spec(m, k))]
         if finished:
             report["recipes"][m.name] = recipe_report(root, m, finished)
     dirs = [str(fold_dir(root, m.name, k) / "onnx") for m in members for k in report["recipes"].get(m.name, {}).get("folds", [])]
@@ -115,9 +124,9 @@ def cv(config: str | os.PathLike, out: str | None = None, folds: list[int] | Non
             if m.name not in report["recipes"]:
                 raise MapbuildError(f"--full: {m.name} has no finished fold, whose out-of-fold rows would weigh its refit; run its folds first")
             dest = fold_dir(root, m.name, None)
-            if not done(dest):
-                oof = str(root / m.name / "oof.npz")
-                build_member(m._replace(config=dataclasses.replace(m.config, full=True, oof=oof)), dest)
+            spec = dataclasses.replace(m.config, full=True, oof=str(root / m.name / "oof.npz"))
+            if not done(dest, spec):
+                build_member(m._replace(config=spec), dest)
     tmp = root / f".{REPORT}.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, root / REPORT)

@@ -83,6 +83,14 @@ def test_the_full_refits_package_with_weights_from_their_folds_and_run(cv_root, 
     assert all(m in done.stderr for m in kept)
 
 
+def test_a_finished_fold_of_other_options_is_never_reported_as_the_changed_recipe(cv_root):
+    changed = cv_root["config"].with_name("changed.toml")
+    changed.write_text(cv_root["config"].read_text().replace("epochs = 2", "epochs = 3"))
+    result = CliRunner().invoke(cli, ["cv", str(changed), "--only", "words"])  # bert is not retrained, but reported
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: ") and "bert/fold0: trained with other options than the config's now" in last
+
+
 def test_cv_names_unknown_recipes_and_bad_folds(cv_root):
     assert_one_line_error(CliRunner().invoke(cli, ["cv", str(cv_root["config"]), "--only", "gpt"]), "--only gpt")
     assert_one_line_error(CliRunner().invoke(cli, ["cv", str(cv_root["config"]), "--folds", "7"]), "--folds 7: bert has folds 0..2")
