@@ -57,16 +57,39 @@ def read_rows(path: str | os.PathLike, labelled: bool = False) -> pd.DataFrame:
     missing = [c for c in required if c not in header]
     if missing:
         raise InputError(f"{path}: missing column {', '.join(missing)}; expected {', '.join(required)}")
+    questions = {question_id(r[header.index("QuestionId")]) for r in rows}
+    for n, r in enumerate(rows, start=2):
+        if swallowed(r, header, questions):
+            raise InputError(f"{path}: record {n} (row_id {r[header.index('row_id')]!r}) holds another row inside a quoted field; fix its quotes")
     df = pd.DataFrame(rows, columns=header, dtype=str)
     for c in TEXT_COLUMNS:
         df[c] = df[c].str.strip()
-    df["QuestionId"] = [m.group(1) if (m := INTEGER.fullmatch(q)) else q for q in df["QuestionId"]]
+    df["QuestionId"] = df["QuestionId"].map(question_id)
     long = df[list(TEXT_COLUMNS)].apply(lambda col: col.str.len() > MAX_TEXT).any(axis=1)
     if long.any():
         log.warning("%s: %d row(s) with a text field over %d characters, cut to that length", path, int(long.sum()), MAX_TEXT)
         for c in TEXT_COLUMNS:
             df[c] = df[c].str.slice(0, MAX_TEXT)
     return df
+
+
+def question_id(text: str) -> str:
+    """31772 for 31772.0, +031772 or " 31772 ": ids that are integers in another spelling."""
+    m = INTEGER.fullmatch(text.strip())
+    return m.group(1) if m else text.strip()
+
+
+def swallowed(record: list[str], header: list[str], questions: set[str]) -> bool:
+    """Whether a field holds, past a line break, a whole row of the file (the header's fields or more, one of its question
+    ids): an opening quote that found its closing one only at the end of a later row. No multi-line answer in
+    train.csv reads as one."""
+    at = header.index("QuestionId")
+    for field in record:
+        for line in field.splitlines()[1:]:
+            f = next(csv.reader([line]), [])
+            if len(f) >= len(header) and question_id(f[at]) in questions:
+                return True
+    return False
 
 
 def has_labels(df: pd.DataFrame) -> bool:

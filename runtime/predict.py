@@ -11,6 +11,7 @@ import pandas as pd
 
 from .engine import CPU, device_pool, encode, gpu_count, load_tokenizer, onnx_forward, run_batches, softmax
 from .ensemble import combine
+from .external_data import problem as external_problem
 from .labels import LabelSpace
 from .manifest import check_files
 from .prompts import render
@@ -28,6 +29,11 @@ def member_probs(
     tok = load_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
     seqs = encode(tok, render(df, member["template"], space, member.get("chat")))
     model = bundle / member["files"]["model"]
+    data = member["files"].get("data")
+    beside = {Path(data).name} if data and Path(data).parent == Path(member["files"]["model"]).parent else set()
+    refused = external_problem(model, beside)
+    if refused:  # onnxruntime would read any path a location names, hashed or not
+        raise ValueError(f"{member['files']['model']}: {refused}")
     run = lambda forward: softmax(run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline))
     if devices <= 1:
         forward = onnx_forward(model)

@@ -1,6 +1,6 @@
 # mapbuild submission kernel: installs the bundle's onnxruntime wheel, checks the environment, then runs the bundle's
 # runtime offline and writes submission.csv. Any fault in the environment stops here with one line.
-import glob, hashlib, json, os, subprocess, sys
+import glob, hashlib, json, os, subprocess, sys, tempfile
 
 DATASET_ID = "$dataset_id"
 INPUT = "/kaggle/input"
@@ -22,16 +22,16 @@ found = [(p, m) for p in sorted(glob.glob(f"{INPUT}/**/manifest.json", recursive
 if not found:
     raise SystemExit(f"mapbuild: dataset {DATASET_ID} is not attached: add it to this notebook's inputs")
 bundle, manifest = os.path.dirname(found[0][0]), found[0][1]
-# The runtime runs with the bundle's folder first on sys.path: check its code, and that nothing there shadows a module.
-stray = sorted(n for n in os.listdir(bundle) if n.endswith(".py") or n != "runtime" and os.path.isfile(os.path.join(bundle, n, "__init__.py")))
-if stray:
-    raise SystemExit(f"mapbuild: the bundle holds {stray[0]} at its root, which would shadow an installed module; package it again")
 for name, digest in manifest["files"].items():
     if name.startswith("runtime/"):
         with open(os.path.join(bundle, name), "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != digest:
                 raise SystemExit(f"mapbuild: {name} differs from the manifest's sha256; package the bundle again")
-env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+# Python imports the runtime from a folder that holds nothing else (-P keeps the working folder off sys.path too),
+# so no file at the bundle's root can shadow an installed module.
+code = tempfile.mkdtemp(prefix="mapbuild-")
+os.symlink(os.path.join(bundle, "runtime"), os.path.join(code, "runtime"))
+env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": code}
 python = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 # onnxruntime is not in Kaggle's image: install the bundle's wheel for this interpreter, offline.
@@ -50,13 +50,13 @@ if wheels:
         raise SystemExit(f"mapbuild: pip could not install {wheel['file']}: {why[-1].strip()}")
 
 # onnxruntime imports, has CUDA when a GPU is visible, and the competition's test.csv is found; else one line.
-check = subprocess.run([sys.executable, "-m", "runtime.preflight", "--bundle", bundle, "--input-root", INPUT], cwd=bundle, env=env, capture_output=True, text=True)
+check = subprocess.run([sys.executable, "-P", "-m", "runtime.preflight", "--bundle", bundle, "--input-root", INPUT], cwd=bundle, env=env, capture_output=True, text=True)
 if check.returncode:
     why = [line for line in check.stderr.splitlines() if line.strip()] or ["no output"]
     raise SystemExit(f"mapbuild: {why[-1].strip().removeprefix('error: ')}")
 test = check.stdout.strip()
 
-run = [sys.executable, "-m", "runtime.submit", "--bundle", bundle, "--test", test, "--out", os.path.join(WORKING, "submission.csv")]
+run = [sys.executable, "-P", "-m", "runtime.submit", "--bundle", bundle, "--test", test, "--out", os.path.join(WORKING, "submission.csv")]
 done = subprocess.run(run, cwd=bundle, env=env)
 if done.returncode:
     raise SystemExit(f"mapbuild: the runtime stopped (exit {done.returncode}); its last line above says why")

@@ -50,6 +50,7 @@ def write(tmp_path, *lines: str):
     ((HEADER, "1,31772,q,a", "2,31772,q,a,fine"), "record 2 (row_id '1') has 4 fields"),
     ((HEADER, '1,31772,q,a,"never closed', "2,31772,q,a,fine", "3,31772,q,a,fine"), "not a readable CSV at line"),
     ((HEADER, '1,31772,q,a,"closed" then text', "2,31772,q,a,fine"), "not a readable CSV at line 2"),
+    ((HEADER, '1,31772,q,a,"opened', '2,31772.0,q,a,closed"', "3,31772,q,a,fine"), "record 2 (row_id '1') holds another row inside a quoted field"),
 ])
 def test_records_that_do_not_match_the_header_are_refused_in_one_line(tmp_path, lines, error):
     """Before: pandas took an extra first field as the index (every row_id became the QuestionId), dropped trailing
@@ -83,7 +84,7 @@ ENCODINGS = ["utf-8", "utf-8-sig", "latin-1", "cp1252"]
 
 def generated(rng: random.Random, path) -> tuple[list[str], list[str], bool]:
     """One random CSV: its intended row_ids and explanations, and whether it was written valid. Faults: an extra or a
-    missing field, a trailing comma, a stray quote, a header field dropped; valid variety: quoting, embedded
+    missing field, a trailing comma, a stray quote, a quote closed a row late, a header field dropped; valid variety: quoting, embedded
     newlines, doubled quotes, CRLF, blank lines, encodings, id spellings."""
     n = rng.randint(1, 12)
     ids = [str(rng.choice([rng.randint(1, 40_000), rng.randint(1, 9)])) + rng.choice(["", "", "a"]) for _ in range(n)]
@@ -91,7 +92,7 @@ def generated(rng: random.Random, path) -> tuple[list[str], list[str], bool]:
     quote = lambda t: '"' + t.replace('"', '""') + '"' if rng.random() < 0.5 or any(c in t for c in ',"\n') else t
     rows = [[i, rng.choice(ID_SPELLINGS), quote("Which is larger?"), quote("\\( \\frac{1}{2} \\)"), quote(t)] for i, t in zip(ids, texts)]
     header = HEADER.split(",")
-    fault = rng.choice(["none"] * 6 + ["extra", "missing", "trailing", "stray", "header"])
+    fault = rng.choice(["none"] * 6 + ["extra", "missing", "trailing", "stray", "header"] + ["unclosed"] * (n > 1))
     at = rng.randrange(n)
     if fault == "extra":
         rows[at].append("oops")
@@ -102,6 +103,10 @@ def generated(rng: random.Random, path) -> tuple[list[str], list[str], bool]:
     elif fault == "stray":
         field = rng.randrange(5)
         rows[at][field] = '"' + rows[at][field]
+    elif fault == "unclosed":  # a quote opened in one row closes at the end of the next: the rows merge
+        at = rng.randrange(n - 1)
+        rows[at][4] = '"' + texts[at].replace('"', '""')
+        rows[at + 1][2:] = ["Which is larger?", "\\( \\frac{1}{2} \\)", texts[at + 1].replace('"', '""') + '"']
     elif fault == "header":
         header = header[:-1]
     newline = rng.choice(["\n", "\r\n"])
@@ -133,4 +138,4 @@ def test_generated_files_give_their_rows_in_order_or_one_line(tmp_path):
         ascii_only = [(got, want.strip()) for got, want in zip(df["StudentExplanation"], texts) if want.isascii()]  # other encodings decode the rest differently
         assert all(got == want for got, want in ascii_only), path.read_bytes()[:400]
         outcomes["read"] += 1
-    assert outcomes["read"] > 300 and outcomes["refused"] > 100, outcomes
+    assert outcomes["read"] > 250 and outcomes["refused"] > 150, outcomes

@@ -67,3 +67,67 @@ def test_a_public_bundle_names_no_build_machine_path(tiny_pipeline, tmp_path):
     assert '": "/' not in text and str(tmp_path) not in text and str(tiny_pipeline["onnx"]) not in text
     base = manifest["members"][0]["base_model"]
     assert not base.startswith("/") and base.count("/") == 1 and base.split("/")[1].startswith("tiny-bert")  # the fixture's folder
+
+
+def move_weights(bundle, location, place):
+    """Re-save the member's model with its weights in one external file named `location`, written at `place`."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from runtime.manifest import sha256_file
+
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    name = manifest["members"][0]["files"]["model"]
+    proto = onnx.load(str(bundle / name))
+    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location="w.data")
+    onnx.save_model(proto, str(bundle / name))  # writes w.data beside the model, then the location is rewritten
+    (bundle / name).parent.joinpath("w.data").rename(place)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    (bundle / name).write_bytes(proto.SerializeToString())
+    manifest["files"][name] = sha256_file(bundle / name)
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    return name
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent"])
+def test_external_data_outside_the_members_files_is_refused(tiny_pipeline, tmp_path, where):
+    """Before: onnxruntime opened a hash-verified model.onnx whose weights lay anywhere its location said."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_pipeline["bundle"], bundle)
+    outside = tmp_path / "elsewhere.data"
+    name = move_weights(bundle, str(outside) if where == "absolute" else "../elsewhere.data", outside)
+    if where == "parent":
+        outside.rename((bundle / name).parent.parent / "elsewhere.data")
+    out = tmp_path / "submission.csv"
+    done = run_kernel(bundle, "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(out))
+    assert done.returncode == 0 and "SKIPPED member m0-bert-fp32" in done.stderr and "outside its listed files" in done.stderr, done.stderr[-1500:]
+    assert "NO MEMBER LEFT" in done.stderr
+
+
+def test_locations_are_found_in_subgraphs_and_sparse_tensors(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from runtime.external_data import locations
+
+    def external(name, location):
+        t = numpy_helper.from_array(np.zeros(2, np.float32), name)
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.external_data.add(key="location", value=location)
+        return t
+
+    branch = helper.make_graph([helper.make_node("Identity", ["c"], ["y"])], "b", [], [helper.make_tensor_value_info("y", 1, [2])], [external("c", "/etc/in-subgraph")])
+    sparse = helper.make_sparse_tensor(external("v", "../sparse.data"), numpy_helper.from_array(np.array([0], np.int64), "i"), [2])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("cond", 9, [])], [helper.make_tensor_value_info("y", 1, [2])],
+                              [external("w", "model.onnx.data")], sparse_initializer=[sparse])
+    (tmp_path / "m.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    assert locations(tmp_path / "m.onnx") == {"/etc/in-subgraph", "../sparse.data", "model.onnx.data"}
+    (tmp_path / "junk.onnx").write_bytes(b"\x0f" * 10)
+    from runtime.external_data import problem
+    assert problem(tmp_path / "junk.onnx", set()).startswith("not an ONNX model")
