@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 KERNEL_VENV := .venv-kernel
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed $(KERNEL_VENV)/.installed
 	$(VENV)/bin/pytest -q
+
+# The edit loop: everything not marked slow (real models, the Kaggle twins, the long tail of the family grid).
+test-fast: $(VENV)/.installed $(KERNEL_VENV)/.installed
+	$(VENV)/bin/pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(KERNEL_VENV) build

@@ -66,15 +66,16 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     from builder.export import export, held_out_rows
+    from builder.infer import training_ids
     from builder.merge import merge
-    from builder.models import load_tokenizer
+    from builder.models import load_hf_tokenizer
     from builder.package import package
     from builder.train import checkpoint_dir
     from runtime.data import labels_of
     from runtime.engine import gpu_count, onnx_forward, requested_providers, run_batches, softmax
-    from runtime.labels import LabelSpace, top3
+    from runtime.labels import LabelSpace
     from runtime.manifest import load_manifest
-    from runtime.metrics import map_at_3
+    from runtime.metrics import masked_map3
     from runtime.predict import predict
     from runtime.prompts import render
 
@@ -97,7 +98,7 @@ def main() -> None:
     truth, mask, labels = labels_of(rows).tolist(), space.candidate_mask(rows), np.array(space.labels)
     device, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.float16)
     model = AutoModelForSequenceClassification.from_pretrained(out / "merged", dtype=dtype).to(device).eval()
-    tok = load_tokenizer(str(out / "merged"))
+    tok = load_hf_tokenizer(str(out / "merged"))
 
     @torch.inference_mode()
     def forward(ids: np.ndarray, attention: np.ndarray) -> np.ndarray:
@@ -105,7 +106,7 @@ def main() -> None:
         return logits.float().cpu().numpy()
 
     start = time.perf_counter()
-    ids = tok(render(rows, meta["template"], space, meta.get("chat")), truncation=True, max_length=meta["max_length"])["input_ids"]
+    ids = training_ids(tok, render(rows, meta["template"], space, meta.get("chat")), meta["max_length"])
     base = softmax(run_batches(forward, ids, meta["pad_token_id"], 32, sort=False, dedupe=False, desc=f"torch {dtype}"))
     base_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -130,8 +131,8 @@ def main() -> None:
         "torch_rows_per_s": round(len(rows) / base_s, 1),
         "runtime_rows_per_s": round(len(rows) / run_s, 1),
         "speedup": round(base_s / run_s, 2),
-        "torch_map3": map_at_3(truth, labels[top3(base, mask)].tolist()),
-        "runtime_map3": map_at_3(truth, labels[top3(probs, mask)].tolist()),
+        "torch_map3": masked_map3(truth, base, labels, mask),
+        "runtime_map3": masked_map3(truth, probs, labels, mask),
         "members_run": used,
         "bundle_mib": round(sum(f.stat().st_size for f in (out / "bundle").rglob("*") if f.is_file()) / 2**20, 1),
     }

@@ -26,15 +26,14 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=None, help="recipe names from --config (default: all)")
     args = parser.parse_args()
 
-    import numpy as np
 
     from builder.cv import cv
     from builder.folds import assign_folds, load_labelled
     from builder.package import package
     from runtime.data import labels_of
-    from runtime.labels import LabelSpace, top3
+    from runtime.labels import LabelSpace
     from runtime.manifest import load_manifest
-    from runtime.metrics import map_at_3
+    from runtime.metrics import masked_map3
     from runtime.predict import predict
 
     out = args.out
@@ -61,8 +60,8 @@ def main() -> None:
         start = time.perf_counter()
         probs, used = predict(bundle, manifest, space, rows)
         seconds = time.perf_counter() - start
-        ranked = np.array(space.labels)[top3(probs, space.candidate_mask(rows))]
-        figures[choice] = {"models": len(used), "map3": round(map_at_3(labels_of(rows).tolist(), ranked.tolist()), 4), "seconds": round(seconds, 1)}
+        map3 = masked_map3(labels_of(rows), probs, space.labels, space.candidate_mask(rows))
+        figures[choice] = {"models": len(used), "map3": round(map3, 4), "seconds": round(seconds, 1)}
     (out / "refit.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps({k: figures[k] for k in ("test_rows", "folds", "refit")}, indent=1))
 

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from builder.export import held_out_rows
-from builder.infer import torch_logits
-from builder.models import load_tokenizer
+from builder.infer import torch_logits, training_ids
+from builder.models import load_hf_tokenizer
 from runtime.data import labels_of
 from runtime.engine import softmax
-from runtime.labels import LabelSpace, top3
+from runtime.labels import LabelSpace
 from runtime.manifest import load_manifest
-from runtime.metrics import map_at_3
+from runtime.metrics import masked_map3
 from runtime.predict import predict
 from runtime.prompts import render
 
@@ -44,9 +44,9 @@ def main() -> None:
     print(f"{len(rows)} held-out rows, {torch.get_num_threads()} threads, member {manifest['members'][0]['name']}")
 
     model = AutoModelForSequenceClassification.from_pretrained(args.merged).eval()
-    tok = load_tokenizer(str(args.merged))
+    tok = load_hf_tokenizer(str(args.merged))
     start = time.perf_counter()
-    ids = tok(render(rows, meta["template"], space, meta.get("chat")), truncation=True, max_length=meta["max_length"])["input_ids"]
+    ids = training_ids(tok, render(rows, meta["template"], space, meta.get("chat")), meta["max_length"])
     base = softmax(torch_logits(model, ids, meta["pad_token_id"], batch_size=32, sort=False, dedupe=False, desc="baseline"))
     base_s = time.perf_counter() - start
 
@@ -54,8 +54,8 @@ def main() -> None:
     probs, _ = predict(args.bundle, manifest, space, rows)
     run_s = time.perf_counter() - start
 
-    base_map = map_at_3(truth, labels[top3(base, mask)].tolist())
-    run_map = map_at_3(truth, labels[top3(probs, mask)].tolist())
+    base_map = masked_map3(truth, base, labels, mask)
+    run_map = masked_map3(truth, probs, labels, mask)
     print(f"baseline torch fp32, input order, batch 32: {len(rows) / base_s:8.1f} rows/s  MAP@3 {base_map:.4f}")
     print(f"runtime  bundle, sorted batches:           {len(rows) / run_s:8.1f} rows/s  MAP@3 {run_map:.4f}")
     print(f"speed-up {base_s / run_s:.2f}x, MAP@3 difference {run_map - base_map:+.4f}")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -13,19 +11,18 @@ from typing import NamedTuple
 import click
 
 from runtime.ensemble import METHODS
+from runtime.errors import MapbuildError
 
-from .errors import MapbuildError
-from .export import PRECISIONS, export
-from .merge import merge
-from .options import check_types
+from .export import EXPORT_PRECISIONS
+from .folds import SplitConfig
+from .kinds import KINDS
+from .launch import launch
+from .options import check_types, one_of
 from .package import check_dataset_id, package
-from .tfidf import TfidfConfig, train_tfidf
-from .train import TrainConfig, can_resume, train
 from .wheels import CUDA, ORT_GPU, PYTHONS, cp_tag
 
 DEMO = Path(__file__).parent / "data" / "demo.toml"
 SAMPLE_TRAIN = Path(__file__).parent / "data" / "sample_train.csv"
-KINDS = {"transformer": TrainConfig, "tfidf": TfidfConfig}
 
 
 @dataclass
@@ -37,7 +34,7 @@ class BuildConfig:
     models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option; with `kind = \"tfidf\"`, any `mapbuild tfidf` option."})
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
     title: str | None = field(default=None, metadata={"help": "Dataset title, 6-50 characters (default: 'mapbuild SLUG')."})
-    ensemble: str = field(default="prob", metadata={"help": "How members combine: prob (weighted probabilities) or rank."})
+    ensemble: str = field(default="prob", metadata={"help": "How members combine: prob (weighted probabilities), rank, or geo (weighted geometric mean)."})
     wheels: bool = field(default=True, metadata={"help": "Bring onnxruntime-gpu wheels: Kaggle's image has no onnxruntime."})
     python: list[str] = field(default_factory=lambda: list(PYTHONS), metadata={"help": "Kernel CPython versions to bring a wheel for."})
     cuda: int = field(default=CUDA, metadata={"help": "CUDA major of the kernel image; picks the onnxruntime-gpu build."})
@@ -52,8 +49,7 @@ class BuildConfig:
             raise MapbuildError(f'build config: python = {self.python!r}: give CPython versions such as ["3.11", "3.12"]') from None
         if self.cuda not in ORT_GPU:
             raise MapbuildError(f"build config: cuda must be one of {', '.join(map(str, ORT_GPU))}, got {self.cuda!r}")
-        if self.ensemble not in METHODS:
-            raise MapbuildError(f"build config: ensemble must be one of {', '.join(METHODS)}, got {self.ensemble!r}")
+        one_of(self.ensemble, METHODS, "build config: ensemble")
         if not self.models:
             raise MapbuildError("build config: add at least one [[models]] table")
         names = [m.get("name") for m in self.models]
@@ -63,7 +59,8 @@ class BuildConfig:
 
 class Member(NamedTuple):
     name: str
-    config: TrainConfig | TfidfConfig
+    kind: str  # a key of KINDS
+    config: SplitConfig
     quantize: str
     force: bool  # keep a quantized export that fails the drift gate
 
@@ -98,34 +95,30 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
         if not isinstance(force, bool):
             raise MapbuildError(f"{path}: [[models]] {name}: force must be true or false, got {force!r}")
         kind = m.pop("kind", "transformer")
-        if kind not in KINDS:
-            raise MapbuildError(f"{path}: [[models]] {name}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        if quantize not in PRECISIONS:
-            raise MapbuildError(f"{path}: [[models]] {name}: quantize must be one of {', '.join(PRECISIONS)}")
-        allowed = {f.name for f in fields(KINDS[kind])}
+        where = f"{path}: [[models]] {name}"
+        try:
+            one_of(kind, KINDS, "kind")
+            one_of(quantize, EXPORT_PRECISIONS, "quantize")
+        except MapbuildError as e:
+            raise MapbuildError(f"{where}: {e}") from None
+        config = KINDS[kind].config
+        allowed = {f.name for f in fields(config)}
         if set(m) - allowed:
-            raise MapbuildError(f"{path}: [[models]] {name}: unknown key {', '.join(sorted(set(m) - allowed))}")
-        check_types(KINDS[kind], m, f"{path}: [[models]] {name}")
+            raise MapbuildError(f"{where}: unknown key {', '.join(sorted(set(m) - allowed))}")
+        check_types(config, m, where)
         if "data" not in m:
-            raise MapbuildError(f"{path}: [[models]] {name}: set `data` to a labelled train.csv")
+            raise MapbuildError(f"{where}: set `data` to a labelled train.csv")
         m["data"] = str(here / m["data"])
-        members.append(Member(name, KINDS[kind](**m), quantize, force))
+        members.append(Member(name, kind, config(**m), quantize, force))
     return cfg, members
 
 
 def build_member(member: Member, dest: Path) -> tuple[Path, dict]:
     """One model's stages into dest (run, merged, onnx; a TF-IDF member writes onnx alone). Returns its ONNX folder
     and its training metrics."""
-    name, spec, quantize, force = member
+    name, kind, spec, quantize, force = member
     what = "full refit" if spec.full else f"fold {spec.fold}"
-    if isinstance(spec, TfidfConfig):
-        metrics = train_tfidf(spec, dest / "onnx")
-    else:
-        click.echo(f"== {name}, {what}: train")
-        metrics = train(spec, dest / "run", resume=can_resume(spec, dest / "run"))  # a killed run goes on where it stopped
-        merge(dest / "run", dest / "merged")
-        click.echo(f"== {name}, {what}: export {quantize}")
-        export(dest / "merged", dest / "onnx", quantize, force=force)
+    metrics = KINDS[kind].build(name, spec, dest, quantize, force)
     score = f"MAP@3 {metrics['map3']:.4f}" if "map3" in metrics else "no held-out rows"
     click.echo(f"== {name}, {what}: {score}")
     return dest / "onnx", metrics
@@ -142,9 +135,7 @@ def build(config: str | os.PathLike, **overrides) -> Path:
     click.echo(f"== bundle -> {bundle}")
     if cfg.test:
         submission = root / "submission.csv"
-        # Exactly the kernel's call: the bundle's own runtime copy, in a fresh process.
-        cmd = [sys.executable, "-m", "runtime.submit", "--bundle", ".", "--test", cfg.test, "--out", str(submission.resolve())]
-        done = subprocess.run(cmd, cwd=bundle, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        done = launch(bundle, "--bundle", ".", "--test", cfg.test, "--out", str(submission.resolve()), capture=False)
         if done.returncode:
             raise MapbuildError(f"{bundle}: the runtime failed on {cfg.test} (exit {done.returncode})")
         click.echo(f"== submission -> {submission}")

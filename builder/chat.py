@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import MapbuildError
+from runtime.errors import MapbuildError
 
 SLOT = "MAPBUILD_USER_MESSAGE"
 

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+import warnings
 from pathlib import Path
 
 import click
+from tabulate import tabulate
 
 from runtime.ensemble import METHODS
-from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, T4_FLOPS, TEST_ROWS, estimate, verdict
+from runtime.errors import MapbuildError
+from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, added_member, estimate, verdict
 from runtime.prompts import TEMPLATES
 
-from .errors import MapbuildError
-from .export import PRECISIONS
+from .export import EXPORT_PRECISIONS
 from .options import config_options
 from .stages import remove_pending
 from .tfidf import TfidfConfig
@@ -26,17 +26,14 @@ from .twin import DEFAULT_IMAGE, IMAGES
 from .wheels import CUDA, ORT_GPU, PYTHONS
 
 
-def friendly(fn: Callable) -> Callable:
-    """Turn MapbuildError into a one-line ClickException."""
+class Group(click.Group):
+    """Every command's MapbuildError becomes a one-line ClickException here, once."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def invoke(self, ctx: click.Context):
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except MapbuildError as e:
             raise click.ClickException(str(e)) from None
-
-    return wrapper
 
 
 def kaggle_ready(manifest: dict) -> str:
@@ -53,15 +50,29 @@ def terminate(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-@click.group()
+def quiet_third_parties() -> None:
+    """Hide other packages' load reports, weight-loading bars and warnings (FutureWarning, TracerWarning, ...): `-v`
+    shows them. Training and inference bars are ours or the Trainer's, and stay."""
+    warnings.filterwarnings("ignore", module=r"(?!builder|runtime)")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar follows it
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mapbuild")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Also show other packages' logs and warnings.")
+@click.option("-q", "--quiet", is_flag=True, help="Show only warnings and errors.")
+def cli(verbose: bool, quiet: bool) -> None:
     """Build offline Kaggle submission bundles for MAP: Charting Student Math Misunderstandings.
 
     Stages read and write folders: train -> merge -> export -> package. `build` chains them from a TOML file.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("mapbuild").setLevel(logging.INFO)  # ours; onnxruntime's quantizer logs every tensor at INFO
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    # ours at INFO; onnxruntime's quantizer logs every tensor at INFO, so only -v shows the others'
+    logging.getLogger("mapbuild").setLevel(logging.WARNING if quiet else logging.INFO)
+    if not verbose:
+        quiet_third_parties()
     signal.signal(signal.SIGTERM, terminate)
 
 
@@ -69,7 +80,6 @@ def cli() -> None:
 @config_options(TrainConfig, required=("data",))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT.checkpoints, with the same options.")
-@friendly
 def train(out: str, resume: bool, **kwargs) -> None:
     """Fine-tune MODEL as a LoRA classifier on one fold (or, with --full, all rows) and save the run folder.
 
@@ -89,7 +99,6 @@ def train(out: str, resume: bool, **kwargs) -> None:
 @cli.command()
 @config_options(TfidfConfig, required=("data",))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Member folder to write (an ONNX folder for `package`).")
-@friendly
 def tfidf(out: str, **kwargs) -> None:
     """Fit one TF-IDF + logistic-regression model per question and write it as an ONNX member folder.
 
@@ -107,9 +116,10 @@ def tfidf(out: str, **kwargs) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Merged model folder to write.")
-@friendly
 def merge(run_dir: str, out: str) -> None:
-    """Merge RUN_DIR's LoRA adapter into its base model: a plain HF folder (safetensors) with the tokenizer."""
+    """Merge RUN_DIR's LoRA adapter into its base model: a plain HF folder (safetensors) with the tokenizer.
+
+    A fully fine-tuned run (--lora-r 0) is copied into the same layout."""
     from .merge import merge as run
 
     click.echo(f"merged -> {run(run_dir, out)}")
@@ -118,10 +128,9 @@ def merge(run_dir: str, out: str) -> None:
 @cli.command()
 @click.argument("merged_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="ONNX folder to write.")
-@click.option("--quantize", type=click.Choice(PRECISIONS), default="int8", show_default=True, help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16).")
+@click.option("--quantize", type=click.Choice(list(EXPORT_PRECISIONS)), default="int8", show_default=True, help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16).")
 @click.option("--rows", type=int, default=256, show_default=True, help="Held-out rows for the drift check.")
 @click.option("--force", is_flag=True, help="Keep a quantized model that flips more than 1% of top-1 predictions.")
-@friendly
 def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> None:
     """Export MERGED_DIR to ONNX and record its logit drift against PyTorch fp32 on held-out rows.
 
@@ -145,8 +154,7 @@ def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> 
 @click.option("--python", "pythons", default=",".join(PYTHONS), show_default=True, help="Kernel CPython versions to bring a wheel for, comma-separated (e.g. 3.11,3.12).")
 @click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), default=str(CUDA), show_default=True, help="CUDA major of the kernel image; picks the onnxruntime-gpu build.")
 @click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI (offline builds).")
-@click.option("--ensemble", type=click.Choice(METHODS), default="prob", show_default=True, help="Average member probabilities or per-row ranks.")
-@friendly
+@click.option("--ensemble", type=click.Choice(METHODS), default="prob", show_default=True, help="Average member probabilities (prob), per-row ranks (rank) or log-probabilities (geo: a weighted geometric mean).")
 def package(
     onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, pythons: str, cuda: str, find_links: str | None, ensemble: str
 ) -> None:
@@ -176,7 +184,6 @@ def package(
 @click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--test", type=click.Path(dir_okay=False, exists=True), help="Test CSV to run (default: the embedded sample test rows).")
 @click.option("--image", type=click.Choice(list(IMAGES)), default=DEFAULT_IMAGE, show_default=True, help="Which Kaggle image the twin copies.")
-@friendly
 def verify(bundle_dir: str, test: str | None, image: str) -> None:
     """Run BUNDLE_DIR's own notebook in a twin of Kaggle's image, before you upload it.
 
@@ -194,7 +201,6 @@ def verify(bundle_dir: str, test: str | None, image: str) -> None:
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--message", "-m", help="Version notes when the dataset already exists.")
-@friendly
 def upload(bundle_dir: str, message: str | None) -> None:
     """Upload BUNDLE_DIR as a private Kaggle dataset, or as a new version of it (sub-folders zipped).
 
@@ -208,7 +214,6 @@ def upload(bundle_dir: str, message: str | None) -> None:
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--push", is_flag=True, help="Push the notebook to Kaggle to run on a T4 (otherwise only show it).")
-@friendly
 def kernel(bundle_dir: str, push: bool) -> None:
     """Show BUNDLE_DIR's submission notebook settings; with --push, push it to run with a T4, internet off."""
     from .publish import kernel as run
@@ -228,45 +233,34 @@ def kernel(bundle_dir: str, push: bool) -> None:
 @click.option("--rows", type=int, default=TEST_ROWS, show_default=True, help="Test rows to plan for.")
 @click.option("--gpus", type=int, default=2, show_default=True, help="GPUs sharing the rows.")
 @click.option("--efficiency", type=float, default=0.25, show_default=True, help="Share of the T4's peak FLOPs reached.")
-@friendly
 def plan(bundle_dir: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float) -> None:
     """Estimate kernel time per member of BUNDLE_DIR (and --add models) on T4s against the 9-hour limit.
 
     FLOPs are 2 x parameters x mean prompt tokens per row; the rate is the T4's peak for the member's precision
     (fp16 tensor cores 65 TFLOPS, fp32 8.1) times --efficiency."""
-    from runtime.manifest import BundleError, load_manifest
+    from runtime.manifest import load_manifest
 
     from .models import ALIASES
 
     if not 0 < efficiency <= 1 or gpus < 1 or rows < 0:
         raise MapbuildError("--efficiency must be in (0, 1], --gpus at least 1 and --rows not negative")
-    try:
-        members = load_manifest(bundle_dir)["members"] if bundle_dir else []
-    except BundleError as e:
-        raise MapbuildError(str(e)) from None
-    for spec in extra:
-        alias, _, precision = spec.partition(":")
-        if alias not in ALIASES or (precision or "fp16") not in T4_FLOPS:
-            raise MapbuildError(f"--add {spec}: use ALIAS[:PRECISION] with an alias from `mapbuild models` and one of {', '.join(T4_FLOPS)}")
-        members.append({"name": spec, "params": int(ALIASES[alias].params_m * 1e6), "mean_tokens": tokens, "precision": precision or "fp16"})
+    members = load_manifest(bundle_dir)["members"] if bundle_dir else []
+    members += [added_member(spec, {a: m.params_m for a, m in ALIASES.items()}, tokens) for spec in extra]
     if not members:
         raise MapbuildError("plan: give a BUNDLE_DIR or at least one --add ALIAS")
     plan = estimate(members, rows, gpus, efficiency)
-    click.echo(f"{'member':32s} {'precision':>9s} {'params':>9s} {'tokens':>7s} {'hours':>7s}")
-    for m, e in zip(members, plan):
-        click.echo(f"{e.name:32s} {m['precision']:>9s} {e.params / 1e6:8.1f}M {e.mean_tokens:7.1f} {e.seconds / 3600:7.3f}")
+    table = [(e.name, m["precision"], f"{e.params / 1e6:.1f}M", f"{e.mean_tokens:.1f}", f"{e.seconds / 3600:.3f}") for m, e in zip(members, plan)]
     total = sum(e.seconds for e in plan)
     note = {"ok": "fits", "warn": f"inside the {MARGIN_HOURS:.0f} h safety margin", "over": "OVER the limit"}[verdict(total)]
-    click.echo(f"{'total':32s} {'':>9s} {'':>9s} {'':>7s} {total / 3600:7.3f}  ({rows:,} rows, {gpus}x T4: {note}, limit {LIMIT_HOURS:.0f} h)")
+    table.append(("total", "", "", "", f"{total / 3600:.3f}"))
+    click.echo(tabulate(table, headers=("member", "precision", "params", "tokens", "hours"), tablefmt="plain", disable_numparse=True))
+    click.echo(f"{rows:,} rows, {gpus}x T4: {note}, limit {LIMIT_HOURS:.0f} h")
 
 
 def read_data(path: str, labelled: bool = False):
-    from runtime.data import InputError, read_rows
+    from runtime.data import read_rows
 
-    try:
-        return read_rows(path, labelled=labelled)
-    except InputError as e:
-        raise MapbuildError(str(e)) from None
+    return read_rows(path, labelled=labelled)
 
 
 def pick_row(df, row: int, path: str):
@@ -280,20 +274,14 @@ def pick_row(df, row: int, path: str):
 @click.option("--test", type=click.Path(dir_okay=False), help="Compare a test CSV with the training data.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
 @click.option("--samples", type=int, default=3, show_default=True, help="Sample rows shown per question.")
-@friendly
 def analyze(train_csv: str, test: str | None, out: str, samples: int) -> None:
     """Write a data report: report.md with PNG plots, and summary.json with every figure.
 
     Label distributions overall and per question, the misconceptions each question admits and each row's candidate
     count, explanation lengths, duplicates and conflicting labels, and the correctness rule's agreement."""
-    from runtime.data import InputError
-
     from .analyze import analyze as run
 
-    try:
-        f = run(train_csv, out, test, samples)
-    except InputError as e:
-        raise MapbuildError(str(e)) from None
+    f = run(train_csv, out, test, samples)
     click.echo(
         f"{f['rows']} rows, {f['questions']} questions, {f['labels']} labels; {f['exact_duplicates']} exact duplicates, "
         f"{f['conflict_groups']} conflicting inputs, {f['disagreeing_rows']} rows disagree with correctness -> {Path(out) / 'report.md'}"
@@ -307,7 +295,6 @@ def analyze(train_csv: str, test: str | None, out: str, samples: int) -> None:
 @click.option("--no-chat-template", "chat", flag_value=False, default=True, help="Do not wrap prompts in the tokenizer's chat template.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for the padding figures.")
 @click.option("--plot", type=click.Path(dir_okay=False), default="token_lengths.png", show_default=True, help="Histogram PNG to write.")
-@friendly
 def tokens(data_csv: str, model: str, template: str, chat: bool, batch_size: int, plot: str) -> None:
     """Token lengths of DATA_CSV's prompts: percentiles, truncation per max_length, a recommendation, padding waste."""
     from .tokens import histogram, token_lengths, token_report
@@ -348,7 +335,6 @@ def prompts_list() -> None:
 @click.option("--row", type=int, default=0, show_default=True, help="Row position in --data (0-based).")
 @click.option("--data", type=click.Path(dir_okay=False), help="CSV to take the row from (default: the embedded sample).")
 @click.option("--model", help="Also wrap in this model's chat template and count its tokens.")
-@friendly
 def prompts_show(template: str, row: int, data: str | None, model: str | None) -> None:
     """Print one row's prompt exactly as training and the kernel render it."""
     from runtime.prompts import render
@@ -360,9 +346,9 @@ def prompts_show(template: str, row: int, data: str | None, model: str | None) -
     df = read_data(data)
     picked = df.iloc[[pick_row(df, row, data).name]]
     from .chat import chat_parts
-    from .models import load_tokenizer, resolve
+    from .models import load_hf_tokenizer, resolve
 
-    tok = load_tokenizer(resolve(model)) if model else None
+    tok = load_hf_tokenizer(resolve(model)) if model else None
     text = render(picked, template, label_space_for(df), chat_parts(tok) if tok else None)[0]
     click.echo(f"{text}\n--- {len(tok(text)['input_ids'])} tokens for {model}" if tok else text)
 
@@ -379,10 +365,11 @@ def stream(text: str) -> None:
 @click.option("--row", type=int, default=0, show_default=True, help="Row position in --data (0-based).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 decodes greedily.")
-@friendly
 def generate(question: str | None, model: str, template: str | None, data: str | None, row: int, max_new_tokens: int, temperature: float) -> None:
     """Answer QUESTION step by step through the model's chat template, streaming tokens as they come."""
-    from runtime.prompts import TEMPLATES as FNS
+    import pandas as pd
+
+    from runtime.prompts import render
 
     from .generate import generate as run
     from .generate import load_causal_lm
@@ -392,13 +379,12 @@ def generate(question: str | None, model: str, template: str | None, data: str |
         raise MapbuildError("give a QUESTION or --data CSV --row N, not both")
     if data:
         df = read_data(data)
-        picked = pick_row(df, row, data)
-        space = label_space_for(df)
-        verdict = space.is_correct(df.iloc[[row]]).iloc[0]
-        prompt = FNS[template or "step_by_step"](picked.to_dict(), verdict, space.correct.get(picked["QuestionId"], ""))
+        pick_row(df, row, data)
+        rows, space = df.iloc[[row]], label_space_for(df)
     else:
-        blank = {"QuestionId": "", "QuestionText": question, "MC_Answer": "", "StudentExplanation": ""}
-        prompt = FNS[template](blank, None, "") if template else question
+        rows = pd.DataFrame([{"QuestionId": "", "QuestionText": question, "MC_Answer": "", "StudentExplanation": ""}])
+        space = label_space_for(rows)
+    prompt = render(rows, template or "step_by_step", space)[0] if template or data else question
     lm, tok = load_causal_lm(model)
     run(lm, tok, prompt, max_new_tokens, temperature, on_text=stream)
     click.echo()
@@ -410,12 +396,12 @@ def generate(question: str | None, model: str, template: str | None, data: str |
 @click.option("--row", type=int, required=True, help="Row position in --data (0-based).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 decodes greedily.")
-@friendly
 def explain(model: str, data: str, row: int, max_new_tokens: int, temperature: float) -> None:
     """Ask the model what misconception one row's explanation shows (a debugging aid, not a classifier)."""
     from runtime.data import has_labels
 
-    from .generate import explain_prompt, generate as run, load_causal_lm
+    from .generate import explain_prompt, load_causal_lm
+    from .generate import generate as run
     from .tokens import label_space_for
 
     df = read_data(data)
@@ -439,7 +425,6 @@ def explain(model: str, data: str, row: int, max_new_tokens: int, temperature: f
 @click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), help="Override the kernel image's CUDA major.")
 @click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI.")
 @click.option("--ensemble", type=click.Choice(METHODS), help="Override how members combine.")
-@friendly
 def build(config: str, pythons: str | None, cuda: str | None, **overrides) -> None:
     """Run every stage from CONFIG.toml: train, merge and export each model, then package the bundle.
 
@@ -455,7 +440,6 @@ def build(config: str, pythons: str | None, cuda: str | None, **overrides) -> No
 @click.option("--folds", "which", help="Train only these folds, comma-separated (default: all); finished folds are never redone.")
 @click.option("--full", is_flag=True, help="Then refit every recipe on all rows, weighted in ensembles by its folds' out-of-fold rows.")
 @click.option("--only", multiple=True, metavar="NAME", help="Train only this [[models]] recipe (repeatable); the report still covers all.")
-@friendly
 def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[str, ...]) -> None:
     """Cross-validate every recipe of CONFIG.toml: train each missing fold, report MAP@3 per fold, mean and standard
     deviation, per question, and for the ensemble; write OUT/cv.json.
@@ -479,7 +463,6 @@ def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="build/demo", show_default=True, help="Where the stages go.")
-@friendly
 def demo(out: str) -> None:
     """Build a bundle from the embedded default (MiniLM and TF-IDF on the shipped sample) and run it on the sample test rows."""
     from .build import DEMO
@@ -496,15 +479,13 @@ def models() -> None:
     from .models import ALIASES, fits_t4, weights_gib
 
     header = ("alias", "hub id", "family", "params", "fp16 GiB", "T4 fp16", "int4 GiB", "T4 int4", "weights from")
-    rows = [header]
-    for name, a in ALIASES.items():
-        size = f"{a.params_m / 1000:.2f}B" if a.params_m >= 1000 else f"{a.params_m:.1f}M"
-        rows.append((
-            name, a.hub_id, a.family, size,
+    rows = [
+        (
+            name, a.hub_id, a.family, f"{a.params_m / 1000:.2f}B" if a.params_m >= 1000 else f"{a.params_m:.1f}M",
             f"{weights_gib(a.params_m, 16):.2f}", "yes" if fits_t4(a.params_m, 16) else "no",
             f"{weights_gib(a.params_m, 4):.2f}", "yes" if fits_t4(a.params_m, 4) else "no",
             f"pip: {a.wheel}" if a.wheel else "hub",
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        )
+        for name, a in ALIASES.items()
+    ]
+    click.echo(tabulate(rows, headers=header, tablefmt="plain", disable_numparse=True))

@@ -16,12 +16,12 @@ import click
 import numpy as np
 
 from runtime.data import labels_of
+from runtime.errors import MapbuildError
 from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
 from .build import Member, build_member, load_config
 from .ensemble import fit
-from .errors import MapbuildError
 from .folds import load_labelled
 from .stages import META, read_meta
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from runtime.data import labels_of
-from runtime.ensemble import combine, rank_rows
+from runtime.ensemble import combine, parts
+from runtime.errors import MapbuildError
 from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
-from .errors import MapbuildError
 from .folds import assign_folds, load_labelled
 from .stages import read_meta
 
@@ -79,15 +79,15 @@ def fit(onnx_dirs: list[str | os.PathLike], method: str = "prob") -> dict:
     truth, mask, labels = np.array(labels_of(rows).tolist()), space.candidate_mask(rows), np.array(space.labels)
     score = lambda p, at=slice(None): map_at_3(truth[at].tolist(), labels[top3(p, mask[at])].tolist())
     probs = [np.stack([o[r] for r in shared]) for o in oofs]
-    parts = [rank_rows(p) if method == "rank" else p for p in probs]
-    weights = select(parts, score) if len(keys) > 1 else np.ones(1)
+    votes = [parts(p, method) for p in probs]  # for geo, log-probs: summed votes rank as the geometric mean
+    weights = select(votes, score) if len(keys) > 1 else np.ones(1)
     blend = lambda w, at=slice(None): score(combine([p[at] for p, x in zip(probs, w) if x > 0], w[w > 0], method), at)
     folds = rows["_fold"].to_numpy()
     if len(keys) > 1 and len(set(folds)) > 1:
         held = []
         for f in sorted(set(folds)):
             fit_on, test = folds != f, folds == f
-            w = select([p[fit_on] for p in parts], lambda p: score(p, fit_on))
+            w = select([v[fit_on] for v in votes], lambda p: score(p, fit_on))
             held.append(blend(w, test) * test.sum())
         result["map3_held_out"] = sum(held) / len(folds)
     recipe_map3 = [score(p) for p in probs]

@@ -6,22 +6,23 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from runtime.engine import encode, load_tokenizer, onnx_forward, run_batches
+from runtime.engine import encode, load_kernel_tokenizer, onnx_forward, run_batches
+from runtime.errors import MapbuildError
 from runtime.labels import LabelSpace
 from runtime.prompts import render
 
-from .errors import MapbuildError
-from .models import FAMILIES
-from .models import load_tokenizer as load_hf_tokenizer
-from .stages import atomic_dir, read_meta, write_meta
 from .folds import split_fold
+from .models import FAMILIES, load_hf_tokenizer
+from .options import one_of
+from .stages import atomic_dir, read_meta, write_meta
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf cannot serialize 2 GiB: above this, weights go to one .data file
 
 
@@ -105,50 +106,77 @@ def keep_fp32(proto, ops: tuple[str, ...] = FRAGILE_OPS) -> int:
     return pinned
 
 
+def int8_weights(proto, scratch: Path):
+    """Dynamic int8: uint8 weights per channel (fewer top-1 flips than per-tensor on AVX2's u8s8 kernels, which
+    saturate). Shape inference cannot type the fused com.microsoft ops' outputs; they are all float."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        proto, scratch / "int8.onnx", weight_type=QuantType.QUInt8, per_channel=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return onnx.load(str(scratch / "int8.onnx"))
+
+
+def int4_weights(proto, scratch: Path):
+    """Weight-only 4-bit MatMuls (MatMulNBits), blocks of 32: models too big for a T4 in fp16."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    return quantizer.model.model
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model is exported at one precision."""
+
+    half: bool  # load and export in fp16: a 2-3B model never sits in RAM in fp32; fragile ops stay fp32 (keep_fp32)
+    quantize: Callable | None = None  # (proto, scratch folder) -> quantized proto
+
+    @property
+    def fuses(self) -> bool:
+        """onnxruntime's attention fusions match fp32 graphs only."""
+        return not self.half
+
+
+EXPORT_PRECISIONS = {
+    "fp32": Precision(half=False),
+    "fp16": Precision(half=True),
+    "int8": Precision(half=False, quantize=int8_weights),
+    "int4": Precision(half=True, quantize=int4_weights),
+}
+
+
 def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: str) -> None:
-    """model.onnx at `precision`. fp16 and int4 start from a model loaded in fp16, so a 2-3B model never sits in RAM
-    in fp32; softmax, tanh and LayerNorm then run in fp32 inside the fp16 graph (keep_fp32)."""
+    """model.onnx at `precision` (EXPORT_PRECISIONS): exported, fused where the family has a fusion, quantized."""
     import onnx
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    half = precision in ("fp16", "int4")
-    fusion = "" if half else fusion
-    kwargs: dict = {"dtype": torch.float16} if half else {}
+    how = EXPORT_PRECISIONS[precision]
+    fusion = fusion if how.fuses else ""
+    kwargs: dict = {"dtype": torch.float16} if how.half else {}
     if fusion:
         kwargs["attn_implementation"] = "eager"  # the fusions match the eager attention pattern, not SDPA's
     model = AutoModelForSequenceClassification.from_pretrained(merged, **kwargs).eval()
     config = model.config
     # Exporters may write a file per large tensor: export into scratch, keep one model file (+ one .data).
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        to_onnx(model, Path(scratch) / "model.onnx", dynamo=half)
+        to_onnx(model, Path(scratch) / "model.onnx", dynamo=how.half)
         del model
         proto = onnx.load(str(Path(scratch) / "model.onnx"))
-    if half:
+    if how.half:
         keep_fp32(proto)
     if fusion:
         from onnxruntime.transformers.optimizer import optimize_model
 
-        # Attention, SkipLayerNormalization and BiasGelu: about 1.15x on CPU in fp32, and int8 then quantizes attention.
+        # Attention, SkipLayerNormalization and BiasGelu: faster on CPU in fp32, and int8 then quantizes attention.
         proto = optimize_model(proto, model_type=fusion, num_heads=config.num_attention_heads, hidden_size=config.hidden_size).model
-    if precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    if how.quantize:
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-            # uint8 weights, per channel: on 2,000 held-out rows of the MiniLM fold, 0.85% masked top-1 flips at 95 rows/s, against
-            # 1.8% at 123 rows/s for per-tensor int8 (AVX2's u8s8 kernels saturate). Shape inference cannot type the
-            # fused com.microsoft ops' outputs; they are all float.
-            quantize_dynamic(
-                proto, Path(scratch) / "int8.onnx", weight_type=QuantType.QUInt8, per_channel=True,
-                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-            )
-            proto = onnx.load(str(Path(scratch) / "int8.onnx"))
-    elif precision == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=32, is_symmetric=True)
-        quantizer.process()
-        proto = quantizer.model.model
+            proto = how.quantize(proto, Path(scratch))
     save(proto, path)
 
 
@@ -180,18 +208,17 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
     """Write ONNX_DIR with model.onnx, tokenizer.json and the drift against PyTorch fp32 on held-out rows."""
     from transformers import AutoModelForSequenceClassification
 
-    from .infer import torch_logits
+    from .infer import torch_logits, training_ids
 
-    if quantize not in PRECISIONS:
-        raise MapbuildError(f"--quantize must be one of {', '.join(PRECISIONS)}, got {quantize}")
+    one_of(quantize, EXPORT_PRECISIONS, "--quantize")
     meta = read_meta(merged, "merged")
     sample = held_out_rows(meta, rows)
     space = LabelSpace.from_json(meta["label_space"])
     texts = render(sample, meta["template"], space, meta.get("chat"))
-    hf_ids = load_hf_tokenizer(str(merged))(texts, truncation=True, max_length=meta["max_length"])["input_ids"]
+    hf_ids = training_ids(load_hf_tokenizer(str(merged)), texts, meta["max_length"])
     with atomic_dir(out) as tmp:
         shutil.copy(Path(merged) / "tokenizer.json", tmp / "tokenizer.json")
-        ids = encode(load_tokenizer(tmp / "tokenizer.json", meta["max_length"]), texts)
+        ids = encode(load_kernel_tokenizer(tmp / "tokenizer.json", meta["max_length"]), texts)
         mismatched = sum(a != b for a, b in zip(ids, hf_ids))
         if mismatched:
             raise MapbuildError(f"{merged}/tokenizer.json: runtime tokenizer disagrees with the training tokenizer on {mismatched} of {len(ids)} rows")

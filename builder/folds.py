@@ -2,24 +2,54 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from runtime.data import InputError, labels_of, read_rows
+from runtime.data import labels_of, read_rows
 from runtime.labels import LabelSpace, fit_label_space
+from runtime.metrics import masked_map3
+from runtime.predict import prior
 
 from .dataset import clean
-from .errors import MapbuildError
+from .options import require
+
+
+def absolute(path: str) -> str:
+    """Stage folders record absolute paths, so that later stages run from any folder."""
+    return str(Path(path).resolve()) if path else path
+
+
+@dataclass
+class SplitConfig:
+    """The rows a member trains on, shared by every member kind: members with the same split share their
+    out-of-fold rows, and so can be ensembled."""
+
+    data: str = field(metadata={"help": "Labelled train.csv in the competition's format."})
+    folds: int = field(default=5, metadata={"help": "Number of cross-validation folds."})
+    fold: int = field(default=0, metadata={"help": "The fold held out for validation."})
+    full: bool = field(default=False, metadata={"help": "Train on every row (the final refit): no fold held out, no validation."})
+    dedupe: bool = field(default=True, metadata={"help": "Train on one copy of rows that are exact duplicates (same input and label)."})
+    sample: int | None = field(default=None, metadata={"help": "Use about N rows, drawn stratified by label with --seed (quick runs)."})
+    oof: str | None = field(default=None, metadata={"help": "For a --full refit: its recipe's cross-validation oof.npz, which stands in for it in ensemble selection."})
+    seed: int = field(default=42, metadata={"help": "Seed for the folds and the sample (and a transformer's initialisation and shuffling)."})
+
+    def __post_init__(self) -> None:
+        require(
+            (bool(self.data), "--data: give a labelled train.csv"),
+            (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
+            (0 <= self.fold < self.folds, f"--fold must be in 0..{self.folds - 1}, got {self.fold}"),
+            (self.sample is None or self.sample >= 2 * self.folds, f"--sample must be at least 2 x folds, got {self.sample}"),
+        )
+        self.data, self.oof = absolute(self.data), self.oof and absolute(self.oof)
 
 
 def load_labelled(path: str, sample: int | None = None, seed: int = 42) -> pd.DataFrame:
     """The labelled rows of `path`; with `sample`, that many drawn stratified by label (seeded), in file order."""
-    try:
-        df = read_rows(path, labelled=True)
-    except InputError as e:
-        raise MapbuildError(str(e)) from None
+    df = read_rows(path, labelled=True)
     if not sample or sample >= len(df):
         return df
     # Every label keeps its share, rounded, and at least one row: the file is sorted by question, a head() is not.
@@ -57,3 +87,16 @@ def split_fold(data: str, sample: int | None, folds: int, fold: int | None, seed
     space = fit_label_space(tr, labels)
     tr, cleaning = clean(tr, space, dedupe=dedupe, relabel_rows=relabel)
     return FoldSplit(df, tr, va, labels, space, cleaning)
+
+
+def validate(probs: np.ndarray, rows: pd.DataFrame, space: LabelSpace, unmasked: bool) -> dict:
+    """MAP@3 with the kernel's candidate mask; also without it for a model trained over all labels (a model trained
+    on candidates alone never learned to rank the others, so that figure would mean nothing)."""
+    truth, mask = labels_of(rows), space.candidate_mask(rows)
+    scores = {
+        "map3": masked_map3(truth, probs, space.labels, mask),
+        "map3_prior": masked_map3(truth, prior(space, len(rows)), space.labels, mask),
+    }
+    if unmasked:
+        scores["map3_unmasked"] = masked_map3(truth, probs, space.labels, np.ones_like(mask))
+    return scores

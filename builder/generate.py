@@ -8,7 +8,7 @@ import pandas as pd
 
 from runtime.labels import LabelSpace
 
-from .models import load_tokenizer, resolve
+from .models import load_hf_tokenizer, resolve
 
 SYSTEM = (
     "You are a patient maths tutor. Work step by step: say what the question asks, show the working, "
@@ -21,7 +21,7 @@ def load_causal_lm(model: str):
     from transformers import AutoModelForCausalLM
 
     source = resolve(model)
-    return AutoModelForCausalLM.from_pretrained(source.path, **source.kwargs()).eval(), load_tokenizer(source)
+    return AutoModelForCausalLM.from_pretrained(source.path, **source.kwargs()).eval(), load_hf_tokenizer(source)
 
 
 def chat_text(tok, prompt: str, system: str = SYSTEM) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import MapbuildError
+from runtime.errors import MapbuildError
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+from .options import one_of
+
+TRAIN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,7 @@ def choose_precision(hw: Hardware, requested: str = "auto") -> str:
 
     torch reports bf16 as supported on a T4 (7.5) through emulation, which is slow, so the capability decides, not
     `torch.cuda.is_bf16_supported()`. MPS mixed precision is still patchy in the HF Trainer: it stays fp32."""
-    if requested not in PRECISIONS:
-        raise MapbuildError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested}")
+    one_of(requested, TRAIN_PRECISIONS, "--precision")
     if requested == "auto":
         if hw.device != "cuda":
             return "fp32"

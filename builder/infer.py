@@ -10,6 +10,11 @@ import torch
 from runtime.engine import run_batches
 
 
+def training_ids(tok, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids as training sees them: the transformers tokenizer, truncated at `max_length`, unpadded."""
+    return tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
 def torch_logits(
     model: torch.nn.Module,
     seqs: Sequence[Sequence[int]],

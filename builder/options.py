@@ -9,7 +9,22 @@ from collections.abc import Callable
 
 import click
 
-from .errors import MapbuildError
+from runtime.errors import MapbuildError
+
+
+def require(*checks: tuple[bool, str]) -> None:
+    """Raise the message of the first failed (condition, message) check: config validation in `__post_init__`."""
+    for ok, message in checks:
+        if not ok:
+            raise MapbuildError(message)
+
+
+def one_of(value: object, choices: typing.Iterable, name: str) -> None:
+    """The one check of every choice setting: a one-line error naming it and its choices."""
+    choices = list(choices)
+    if value not in choices:
+        raise MapbuildError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
 
 NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
 

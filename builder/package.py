@@ -15,15 +15,18 @@ from pathlib import Path
 
 import runtime
 from runtime.ensemble import METHODS
+from runtime.errors import MapbuildError
 from runtime.manifest import FORMAT, MANIFEST, hash_tree
 from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, estimate, verdict
+from runtime.preflight import COMPETITION
 
 from .ensemble import fit
-from .errors import MapbuildError
+from .kinds import KINDS
+from .options import one_of
 from .stages import atomic_dir, read_meta
 from .wheels import CUDA, PYTHONS, fetch
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 # The kaggle client's own rules (kaggle 2.2.5, KaggleApi._validate_slug_syntax and dataset_create_new): lowercase
 # letters and digits joined by single dashes (owners may use underscores too), dataset slugs of 6-50 characters.
 OWNER = re.compile(r"[a-z0-9]+(?:[_-][a-z0-9]+)*")
@@ -42,12 +45,23 @@ MEMBER_KEYS = ("base_model", "model_type", "template", "max_length", "pad_token_
 PACKAGES = ("numpy", "pandas", "tokenizers", "onnxruntime", "onnx", "torch", "transformers", "peft")
 
 
-def render_template(name: str, **values: str) -> str:
-    """A JSON template with `$name` placeholders, filled with JSON-escaped values."""
-    text = (TEMPLATES / name).read_text()
-    filled = string.Template(text).substitute({k: json.dumps(v)[1:-1] for k, v in values.items()})
-    json.loads(filled)  # a template that renders invalid JSON is our bug, caught here rather than on Kaggle
-    return filled
+def dataset_metadata(dataset_id: str, title: str, description: str) -> dict:
+    """dataset-metadata.json, for `kaggle datasets create`."""
+    return {
+        "title": title, "id": dataset_id, "licenses": [{"name": "other"}], "subtitle": "Offline submission bundle built by mapbuild",
+        "description": description, "keywords": [],
+    }
+
+
+def kernel_metadata(dataset_id: str, kernel_id: str) -> dict:
+    """kernel-metadata.json, for `kaggle kernels push`: a private notebook on a GPU with internet off, the bundle and
+    the competition attached, on the image it was written for. Its title is its slug: Kaggle warns when a title does
+    not slugify to the id."""
+    return {
+        "id": kernel_id, "title": kernel_id.split("/")[1], "code_file": "submit.ipynb", "language": "python", "kernel_type": "notebook",
+        "is_private": True, "enable_gpu": True, "enable_tpu": False, "enable_internet": False, "dataset_sources": [dataset_id],
+        "competition_sources": [COMPETITION], "kernel_sources": [], "docker_image_pinning_type": "original", "model_sources": [],
+    }
 
 
 def check_dataset_id(dataset_id: str) -> tuple[str, str]:
@@ -89,7 +103,7 @@ def notebook(dataset_id: str, title: str) -> str:
     import nbformat
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-    code = string.Template((TEMPLATES / "kernel.py").read_text()).substitute(dataset_id=dataset_id).rstrip("\n")
+    code = string.Template((TEMPLATE_DIR / "kernel.py").read_text()).substitute(dataset_id=dataset_id).rstrip("\n")
     intro = f"# {title}\n\nOffline submission built by mapbuild from the dataset `{dataset_id}`."
     kernelspec = {"display_name": "Python 3", "language": "python", "name": "python3"}
     cells = [new_markdown_cell(intro, id="about"), new_code_cell(code, id="submit")]  # fixed ids: same inputs, same file
@@ -149,8 +163,7 @@ def package(
     for d, m in zip(onnx_dirs, metas):
         if m["label_space"]["labels"] != labels:
             raise MapbuildError(f"{d}: its label list differs from {onnx_dirs[0]}'s; ensemble members must share one")
-    if ensemble not in METHODS:
-        raise MapbuildError(f"--ensemble must be one of {', '.join(METHODS)}, got {ensemble}")
+    one_of(ensemble, METHODS, "--ensemble")
     fitted = fit(onnx_dirs, ensemble)
     title = title or f"mapbuild {slug}"[:50]
     if not 6 <= len(title) <= 50:
@@ -163,8 +176,8 @@ def package(
                 continue
             name = f"m{len(members)}-{m['model_type']}-{m['precision']}"
             (tmp / "models" / name).mkdir(parents=True)
-            files = m.get("files", {"model": "model.onnx", "tokenizer": "tokenizer.json", "data": "model.onnx.data"})
-            files = {k: f for k, f in files.items() if (Path(d) / f).is_file()}  # .data: external weights over 2 GiB
+            kind = m.get("kind", "transformer")
+            files = {k: f for k, f in KINDS[kind].files.items() if (Path(d) / f).is_file()}  # .data: external weights over 2 GiB
             for f in files.values():
                 if (Path(d) / f).is_symlink():
                     raise MapbuildError(f"package: {Path(d) / f} is a symlink; a bundle holds real files only")
@@ -174,7 +187,7 @@ def package(
                 "weight": weight,
                 "oof_map3": oof_map3,
                 "files": {k: f"models/{name}/{f}" for k, f in files.items()},
-                "kind": m.get("kind", "transformer"),
+                "kind": kind,
                 "chat": m.get("chat"),  # folders exported before chat templates have none
                 **{k: m[k] for k in MEMBER_KEYS if k in m},  # a tfidf member has no tokenizer, template or base model
             })
@@ -184,11 +197,10 @@ def package(
         (tmp / "runtime").mkdir()
         for f in sorted(RUNTIME_DIR.glob("*.py")) + [RUNTIME_DIR / "requirements.txt"]:  # the code, nothing else
             shutil.copy(f, tmp / "runtime" / f.name)
-        kernel = kernel_slug(slug)  # also its title: Kaggle warns when a title does not slugify to the id
-        values = {"dataset_id": dataset_id, "title": title, "owner": owner, "kernel_slug": kernel, "kernel_title": kernel}
-        values["description"] = f"Offline MAP submission bundle with {len(members)} model(s), built by mapbuild {runtime.__version__}."
-        for name in ("kernel-metadata.json", "dataset-metadata.json"):
-            (tmp / name).write_text(render_template(name, **values))
+        description = f"Offline MAP submission bundle with {len(members)} model(s), built by mapbuild {runtime.__version__}."
+        metadata = {"dataset-metadata.json": dataset_metadata(dataset_id, title, description), "kernel-metadata.json": kernel_metadata(dataset_id, f"{owner}/{kernel_slug(slug)}")}
+        for name, content in metadata.items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
         (tmp / "submit.ipynb").write_text(notebook(dataset_id, title))
         manifest = {
             "format": FORMAT,

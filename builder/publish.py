@@ -8,9 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from runtime.manifest import BundleError, load_manifest
+from runtime.errors import MapbuildError
+from runtime.manifest import load_manifest
 
-from .errors import MapbuildError
 from .package import exposure
 from .verify import check_tree
 
@@ -34,10 +34,7 @@ def client():
 
 def checked(bundle: Path) -> dict:
     """The manifest of an intact bundle holding no credentials."""
-    try:
-        manifest = load_manifest(bundle)
-    except BundleError as e:
-        raise MapbuildError(str(e)) from None
+    manifest = load_manifest(bundle)
     problems = check_tree(bundle, manifest) + [p for p in [exposure(bundle, manifest["files"])] if p]
     if problems:
         raise MapbuildError(f"{bundle}: {problems[0]}; package it again")

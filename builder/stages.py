@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MapbuildError
+from runtime.errors import MapbuildError
 
 META = "mapbuild.json"
+ADAPTER, FULL = "adapter", "model"  # a run folder keeps a LoRA adapter, or the fully fine-tuned weights (--lora-r 0)
 _PENDING: set[Path] = set()  # temporary folders being written, for the signal handler
 
 

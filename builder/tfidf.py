@@ -18,38 +18,26 @@ from runtime.data import labels_of
 from runtime.labels import fit_label_space
 from runtime.tfidf import grams, tfidf_probs
 
-from .errors import require
+from .folds import SplitConfig, split_fold, validate
+from .options import require
 from .stages import atomic_dir, write_meta
-from .folds import split_fold
-from .train import absolute, validate
 
 PAD_BIAS = -1e4  # logit of the padding classes of questions with fewer labels than the widest
 
 
 @dataclass
-class TfidfConfig:
+class TfidfConfig(SplitConfig):
     """A per-question TF-IDF + logistic-regression member, on the same folds as `mapbuild train`."""
 
-    data: str = field(default="", metadata={"help": "Labelled train.csv in the competition's format."})
-    folds: int = field(default=5, metadata={"help": "Number of cross-validation folds (as the members it joins)."})
-    fold: int = field(default=0, metadata={"help": "The fold held out for validation."})
-    full: bool = field(default=False, metadata={"help": "Fit on every row (the final refit): no fold held out, no validation."})
     c: float = field(default=10.0, metadata={"help": "Inverse L2 strength of each question's logistic regression."})
     min_df: int = field(default=2, metadata={"help": "Keep n-grams seen in at least this many of a question's rows."})
-    dedupe: bool = field(default=True, metadata={"help": "Train on one copy of rows that are exact duplicates (same input and label)."})
-    sample: int | None = field(default=None, metadata={"help": "Use about N rows, drawn stratified by label with --seed (quick runs)."})
-    oof: str | None = field(default=None, metadata={"help": "For a --full refit: its recipe's cross-validation oof.npz, which stands in for it in ensemble selection."})
-    seed: int = field(default=42, metadata={"help": "Seed for the folds and the sample."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(
-            (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
-            (0 <= self.fold < self.folds, f"--fold must be in 0..{self.folds - 1}, got {self.fold}"),
             (self.c > 0, f"--c must be positive, got {self.c}"),
             (self.min_df >= 1, f"--min-df must be at least 1, got {self.min_df}"),
-            (self.sample is None or self.sample >= 2 * self.folds, f"--sample must be at least 2 x folds, got {self.sample}"),
         )
-        self.data, self.oof = absolute(self.data), self.oof and absolute(self.oof)
 
 
 class QuestionModel(NamedTuple):
@@ -164,7 +152,6 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
             "run": str(Path(out).resolve()),  # its own out-of-fold file: there is no separate run folder
             "model_type": "tfidf",
             "precision": "fp32",
-            "files": {"model": "model.onnx", "vocab": "tfidf.json"},
             "label_space": fit_label_space(df, labels).to_json(),
             "config": asdict(cfg),
             "metrics": metrics,

@@ -14,7 +14,7 @@ from runtime.labels import LabelSpace, fit_label_space
 from runtime.prompts import render
 
 from .chat import chat_parts
-from .models import load_tokenizer, resolve
+from .models import load_hf_tokenizer, resolve
 
 CANDIDATES = (64, 96, 128, 192, 256, 384, 512)
 
@@ -36,7 +36,7 @@ def padding_waste(lengths: np.ndarray, batch_size: int, sort: bool, seed: int = 
 
 def token_lengths(df: pd.DataFrame, model: str, template: str, chat: bool = True) -> np.ndarray:
     """Untruncated token count of each row's prompt, special tokens included (one batch call to the fast tokenizer)."""
-    tok = load_tokenizer(resolve(model))
+    tok = load_hf_tokenizer(resolve(model))
     texts = render(df, template, label_space_for(df), chat_parts(tok) if chat else None)
     return np.array([len(ids) for ids in tok(texts)["input_ids"]])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -10,82 +9,67 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from runtime.data import labels_of
 from runtime.engine import softmax
-from runtime.labels import LabelSpace, fit_label_space, top3
-from runtime.metrics import map_at_3
-from runtime.predict import prior
+from runtime.errors import MapbuildError
+from runtime.labels import fit_label_space
 from runtime.prompts import TEMPLATES, render
 
 from .chat import chat_parts
-from .errors import MapbuildError, require
-from .folds import split_fold
-from .hardware import PRECISIONS, choose_precision, detect
-from .models import family_of, load_classifier, load_tokenizer, resolve
-from .stages import atomic_dir, write_meta
+from .folds import SplitConfig, absolute, split_fold, validate
+from .hardware import TRAIN_PRECISIONS, choose_precision, detect
+from .models import family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
+from .options import one_of, require
+from .stages import ADAPTER, FULL, atomic_dir, write_meta
 
 log = logging.getLogger("mapbuild")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SplitConfig):
     """One training run: a model, its prompt, its LoRA and its fold."""
 
     model: str = field(default="minilm", metadata={"help": "Alias (minilm), local HF folder or hub id."})
-    data: str = field(default="", metadata={"help": "Labelled train.csv in the competition's format."})
     template: str | None = field(default=None, metadata={"help": f"Prompt template: {', '.join(TEMPLATES)} (default: the family's)."})
-    folds: int = field(default=5, metadata={"help": "Number of cross-validation folds."})
-    fold: int = field(default=0, metadata={"help": "The fold held out for validation."})
-    full: bool = field(default=False, metadata={"help": "Train on every row (the final refit): no fold held out, no validation."})
     epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
     max_length: int | None = field(default=None, metadata={"help": "Maximum prompt tokens (default: the family's)."})
     batch_size: int = field(default=16, metadata={"help": "Rows per device per forward pass."})
     grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step (effective batch = batch x accum x devices)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward: less memory, about 30% slower."})
-    precision: str = field(default="auto", metadata={"help": f"{', '.join(PRECISIONS)}; auto: bf16 on Ampere+, fp16 on older GPUs (T4), fp32 on CPU/MPS."})
+    precision: str = field(default="auto", metadata={"help": f"{', '.join(TRAIN_PRECISIONS)}; auto: bf16 on Ampere+, fp16 on older GPUs (T4), fp32 on CPU/MPS."})
     qlora: bool = field(default=False, metadata={"help": "Load the base model in 4-bit NF4 (bitsandbytes): for models too big for the GPU in 16 bits."})
-    # 1e-3 collapsed two of three full MiniLM fold-0 runs to the label prior (MAP@3 0.787), once with LoRA dropout.
     learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 fine-tunes every weight (no adapter), for small models such as MiniLM."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     warmup: float = field(default=0.06, metadata={"help": "Share of steps spent warming up."})
     chat_template: bool = field(default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template when it has one (instruct decoders)."})
-    dedupe: bool = field(default=True, metadata={"help": "Train on one copy of rows that are exact duplicates (same input and label)."})
     relabel: bool = field(default=False, metadata={"help": "Fix training labels that contradict the data: the True_/False_ prefix to the answer's correctness, conflicting duplicates to their majority label."})
     candidate_loss: bool = field(default=True, metadata={"help": "Softmax over each row's candidate labels only, the set the kernel's mask keeps."})
-    sample: int | None = field(default=None, metadata={"help": "Use about N rows, drawn stratified by label with --seed (quick runs)."})
-    oof: str | None = field(default=None, metadata={"help": "For a --full refit: its recipe's cross-validation oof.npz, which stands in for it in ensemble selection."})
     save_steps: int = field(default=200, metadata={"help": "Checkpoint every N optimizer steps; `train --resume` continues from the last one."})
-    seed: int = field(default=42, metadata={"help": "Seed for folds, sampling, initialisation and shuffling."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(
-            (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
-            (0 <= self.fold < self.folds, f"--fold must be in 0..{self.folds - 1}, got {self.fold}"),
             (self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
-            (self.template is None or self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, got {self.template}"),
             (self.max_length is None or self.max_length >= 16, f"--max-length must be at least 16, got {self.max_length}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}"),
             (self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"),
-            (self.lora_r >= 1, f"--lora-r must be at least 1, got {self.lora_r}"),
+            (self.lora_r >= 0, f"--lora-r must be at least 0, got {self.lora_r}"),
+            (self.lora_r >= 1 or not self.qlora, "--qlora trains an adapter: give --lora-r 1 or more"),
             (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (0 <= self.warmup < 1, f"--warmup must be in [0, 1), got {self.warmup}"),
-            (self.sample is None or self.sample >= 2 * self.folds, f"--sample must be at least 2 x folds, got {self.sample}"),
             (self.save_steps >= 1, f"--save-steps must be at least 1, got {self.save_steps}"),
         )
-        self.data, self.oof = absolute(self.data), self.oof and absolute(self.oof)
+        one_of(self.precision, TRAIN_PRECISIONS, "--precision")
+        if self.template is not None:
+            one_of(self.template, TEMPLATES, "--template")
         self.model = absolute(self.model) if Path(self.model).exists() else self.model  # an alias or hub id stays
-
-
-def absolute(path: str) -> str:
-    """Stage folders record absolute paths, so that later stages run from any folder."""
-    return str(Path(path).resolve()) if path else path
 
 
 def save_curve(history: list[dict], path: Path) -> None:
@@ -106,21 +90,6 @@ def save_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def validate(probs: np.ndarray, rows: pd.DataFrame, space: LabelSpace, unmasked: bool) -> dict:
-    """MAP@3 with the kernel's candidate mask; also without it for a model trained over all labels (a model trained
-    on candidates alone never learned to rank the others, so that figure would mean nothing)."""
-    truth = labels_of(rows).tolist()
-    lab = np.array(space.labels)
-    mask = space.candidate_mask(rows)
-    scores = {
-        "map3": map_at_3(truth, lab[top3(probs, mask)].tolist()),
-        "map3_prior": map_at_3(truth, lab[top3(prior(space, len(rows)), mask)].tolist()),
-    }
-    if unmasked:
-        scores["map3_unmasked"] = map_at_3(truth, lab[top3(probs, np.ones_like(probs, dtype=bool))].tolist())
-    return scores
-
-
 def learned_little(metrics: dict) -> str | None:
     """A warning when the model closes under a quarter of the gap from the label prior's MAP@3 to a perfect 1.
 
@@ -133,19 +102,6 @@ def learned_little(metrics: dict) -> str | None:
         f"fold MAP@3 {metrics['map3']:.4f} closes only {closed:.0%} of the gap from the label prior alone ({base:.4f}) to 1: "
         "the run learned little or collapsed; see training_curve.png, and try more rows or epochs, or a lower --learning-rate"
     )
-
-
-def quantization_config(qlora: bool, precision: str):
-    """QLoRA's 4-bit NF4 base, or None. bitsandbytes runs it on CPU too: slow, but the same path as on CUDA."""
-    if not qlora:
-        return None
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise MapbuildError("--qlora needs bitsandbytes: pip install bitsandbytes")
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
 def candidate_trainer():
@@ -197,7 +153,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorWithPadding, TrainingArguments
 
-    from .infer import torch_logits
+    from .infer import torch_logits, training_ids
 
     CandidateTrainer = candidate_trainer()
 
@@ -217,11 +173,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     model_type, family = family_of(source)
     template = cfg.template or family.template
     max_length = cfg.max_length or family.max_length
-    tok = load_tokenizer(source)
+    tok = load_hf_tokenizer(source)
     chat = chat_parts(tok) if cfg.chat_template else None
 
     def encode(rows: pd.DataFrame) -> list[list[int]]:
-        return tok(render(rows, template, space_tr, chat), truncation=True, max_length=max_length)["input_ids"]
+        return training_ids(tok, render(rows, template, space_tr, chat), max_length)
 
     y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).to_numpy()
     allowed = space_tr.candidate_mask(tr) if cfg.candidate_loss else np.ones((len(tr), len(labels)), dtype=bool)
@@ -237,16 +193,17 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(family.target_modules) if isinstance(family.target_modules, tuple) else family.target_modules,
-        modules_to_save=sorted(set(family.modules_to_save) | set(fresh)) or None,
-        exclude_modules=fresh or None,
-    )
-    model = get_peft_model(model, lora)
+    if cfg.lora_r:
+        lora = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(family.target_modules) if isinstance(family.target_modules, tuple) else family.target_modules,
+            modules_to_save=sorted(set(family.modules_to_save) | set(fresh)) or None,
+            exclude_modules=fresh or None,
+        )
+        model = get_peft_model(model, lora)
     args = TrainingArguments(
         output_dir=str(ckpt),
         num_train_epochs=cfg.epochs,
@@ -293,7 +250,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         if warning := learned_little(metrics):
             log.warning(warning)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / (ADAPTER if cfg.lora_r else FULL))
         tok.save_pretrained(tmp / "tokenizer")
         np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs.astype(np.float32))
         save_curve(trainer.state.log_history, tmp / "training_curve.png")

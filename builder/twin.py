@@ -17,9 +17,9 @@ from pathlib import Path
 
 import click
 
+from runtime.errors import MapbuildError
 from runtime.preflight import COMPETITION
 
-from .errors import MapbuildError
 from .wheels import cache_dir, link_or_copy
 
 SANDBOX = Path(__file__).parent / "data" / "sandbox"  # sitecustomize: no torch, transformers, peft, builder, sockets
@@ -55,6 +55,7 @@ class Run:
     output: str  # stdout and stderr together, as a notebook shows them
     submission: Path | None
     seconds: float
+    result: dict | None  # the runtime's JSON result, when it got that far
 
     @property
     def last_line(self) -> str:
@@ -139,5 +140,6 @@ def run_notebook(bundle: str | os.PathLike, test: str | os.PathLike, root: Path,
         [str(env_copy / "bin" / "python"), str(root / "notebook.py")], cwd=roots["WORKING"], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
     )
-    written = roots["WORKING"] / "submission.csv"
-    return Run(done.returncode, done.stdout, written if written.exists() else None, time.perf_counter() - start)
+    written, result = roots["WORKING"] / "submission.csv", roots["WORKING"] / "mapbuild_result.json"
+    found = json.loads(result.read_text()) if result.exists() else None
+    return Run(done.returncode, done.stdout, written if written.exists() else None, time.perf_counter() - start, found)

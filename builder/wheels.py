@@ -15,14 +15,14 @@ from pathlib import Path
 
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
-from .errors import MapbuildError
+from runtime.errors import MapbuildError
 
 # Today's Kaggle image runs CPython 3.12 (Kaggle/docker-python, "Upgrade to Python 3.12 (#1516)", 2025-12-12).
 PYTHONS = ("3.12",)
 # Kaggle's T4 image had an NVIDIA driver 560 (CUDA <= 12.6, onnxruntime #26073, 2025-09); PyPI's CUDA 13 builds of
 # onnxruntime-gpu (1.27 on) need a newer driver. So CUDA 12 unless asked otherwise.
 CUDA = 12
-# The newest onnxruntime-gpu on PyPI for each CUDA major (2026-11-28). A pin is only a guess until the wheel it
+# The onnxruntime-gpu pinned for each CUDA major. A pin is only a guess until the wheel it
 # fetches records the same CUDA major in onnxruntime/capi/build_and_package_info.py, which `choose` checks.
 ORT_GPU = {12: "1.26.0", 13: "1.31.1"}
 NAME = "onnxruntime-gpu"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import InputError
+
 TEST_COLUMNS = ("row_id", "QuestionId", "QuestionText", "MC_Answer", "StudentExplanation")
 LABEL_COLUMNS = ("Category", "Misconception")
 TEXT_COLUMNS = ("QuestionId", "QuestionText", "MC_Answer", "StudentExplanation")
@@ -18,9 +20,6 @@ MAX_TEXT = 20_000  # characters kept of one field: students write far less, and 
 INTEGER = re.compile(r"\+?0*(\d+)(?:\.0*)?")  # 31772, 31772.0, +031772: one question id
 log = logging.getLogger("mapbuild")
 
-
-class InputError(ValueError):
-    """An input file the runtime cannot use; the message is one line naming the file and the fix."""
 
 
 def records(path: Path) -> list[list[str]]:

@@ -19,7 +19,7 @@ log = logging.getLogger("mapbuild")
 Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def load_tokenizer(path: str, max_length: int) -> Tokenizer:
+def load_kernel_tokenizer(path: str, max_length: int) -> Tokenizer:
     """The bundled tokenizer.json, truncating like training and padding nothing (batches pad themselves)."""
     tok = Tokenizer.from_file(str(path))
     tok.no_padding()

@@ -9,21 +9,17 @@ import os
 import re
 from pathlib import Path
 
+from .errors import BundleError
+
 MANIFEST = "manifest.json"
 FORMAT = "mapbuild-bundle/1"
 LABEL = re.compile(r"[^\s:]+:[^\s:]+")  # Category:Misconception, as the submission writes it
 
 
-class BundleError(ValueError):
-    """A bundle that cannot be used at all."""
-
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_tree(root: str | os.PathLike) -> dict[str, str]:
@@ -56,6 +52,7 @@ def load_manifest(bundle: str | os.PathLike) -> dict:
 def schema_problem(m: dict) -> str | None:
     """The first way the manifest's structure breaks what the runtime relies on, or None."""
     from .ensemble import METHODS
+    from .predict import SCORERS
 
     space, members, files = m.get("label_space"), m.get("members"), m.get("files")
     if not isinstance(space, dict) or not isinstance(members, list) or not members or not isinstance(files, dict):
@@ -71,6 +68,8 @@ def schema_problem(m: dict) -> str | None:
     for member in members:
         if not isinstance(member, dict) or not isinstance(member.get("name"), str) or not isinstance(member.get("files"), dict):
             return "every member needs a name and files"
+        if member.get("kind", "transformer") not in SCORERS:
+            return f"member {member['name']}: kind {member['kind']!r} is not one of {', '.join(SCORERS)}"
         weight = member.get("weight")
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             return f"member {member['name']}: weight {weight!r} must be a finite number above 0"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import MapbuildError
+
 LIMIT_HOURS = 9.0
 MARGIN_HOURS = 1.0  # notebook start, installs, reading data, writing the submission
 TEST_ROWS = 40_000  # the competition's largest hidden test set
@@ -17,6 +19,15 @@ class Estimate:
     params: int
     mean_tokens: float
     seconds: float
+
+
+def added_member(spec: str, params_m: dict[str, float], mean_tokens: float) -> dict:
+    """A member to plan that no bundle holds yet, from `ALIAS[:PRECISION]` (fp16 by default)."""
+    alias, _, precision = spec.partition(":")
+    precision = precision or "fp16"
+    if alias not in params_m or precision not in T4_FLOPS:
+        raise MapbuildError(f"--add {spec}: use ALIAS[:PRECISION] with an alias from `mapbuild models` and one of {', '.join(T4_FLOPS)}")
+    return {"name": spec, "params": int(params_m[alias] * 1e6), "mean_tokens": mean_tokens, "precision": precision}
 
 
 def estimate(members: list[dict], rows: int = TEST_ROWS, gpus: int = 2, efficiency: float = 0.25) -> list[Estimate]:

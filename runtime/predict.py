@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .engine import CPU, device_pool, encode, gpu_count, load_tokenizer, onnx_forward, run_batches, softmax
+from .engine import CPU, device_pool, encode, gpu_count, load_kernel_tokenizer, onnx_forward, run_batches, softmax
 from .ensemble import combine
 from .external_data import problem as external_problem
 from .labels import LabelSpace
@@ -20,13 +20,11 @@ from .tfidf import tfidf_probs
 log = logging.getLogger("mapbuild")
 
 
-def member_probs(
+def transformer_probs(
     bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> tuple[np.ndarray, str | None]:
-    """The member's probabilities, and the provider its session ran on (None: a CPU member, or one per device)."""
-    if member.get("kind") == "tfidf":  # thousands of rows a second on one CPU core: no devices, no deadline checks
-        return tfidf_probs(bundle / member["files"]["model"], bundle / member["files"]["vocab"], df, len(space.labels), desc=member["name"]), None
-    tok = load_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
+    """An ONNX classifier over rendered prompts, on one session or one worker per device."""
+    tok = load_kernel_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
     seqs = encode(tok, render(df, member["template"], space, member.get("chat")))
     model = bundle / member["files"]["model"]
     data = member["files"].get("data")
@@ -44,6 +42,18 @@ def member_probs(
         return run(pool), None
     finally:
         pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
+
+
+def tfidf_member_probs(
+    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+) -> tuple[np.ndarray, str | None]:
+    """Per-question TF-IDF models: thousands of rows a second on one CPU core, so no devices and no deadline checks."""
+    return tfidf_probs(bundle / member["files"]["model"], bundle / member["files"]["vocab"], df, len(space.labels), desc=member["name"]), None
+
+
+# kind -> its probabilities and the provider its session ran on (None: a CPU member, or one per device). The
+# builder's side of this table is builder.kinds.KINDS.
+SCORERS = {"transformer": transformer_probs, "tfidf": tfidf_member_probs}
 
 
 def prior(space: LabelSpace, rows: int) -> np.ndarray:
@@ -90,7 +100,7 @@ def predict(
             continue
         start = time.monotonic()
         try:
-            p, provider = member_probs(bundle, m, df, space, batch_size, devices, deadline)
+            p, provider = SCORERS[m.get("kind", "transformer")](bundle, m, df, space, batch_size, devices, deadline)
             if p.shape != (len(df), len(space.labels)):  # a head wider or narrower than the label list ranks wrong labels
                 raise ValueError(f"it gives {p.shape[1]} scores per row for {len(space.labels)} labels")
         except Exception as e:  # noqa: BLE001 - any member failure must leave the others and the prior

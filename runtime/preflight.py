@@ -11,16 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .data import InputError
 from .engine import CUDA, gpu_count
-from .manifest import BundleError, load_manifest
+from .errors import EnvironmentFault, InputError, MapbuildError
+from .manifest import load_manifest
 
 COMPETITION = "map-charting-student-math-misunderstandings"  # its folder in both of Kaggle's mount layouts
 KAGGLE_INPUT = "/kaggle/input"
 
-
-class EnvironmentFault(RuntimeError):
-    """The kernel's Python environment cannot run the bundle; the message names the cause and the fix."""
 
 
 def find_test(root: str | Path) -> Path:
@@ -61,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         onnxruntime_providers(load_manifest(args.bundle), gpu_count())
         print(find_test(args.input_root))
-    except (EnvironmentFault, InputError, BundleError) as e:
+    except MapbuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .manifest import BundleError
+from .errors import BundleError
 
 COLUMNS = ["row_id", "Category:Misconception"]
 

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import InputError, duplicate_row_ids, has_labels, labels_of, read_rows
+from .data import duplicate_row_ids, has_labels, labels_of, read_rows
 from .engine import CUDA, gpu_count
+from .errors import BundleError, InputError, MapbuildError
 from .labels import LabelSpace, top3
-from .manifest import FORMAT, MANIFEST, BundleError, load_manifest
+from .manifest import FORMAT, MANIFEST, load_manifest
 from .metrics import map_at_3
 from .plan import LIMIT_HOURS, MARGIN_HOURS
 from .predict import predict
-from .preflight import KAGGLE_INPUT, EnvironmentFault, find_test, onnxruntime_providers
+from .preflight import KAGGLE_INPUT, find_test, onnxruntime_providers
 from .submission import write_submission
 
 log = logging.getLogger("mapbuild")
@@ -37,6 +38,7 @@ def check_args(args: argparse.Namespace) -> None:
         (not out.parent.is_dir(), f"--out {out}: folder {out.parent} does not exist"),
         (out.parent.is_dir() and not os.access(out.parent, os.W_OK), f"--out {out}: folder {out.parent} is not writable"),
         (args.test is not None and not args.test.is_file(), f"--test {args.test}: not a file; pass the test CSV"),
+        (args.result is not None and not Path(args.result).parent.is_dir(), f"--result {args.result}: folder {Path(args.result or '.').parent} does not exist"),
     ]
     for bad, message in problems:
         if bad:
@@ -55,9 +57,9 @@ def find_bundle(root: str) -> Path:
     raise BundleError(f"no mapbuild bundle under {root}; attach the bundle dataset or pass --bundle")
 
 
-def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None) -> float | None:
-    """Write the submission; returns MAP@3 when the test rows carry labels. `deadline`: time.monotonic() by which
-    predictions must be done."""
+def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None) -> dict:
+    """Write the submission; returns what ran: rows, members, seconds, and MAP@3 when the test rows carry labels.
+    `deadline`: time.monotonic() by which predictions must be done."""
     manifest = load_manifest(bundle)
     df = read_rows(test)
     dups = duplicate_row_ids(df)
@@ -74,7 +76,27 @@ def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, 
     preds = labels[top3(probs, space.candidate_mask(df))].tolist()
     write_submission(out, df["row_id"], preds)
     log.info("%d rows in %.1f s (%.1f rows/s) with %s -> %s", len(df), seconds, len(df) / max(seconds, 1e-9), ", ".join(used) or "no model", out)
-    return map_at_3(labels_of(df).tolist(), preds) if has_labels(df) else None
+    score = map_at_3(labels_of(df).tolist(), preds) if has_labels(df) else None
+    return {"rows": len(df), "members_run": used, "predict_seconds": round(seconds, 3), "map3": score}
+
+
+class Faults(logging.Handler):
+    """Every error line the run logs (a member skipped or dropped, CUDA not engaged, the prior used): the run's
+    fallbacks, for the JSON result."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def write_result(path: Path, result: dict) -> None:
+    """The run's JSON result, written whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=Path, help="test.csv (default: the competition's, under --input-root)")
     parser.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission to write")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per inference batch")
+    parser.add_argument("--result", type=Path, help="also write what ran as JSON: rows, members run, fallbacks, seconds, MAP@3, error")
     parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and the competition")
     parser.add_argument("--devices", type=int, help="worker processes, one per device (default: one per visible GPU, else 1)")
     parser.add_argument(
@@ -91,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    faults = Faults()
+    log.addHandler(faults)
+    start = time.perf_counter()
+    result: dict = {"error": None}
     try:
         check_args(args)
         bundle = args.bundle or find_bundle(args.input_root)
@@ -99,14 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         test = args.test or find_test(args.input_root)
         deadline = time.monotonic() + args.hours * 3600
         devices = args.devices or (max(gpus, 1) if CUDA in providers else 1)
-        score = run(bundle, test, args.out, args.batch_size, devices, deadline)
-    except (InputError, BundleError, EnvironmentFault) as e:
+        result.update(run(bundle, test, args.out, args.batch_size, devices, deadline))
+    except MapbuildError as e:
         print(f"error: {e}", file=sys.stderr)
+        result["error"] = str(e)
+    finally:
+        log.removeHandler(faults)
+    if args.result and args.result.parent.is_dir():
+        write_result(args.result, result | {"faults": faults.lines, "seconds": round(time.perf_counter() - start, 3)})
+    if result["error"]:
         return 2
-    if score is not None:
-        print(f"MAP@3 on labelled rows: {score:.4f}")
+    if result["map3"] is not None:
+        print(f"MAP@3 on labelled rows: {result['map3']:.4f}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

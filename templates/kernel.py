@@ -25,13 +25,13 @@ bundle, manifest = os.path.dirname(found[0][0]), found[0][1]
 for name, digest in manifest["files"].items():
     if name.startswith("runtime/"):
         with open(os.path.join(bundle, name), "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != digest:
+            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
                 raise SystemExit(f"mapbuild: {name} differs from the manifest's sha256; package the bundle again")
 # Python imports the runtime from a folder that holds nothing else (-P keeps the working folder off sys.path too),
 # so no file at the bundle's root can shadow an installed module.
 code = tempfile.mkdtemp(prefix="mapbuild-")
 os.symlink(os.path.join(bundle, "runtime"), os.path.join(code, "runtime"))
-env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": code}
+env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
 python = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 # onnxruntime is not in Kaggle's image: install the bundle's wheel for this interpreter, offline.
@@ -56,7 +56,8 @@ if check.returncode:
     raise SystemExit(f"mapbuild: {why[-1].strip().removeprefix('error: ')}")
 test = check.stdout.strip()
 
-run = [sys.executable, "-P", "-m", "runtime.submit", "--bundle", bundle, "--test", test, "--out", os.path.join(WORKING, "submission.csv")]
+run = [sys.executable, "-P", "-m", "runtime.submit", "--bundle", bundle, "--test", test, "--out", os.path.join(WORKING, "submission.csv"),
+       "--result", os.path.join(WORKING, "mapbuild_result.json")]  # what ran and every fallback, for a person or `mapbuild verify`
 done = subprocess.run(run, cwd=bundle, env=env)
 if done.returncode:
     raise SystemExit(f"mapbuild: the runtime stopped (exit {done.returncode}); its last line above says why")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from builder.launch import Launched, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = ROOT.parent / "shared" / "data" / "map" / "train.csv"
@@ -24,13 +25,23 @@ def shared_train() -> Path:
     return SHARED_TRAIN
 
 
-def run_kernel(bundle: Path, *args: str, python: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m runtime.submit` from inside the bundle, as the kernel runs it: by default on the runtime's oldest
-    stack (.venv-kernel, made by `make test`) when present, with torch, transformers, peft, builder and sockets blocked."""
-    python = str(python or (KERNEL_PYTHON if KERNEL_PYTHON.exists() else sys.executable))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(SANDBOX), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([python, "-m", "runtime.submit", *args], cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
+def run_kernel(bundle: Path, *args: str, python: Path | None = None) -> Launched:
+    """`runtime.submit` from inside the bundle, as the kernel runs it: by default on the runtime's oldest stack
+    (.venv-kernel, made by `make test`) when present, with torch, transformers, peft, builder and sockets blocked."""
+    python = python or (KERNEL_PYTHON if KERNEL_PYTHON.exists() else sys.executable)
+    return launch(bundle, *args, python=python, path=(str(SANDBOX),), env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=600)
+
+
+def sample_ids(folder: Path, meta: dict) -> list[list[int]]:
+    """Runtime token ids of 40 sample rows, rendered as the model folder's meta says."""
+    from runtime.data import read_rows
+    from runtime.engine import encode, load_kernel_tokenizer
+    from runtime.labels import LabelSpace
+    from runtime.prompts import render
+
+    df = read_rows(SAMPLE_TRAIN, labelled=True).head(40)
+    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"]), meta.get("chat"))
+    return encode(load_kernel_tokenizer(folder / "tokenizer.json", meta["max_length"]), texts)
 
 
 def sample_corpus() -> list[str]:

@@ -59,7 +59,7 @@ def test_analyze_names_a_missing_column(tmp_path):
 
 @pytest.mark.parametrize("which", ["sample", "shared"])
 def test_tokens_report_matches_a_row_by_row_count(which, tmp_path, tiny_bert, request):
-    from builder.models import load_tokenizer
+    from builder.models import load_hf_tokenizer
     from builder.tokens import label_space_for
     from runtime.prompts import render
 
@@ -70,7 +70,7 @@ def test_tokens_report_matches_a_row_by_row_count(which, tmp_path, tiny_bert, re
     assert plot.read_bytes()[:8] == PNG
 
     df = read_rows(data)
-    tok = load_tokenizer(str(tiny_bert))
+    tok = load_hf_tokenizer(str(tiny_bert))
     lengths = np.array([len(tok(t)["input_ids"]) for t in render(df, "basic", label_space_for(df))])  # one row at a time
     p50, p95, p99 = np.percentile(lengths, [50, 95, 99])
     assert f"p50 {p50:.0f}, p95 {p95:.0f}, p99 {p99:.0f}, max {lengths.max()}" in result.output

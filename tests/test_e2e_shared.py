@@ -2,20 +2,19 @@
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from builder.export import export, held_out_rows
-from builder.infer import torch_logits
+from builder.infer import torch_logits, training_ids
 from builder.merge import merge
-from builder.models import load_tokenizer
+from builder.models import load_hf_tokenizer
 from builder.package import package
 from builder.train import TrainConfig, train
 from runtime.data import labels_of, read_rows
 from runtime.engine import softmax
-from runtime.labels import LabelSpace, top3
-from runtime.metrics import map_at_3
+from runtime.labels import LabelSpace
+from runtime.metrics import map_at_3, masked_map3
 from runtime.predict import prior
 from runtime.prompts import render
 from runtime.submission import check_submission
@@ -48,9 +47,9 @@ def test_offline_bundle_matches_pytorch_on_shared_data(shared_train, tmp_path):
 
     space = LabelSpace.from_json(meta["label_space"])
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    ids = load_tokenizer(str(tmp_path / "merged"))(render(rows, meta["template"], space, meta.get("chat")), truncation=True, max_length=meta["max_length"])["input_ids"]
+    ids = training_ids(load_hf_tokenizer(str(tmp_path / "merged")), render(rows, meta["template"], space, meta.get("chat")), meta["max_length"])
     probs = softmax(torch_logits(model, ids, meta["pad_token_id"]))
-    torch_map = map_at_3(truth, np.array(space.labels)[top3(probs, space.candidate_mask(rows))].tolist())
+    torch_map = masked_map3(truth, probs, space.labels, space.candidate_mask(rows))
     assert abs(kernel_map - torch_map) <= 0.002, (kernel_map, torch_map)
-    prior_map = map_at_3(truth, np.array(space.labels)[top3(prior(space, len(rows)), space.candidate_mask(rows))].tolist())
+    prior_map = masked_map3(truth, prior(space, len(rows)), space.labels, space.candidate_mask(rows))
     assert kernel_map > prior_map + 0.02, (kernel_map, prior_map)  # the model learned more than the label prior

@@ -1,6 +1,13 @@
-import numpy as np
 
+import numpy as np
+import pandas as pd
+
+from runtime.data import read_rows
 from runtime.engine import batches, pad, run_batches, softmax
+from runtime.labels import LabelSpace
+from runtime.manifest import load_manifest
+
+from .conftest import SAMPLE_TRAIN
 
 
 def test_sorted_batches_cover_each_row_once_and_group_lengths():
@@ -45,3 +52,25 @@ def test_run_batches_runs_duplicates_once_and_restores_every_row():
 def test_softmax_rows_sum_to_one():
     p = softmax(np.array([[1000.0, 0.0], [1.0, 1.0]], dtype=np.float32))
     assert np.allclose(p.sum(1), 1) and np.allclose(p[1], 0.5)
+
+
+def test_two_worker_processes_give_exactly_the_single_device_result(tiny_pipeline):
+    """The 2x T4 path with CPU workers: whole batches go to workers, so every row's probabilities are unchanged."""
+    from runtime.predict import predict
+
+    manifest = load_manifest(tiny_pipeline["bundle"])
+    space = LabelSpace.from_json(manifest["label_space"])
+    df = pd.concat([read_rows(SAMPLE_TRAIN, labelled=True)] * 2, ignore_index=True)  # duplicates too
+    one, used_one = predict(tiny_pipeline["bundle"], manifest, space, df, batch_size=16)
+    two, used_two = predict(tiny_pipeline["bundle"], manifest, space, df, batch_size=16, devices=2)
+    assert used_one == used_two == [m["name"] for m in manifest["members"]]
+    assert np.array_equal(one, two)
+
+
+def test_gpu_count_reads_cuda_visible_devices(monkeypatch):
+    from runtime.engine import gpu_count
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert gpu_count() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert gpu_count() == 0

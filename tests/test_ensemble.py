@@ -7,7 +7,7 @@ import pytest
 
 from builder.ensemble import select
 from runtime.data import read_rows
-from runtime.ensemble import combine, rank_rows
+from runtime.ensemble import combine, parts, rank_rows
 from runtime.submission import check_submission
 
 from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
@@ -28,6 +28,26 @@ def test_combine_weights_probabilities_or_ranks():
     assert combine([a, b], [1, 1]).argmax() == 2 and combine([a, b], [1, 1], "rank").argmax() == 0
     with pytest.raises(ValueError, match="prob, rank"):
         combine([a], [1], "vote")
+
+
+def test_geo_is_the_renormalised_weighted_geometric_mean():
+    a = np.array([[0.7, 0.2, 0.1]], dtype=np.float32)
+    b = np.array([[0.0, 0.1, 0.9]], dtype=np.float32)
+    # weights 3 : 1 -> 0.75 : 0.25; b's 0 is floored at 1e-9 before the log
+    u = [0.7**0.75 * 1e-9**0.25, 0.2**0.75 * 0.1**0.25, 0.1**0.75 * 0.9**0.25]
+    assert np.allclose(combine([a, b], [3, 1], "geo"), [[x / sum(u) for x in u]], rtol=1e-5)
+    # selection sums weighted log-probs (votes); they rank labels as the geometric mean does
+    rng = np.random.default_rng(1)  # its own: RNG's draws pin the selection test's data
+    p, q = rng.dirichlet(np.ones(8), 50), rng.dirichlet(np.ones(8), 50)
+    votes = 3 * parts(p, "geo") + parts(q, "geo")
+    assert (votes.argsort(1) == combine([p, q], [3, 1], "geo").argsort(1)).all()
+
+
+def test_geo_prefers_a_label_both_members_find_plausible():
+    a = np.array([[0.9, 0.1, 0.0]], dtype=np.float32)
+    b = np.array([[0.05, 0.5, 0.45]], dtype=np.float32)
+    # the mean follows a's confidence in label 0; the geometric mean, b's near veto of it
+    assert combine([a, b], [1, 1]).argmax() == 0 and combine([a, b], [1, 1], "geo").argmax() == 1
 
 
 def test_selection_drops_a_useless_member_and_mixes_complementary_ones():

@@ -1,8 +1,18 @@
+import json
+
 import numpy as np
 import pytest
 
-from builder.errors import MapbuildError
 from builder.export import check_drift, measure_drift
+from builder.infer import training_ids
+from runtime.data import read_rows
+from runtime.engine import encode, load_kernel_tokenizer, onnx_forward, pad
+from runtime.errors import MapbuildError
+from runtime.labels import LabelSpace
+from runtime.prompts import render
+from runtime.submission import check_submission
+
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel, sample_ids
 
 REF = np.tile(np.array([[3.0, 2.0, 0.0]], dtype=np.float32), (100, 1))
 
@@ -53,3 +63,60 @@ def test_fragile_ops_run_in_fp32_inside_an_fp16_graph():
     t = np.tanh(value.astype(np.float32))
     want = np.exp(t) / np.exp(t).sum(1, keepdims=True)
     assert got.dtype == np.float16 and np.abs(got - want).max() < 1e-3
+
+
+def test_onnx_matches_torch_and_padding_changes_nothing(tiny_pipeline):
+    meta = json.loads((tiny_pipeline["onnx"] / "mapbuild.json").read_text())
+    assert meta["drift"]["max_abs_logit_diff"] < 1e-4 and meta["drift"]["top1_agreement"] == 1.0
+    int8 = json.loads((tiny_pipeline["onnx-int8"] / "mapbuild.json").read_text())
+    assert int8["precision"] == "int8" and int8["drift"]["rows"] > 0
+    assert (tiny_pipeline["onnx-int8"] / "model.onnx").stat().st_size < (tiny_pipeline["onnx"] / "model.onnx").stat().st_size
+    forward = onnx_forward(tiny_pipeline["onnx"] / "model.onnx")
+    seqs = sample_ids(tiny_pipeline["onnx"], meta)[:8]
+    batch = forward(*pad(seqs, meta["pad_token_id"]))
+    alone = np.concatenate([forward(*pad([s], meta["pad_token_id"])) for s in seqs])
+    assert len({len(s) for s in seqs}) > 1  # the batch really is padded
+    assert np.abs(batch - alone).max() < 1e-4
+
+
+def test_run_records_its_hardware_and_bert_exports_fused_attention(tiny_pipeline):
+    import onnx
+
+    from builder.hardware import choose_precision, detect
+
+    run = json.loads((tiny_pipeline["run"] / "mapbuild.json").read_text())
+    assert run["hardware"]["device"] == detect().device and run["hardware"]["world_size"] == 1
+    assert run["hardware"]["precision"] == choose_precision(detect())
+    ops = lambda d: {n.op_type for n in onnx.load(d / "model.onnx").graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops(tiny_pipeline["onnx"])
+    assert "QAttention" in ops(tiny_pipeline["onnx-int8"])
+
+
+def test_external_data_fp16_model_ships_and_runs_in_the_kernel(tiny_pipeline, tmp_path, monkeypatch):
+    """Over 2 GiB a model keeps its weights in one model.onnx.data; shrink the limit to see the whole path."""
+    import builder.export
+    from builder.package import package
+
+    monkeypatch.setattr(builder.export, "EXTERNAL_DATA_BYTES", 0)
+    builder.export.export(tiny_pipeline["merged"], tmp_path / "onnx", "fp16", rows=16, force=True)
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["mapbuild.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    manifest = package([str(tmp_path / "onnx")], tmp_path / "bundle", "tester/tiny-external", wheels=False)
+    member = manifest["members"][0]
+    assert member["precision"] == "fp16" and member["files"]["data"] in manifest["files"]
+    result = run_kernel(tmp_path / "bundle", "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(tmp_path / "sub.csv"))
+    assert result.returncode == 0 and "SKIPPED" not in result.stderr, result.stderr[-2000:]
+    assert check_submission(tmp_path / "sub.csv", read_rows(SAMPLE_TEST)["row_id"].tolist()) == []
+
+
+def test_runtime_tokenizer_matches_training_tokenizer(tiny_pipeline):
+    from builder.models import load_hf_tokenizer
+
+    meta = json.loads((tiny_pipeline["merged"] / "mapbuild.json").read_text())
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"]), meta.get("chat")) + ["x " * 500, ""]
+    hf = training_ids(load_hf_tokenizer(str(tiny_pipeline["merged"])), texts, meta["max_length"])
+    assert encode(load_kernel_tokenizer(tiny_pipeline["merged"] / "tokenizer.json", meta["max_length"]), texts) == hf

@@ -41,12 +41,32 @@ def test_prompt_goes_through_the_chat_template_with_the_step_by_step_system_turn
     assert "<|im_start|>user\nWhich is bigger, 6 or 6.2?<|im_end|>" in text
 
 
-def test_generate_cli_wraps_a_question_or_a_row(tiny_lm):
-    run = lambda *args: CliRunner().invoke(cli, ["generate", "--model", str(tiny_lm), "--max-new-tokens", "4", *args])
-    assert run("Which is bigger, 6 or 6.2?", "--template", "step_by_step").exit_code == 0
-    assert run("--data", str(SAMPLE_TRAIN), "--row", "3").exit_code == 0
+def test_generate_cli_wraps_a_question_or_a_row_with_the_training_prompts(tiny_lm, monkeypatch):
+    import builder.generate
+    from builder.tokens import label_space_for
+    from runtime.prompts import render
+
+    asked: list[str] = []
+
+    def fake(lm, tok, prompt, max_new_tokens, temperature, on_text):
+        asked.append(prompt)
+        on_text("streamed answer")
+
+    monkeypatch.setattr(builder.generate, "generate", fake)
+    run = lambda *args: CliRunner().invoke(cli, ["generate", "--model", str(tiny_lm), *args])
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    row = run("--data", str(SAMPLE_TRAIN), "--row", "3")
+    assert row.exit_code == 0 and "streamed answer" in row.output
+    assert asked[-1] == render(df.iloc[[3]], "step_by_step", label_space_for(df))[0] and df.iloc[3]["StudentExplanation"] in asked[-1]
+    assert run("Which is bigger, 6 or 6.2?", "--template", "basic").exit_code == 0 and "Which is bigger, 6 or 6.2?" in asked[-1] != "Which is bigger, 6 or 6.2?"
+    assert run("Which is bigger, 6 or 6.2?").exit_code == 0 and asked[-1] == "Which is bigger, 6 or 6.2?"  # no template: as typed
     both = run("a question", "--data", str(SAMPLE_TRAIN))
     assert both.exit_code == 1 and "not both" in both.output
+
+
+def test_generate_cli_streams_the_models_answer(tiny_lm):
+    done = CliRunner().invoke(cli, ["generate", "--model", str(tiny_lm), "--max-new-tokens", "4", "What is 1/2 + 1/4?"])
+    assert done.exit_code == 0 and done.output.strip()
 
 
 def test_explain_names_the_questions_known_misconceptions(tiny_lm):
@@ -60,7 +80,7 @@ def test_explain_names_the_questions_known_misconceptions(tiny_lm):
 
 @pytest.mark.slow
 def test_smollm2_answers_a_simple_sum_greedily():
-    from builder.errors import MapbuildError
+    from runtime.errors import MapbuildError
 
     try:
         lm, tok = load_causal_lm("smollm2")

@@ -1,7 +1,7 @@
 import pytest
 
-from builder.errors import MapbuildError
 from builder.hardware import Hardware, choose_precision, detect
+from runtime.errors import MapbuildError
 
 T4 = Hardware("cuda", "Tesla T4", (7, 5), 2)
 
@@ -29,9 +29,17 @@ def test_requested_precision_is_checked_against_the_hardware():
         choose_precision(Hardware("cpu", "CPU", None, 1), "bf16")
 
 
-def test_detect_matches_torch():
+@pytest.mark.parametrize("cuda, mps, expected", [
+    (True, False, Hardware("cuda", "Tesla T4", (7, 5), 2)),
+    (False, True, Hardware("mps", "Apple MPS", None, 1)),
+    (False, False, Hardware("cpu", "CPU", None, 1)),
+])
+def test_detect_reads_the_device_torch_reports(monkeypatch, cuda, mps, expected):
     import torch
 
-    hw = detect()
-    assert (hw.device == "cuda") == torch.cuda.is_available()
-    assert hw.count >= 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (7, 5))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert detect() == expected

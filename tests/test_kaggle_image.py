@@ -14,12 +14,12 @@ from click.testing import CliRunner
 
 import builder.wheels
 from builder.cli import cli
-from builder.errors import MapbuildError
 from builder.package import package
 from builder.twin import image_env, run_notebook
 from builder.wheels import choose, cuda_version, fetch
 from runtime.data import InputError, labels_of, read_rows
 from runtime.engine import CPU, CUDA, not_engaged, onnx_forward, requested_providers
+from runtime.errors import MapbuildError
 from runtime.labels import LabelSpace, top3
 from runtime.manifest import load_manifest
 from runtime.predict import predict, prior

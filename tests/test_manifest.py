@@ -34,7 +34,7 @@ def relabel(m, labels):
     (without("label_space"), "needs label_space"),
     (without("files"), "needs label_space"),
     (lambda m: m | {"estimate": m["estimate"] | {"rows": 0}}, "estimate.rows 0 must be a positive integer"),
-    (lambda m: m | {"ensemble": m["ensemble"] | {"method": "vote"}}, "ensemble method 'vote' is not one of prob, rank"),
+    (lambda m: m | {"ensemble": m["ensemble"] | {"method": "vote"}}, "ensemble method 'vote' is not one of prob, rank, geo"),
     (lambda m: m | {"members": [m["members"][0] | {"weight": float("nan")}]}, "weight nan must be a finite number above 0"),
     (lambda m: m | {"members": [m["members"][0] | {"weight": 0}]}, "weight 0 must be"),
     (lambda m: relabel(m, m["label_space"]["labels"][:-1] + ["True_Correct:has space"]), "label 'True_Correct:has space' is not Category:Misconception"),

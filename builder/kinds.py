@@ -1,0 +1,46 @@
+"""Member kinds as one table: each kind's config, the stages that build its ONNX folder, and the files in it.
+The kernel's side of the same table is runtime.predict.SCORERS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from .folds import SplitConfig
+from .tfidf import TfidfConfig, train_tfidf
+from .train import TrainConfig, can_resume, train
+
+
+def build_transformer(name: str, spec: TrainConfig, dest: Path, quantize: str, force: bool) -> dict:
+    """train -> merge -> export into dest/run, dest/merged and dest/onnx; a killed run resumes where it stopped."""
+    from .export import export
+    from .merge import merge
+
+    what = "full refit" if spec.full else f"fold {spec.fold}"
+    click.echo(f"== {name}, {what}: train")
+    metrics = train(spec, dest / "run", resume=can_resume(spec, dest / "run"))
+    merge(dest / "run", dest / "merged")
+    click.echo(f"== {name}, {what}: export {quantize}")
+    export(dest / "merged", dest / "onnx", quantize, force=force)
+    return metrics
+
+
+def build_tfidf(name: str, spec: TfidfConfig, dest: Path, quantize: str, force: bool) -> dict:
+    """One stage: the fitted per-question models are written as dest/onnx directly (always fp32)."""
+    return train_tfidf(spec, dest / "onnx")
+
+
+@dataclass(frozen=True)
+class Kind:
+    config: type[SplitConfig]  # its `[[models]]` keys and `mapbuild` options
+    build: Callable[[str, SplitConfig, Path, str, bool], dict]  # (name, config, dest, quantize, force) -> metrics
+    files: dict[str, str]  # role -> file of its ONNX folder that the bundle carries (the .data file only when present)
+
+
+KINDS: dict[str, Kind] = {
+    "transformer": Kind(TrainConfig, build_transformer, {"model": "model.onnx", "tokenizer": "tokenizer.json", "data": "model.onnx.data"}),
+    "tfidf": Kind(TfidfConfig, build_tfidf, {"model": "model.onnx", "vocab": "tfidf.json"}),
+}

@@ -1,0 +1,91 @@
+"""package: the bundle describes itself and carries only what it should."""
+
+import json
+import shutil
+
+import nbformat
+import pytest
+
+from runtime.manifest import check_files, load_manifest
+
+
+def test_bundle_describes_itself(tiny_pipeline):
+    bundle = tiny_pipeline["bundle"]
+    manifest = load_manifest(bundle)
+    on_disk = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert sorted(manifest["files"]) == on_disk
+    assert check_files(bundle, manifest, on_disk) == []
+    member = manifest["members"][0]
+    assert {"model", "tokenizer"} == set(member["files"]) and member["template"] == "compact"
+    assert {"onnxruntime", "tokenizers", "numpy", "torch"} <= set(manifest["versions"])
+    assert manifest["estimate"]["rows"] == 40_000 and manifest["estimate"]["cpu_seconds"][member["name"]] > 0
+    assert manifest["estimate"]["t4_seconds"][member["name"]] > 0 and member["params"] > 0 and member["mean_tokens"] > 0
+    run = json.loads((tiny_pipeline["run"] / "metrics.json").read_text())
+    assert member["weight"] == 1.0 and manifest["ensemble"]["rows"] == run["rows_valid"]
+    assert member["oof_map3"] == pytest.approx(run["map3"], abs=0.05)  # OOF scored with the full data's label space
+    kernel = json.loads((bundle / "kernel-metadata.json").read_text())
+    assert kernel["enable_internet"] is False and kernel["enable_gpu"] is True
+    assert kernel["competition_sources"] == ["map-charting-student-math-misunderstandings"]
+    assert kernel["dataset_sources"] == ["tester/tiny-bundle"] and kernel["code_file"] == "submit.ipynb"
+    dataset = json.loads((bundle / "dataset-metadata.json").read_text())
+    assert dataset["id"] == "tester/tiny-bundle" and 6 <= len(dataset["title"]) <= 50 and len(dataset["licenses"]) == 1
+    assert kernel["id"] == "tester/tiny-bundle-submit" and kernel["docker_image_pinning_type"] == "original"
+    nb = nbformat.read(bundle / "submit.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert all(cell.get("id") for cell in nb.cells)  # nbformat's cell ids
+    code = nb.cells[1].source
+    assert "--no-index" in code and "runtime.preflight" in code and "runtime.submit" in code and '"tester/tiny-bundle"' in code
+    compile(code, "submit.ipynb", "exec")
+
+
+def test_package_copies_only_the_runtime_code(tiny_pipeline, tmp_path, monkeypatch):
+    """Before: all of runtime/ was copied, kaggle.json or a config.txt with a key included."""
+    import builder.package
+
+    runtime_copy = tmp_path / "runtime"
+    shutil.copytree(builder.package.RUNTIME_DIR, runtime_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("kaggle.json", ".env", "config.txt"):
+        (runtime_copy / name).write_text(KEYS["kaggle"])
+    monkeypatch.setattr(builder.package, "RUNTIME_DIR", runtime_copy)
+    manifest = builder.package.package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
+    shipped = sorted(f for f in manifest["files"] if f.startswith("runtime/"))
+    assert shipped == sorted([f"runtime/{p.name}" for p in builder.package.RUNTIME_DIR.glob("*.py")] + ["runtime/requirements.txt"])
+
+
+FAKE_KEY = "0" * 32  # assembled here, so that secret scanners reading this file find no key in it
+KEYS = {
+    "kaggle": "KAGGLE_KEY=" + FAKE_KEY,
+    "kaggle.json": '{"username": "me", "key": "' + FAKE_KEY + '"}',
+    "aws": '{"aws": "AKIAIOSFODNN7EXAMPLE"}',
+    "ssh": "-----BEGIN OPENSSH PRIVATE KEY-----",
+    "github": "token ghp_" + "a1" * 18,
+    "hugging face": "hf_" + "Ab" * 17,
+}
+
+
+@pytest.mark.parametrize("what", list(KEYS))
+def test_package_refuses_a_credential_inside_any_file(tiny_pipeline, tmp_path, monkeypatch, what):
+    import builder.package
+    from runtime.errors import MapbuildError
+
+    runtime_copy = tmp_path / "runtime"
+    shutil.copytree(builder.package.RUNTIME_DIR, runtime_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (runtime_copy / "labels.py").write_text((runtime_copy / "labels.py").read_text() + f"\n# {KEYS[what]}\n")
+    monkeypatch.setattr(builder.package, "RUNTIME_DIR", runtime_copy)
+    with pytest.raises(MapbuildError, match="runtime/labels.py holds what looks like a credential"):
+        builder.package.package([str(tiny_pipeline["onnx"])], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runtime"]  # nothing half-written
+
+
+def test_package_refuses_a_member_file_that_is_a_symlink(tiny_pipeline, tmp_path):
+    from builder.package import package
+    from runtime.errors import MapbuildError
+
+    member = tmp_path / "onnx"
+    shutil.copytree(tiny_pipeline["onnx"], member)
+    (tmp_path / "kaggle.json").write_text(KEYS["kaggle.json"])
+    (member / "tokenizer.json").unlink()
+    (member / "tokenizer.json").symlink_to(tmp_path / "kaggle.json")
+    with pytest.raises(MapbuildError, match="tokenizer.json is a symlink"):
+        package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
+    assert not (tmp_path / "bundle").exists()
