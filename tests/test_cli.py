@@ -51,7 +51,8 @@ def test_train_names_a_missing_file(tmp_path):
         (["--grad-accum", "0"], "--grad-accum must be at least 1"),
         (["--precision", "fp64"], "--precision must be one of auto, fp32, fp16, bf16"),
         (["--max-length", "4"], "--max-length must be at least 16"),
-        (["--lora-r", "0"], "--lora-r must be at least 1"),
+        (["--lora-r", "-1"], "--lora-r must be at least 0"),
+        (["--lora-r", "0", "--qlora"], "--qlora trains an adapter: give --lora-r 1 or more"),
     ],
 )
 def test_train_flags_are_validated(tmp_path, flags, needle):

@@ -17,6 +17,8 @@ from runtime.submission import check_submission
 from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
 from .test_cli import assert_one_line_error
 
+pytestmark = pytest.mark.slow  # five tiny trainings and exports in one fixture
+
 
 @pytest.fixture(scope="module")
 def cv_root(tiny_bert, tmp_path_factory):
