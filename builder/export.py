@@ -23,6 +23,9 @@ from .models import FAMILIES, load_hf_tokenizer
 from .options import one_of
 from .stages import atomic_dir, read_meta, write_meta
 
+# What an exported transformer's ONNX folder holds, by role: the bundle carries these (the .data file only when the
+# weights are over EXTERNAL_DATA_BYTES, written by `save`).
+FILES = {"model": "model.onnx", "tokenizer": "tokenizer.json", "data": "model.onnx.data"}
 EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf cannot serialize 2 GiB: above this, weights go to one .data file
 
 
@@ -217,16 +220,16 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
     texts = render(sample, meta["template"], space, meta.get("chat"))
     hf_ids = training_ids(load_hf_tokenizer(str(merged)), texts, meta["max_length"])
     with atomic_dir(out) as tmp:
-        shutil.copy(Path(merged) / "tokenizer.json", tmp / "tokenizer.json")
-        ids = encode(load_kernel_tokenizer(tmp / "tokenizer.json", meta["max_length"]), texts)
+        shutil.copy(Path(merged) / "tokenizer.json", tmp / FILES["tokenizer"])
+        ids = encode(load_kernel_tokenizer(tmp / FILES["tokenizer"], meta["max_length"]), texts)
         mismatched = sum(a != b for a, b in zip(ids, hf_ids))
         if mismatched:
             raise MapbuildError(f"{merged}/tokenizer.json: runtime tokenizer disagrees with the training tokenizer on {mismatched} of {len(ids)} rows")
-        write_onnx(merged, tmp / "model.onnx", quantize, FAMILIES[meta["model_type"]].ort_fusion)
+        write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[meta["model_type"]].ort_fusion)
         model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
         pad_id = meta["pad_token_id"]
         reference = torch_logits(model, ids, pad_id, desc="torch")
-        forward = onnx_forward(tmp / "model.onnx")
+        forward = onnx_forward(tmp / FILES["model"])
         start = time.perf_counter()
         got = run_batches(forward, ids, pad_id, 32, desc="onnx")
         seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from . import export, tfidf
 from .folds import SplitConfig
 from .tfidf import TfidfConfig, train_tfidf
 from .train import TrainConfig, can_resume, train
@@ -16,7 +17,6 @@ from .train import TrainConfig, can_resume, train
 
 def build_transformer(name: str, spec: TrainConfig, dest: Path, quantize: str, force: bool) -> dict:
     """train -> merge -> export into dest/run, dest/merged and dest/onnx; a killed run resumes where it stopped."""
-    from .export import export
     from .merge import merge
 
     what = "full refit" if spec.full else f"fold {spec.fold}"
@@ -24,7 +24,7 @@ def build_transformer(name: str, spec: TrainConfig, dest: Path, quantize: str, f
     metrics = train(spec, dest / "run", resume=can_resume(spec, dest / "run"))
     merge(dest / "run", dest / "merged")
     click.echo(f"== {name}, {what}: export {quantize}")
-    export(dest / "merged", dest / "onnx", quantize, force=force)
+    export.export(dest / "merged", dest / "onnx", quantize, force=force)
     return metrics
 
 
@@ -41,6 +41,6 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "transformer": Kind(TrainConfig, build_transformer, {"model": "model.onnx", "tokenizer": "tokenizer.json", "data": "model.onnx.data"}),
-    "tfidf": Kind(TfidfConfig, build_tfidf, {"model": "model.onnx", "vocab": "tfidf.json"}),
+    "transformer": Kind(TrainConfig, build_transformer, export.FILES),
+    "tfidf": Kind(TfidfConfig, build_tfidf, tfidf.FILES),
 }

@@ -22,6 +22,7 @@ from .folds import SplitConfig, split_fold, validate
 from .options import require
 from .stages import atomic_dir, write_meta
 
+FILES = {"model": "model.onnx", "vocab": "tfidf.json"}  # the member folder, by role: what the bundle carries
 PAD_BIAS = -1e4  # logit of the padding classes of questions with fewer labels than the widest
 
 
@@ -135,11 +136,11 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
     seconds = time.perf_counter() - start
     model, vocab = scorer(fitted)
     with atomic_dir(out) as tmp:
-        (tmp / "model.onnx").write_bytes(model)
-        (tmp / "tfidf.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        (tmp / FILES["model"]).write_bytes(model)
+        (tmp / FILES["vocab"]).write_text(json.dumps(vocab, ensure_ascii=False))
         check = va if len(va) else tr.head(2000)  # a full refit has no held-out rows: speed and drift on seen ones
         start = time.perf_counter()
-        probs = tfidf_probs(tmp / "model.onnx", tmp / "tfidf.json", check, len(labels))
+        probs = tfidf_probs(tmp / FILES["model"], tmp / FILES["vocab"], check, len(labels))
         rows_per_s = len(check) / (time.perf_counter() - start)
         metrics = {**cleaning, "rows_train": len(tr), "rows_valid": len(va), "train_seconds": round(seconds, 1)}
         if len(va):
