@@ -1,5 +1,6 @@
 """Issue 16, lever "diverse cheap members": out-of-fold files for a per-question kNN over all-MiniLM-L6-v2 sentence
-embeddings and for TF-IDF variants, on the 5 folds of build/cpu/tfidf, for bench/levers.py to blend.
+embeddings (a settings grid for the `knn` member kind, whose vote it calls) and for TF-IDF variants, on the 5 folds
+of build/cpu/tfidf, for bench/levers.py to blend.
 
     nice -n 15 python bench/cheap_members.py embed   # build/levers/emb_{expl,ans}.npz, and the seconds it took
     nice -n 15 python bench/cheap_members.py knn     # the settings grid, MAP@3 per fold; build/levers/knn/oof.npz
@@ -23,6 +24,7 @@ import pandas as pd
 
 from builder.folds import FoldSplit, load_labelled, split_fold
 from runtime.data import labels_of
+from runtime.knn import vote
 from runtime.metrics import masked_map3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,34 +83,14 @@ def cmd_embed() -> None:
 
 
 def knn_probs(s: FoldSplit, emb: pd.DataFrame, k: int, p: float, pool: str, eps: float = EPS) -> np.ndarray:
-    """Held-out rows' probabilities: per question, the k most cosine-similar training rows vote for their label with
-    weight max(sim, 0)^p; votes normalised, mixed with the question's training label prior (share eps).
-    pool "question": any training row of the question; "cand": only those whose label is a candidate for the row
-    (its correctness prefix), so that k is not spent on neighbours the mask throws away."""
+    """Held-out rows' probabilities from the kNN member's own vote (runtime.knn.vote) over these embeddings.
+    pool "question": any training row of the question may vote; "cand" (what the member does): only those whose
+    label is a candidate for the row (its correctness prefix), so that k is not spent on neighbours the mask drops."""
     index = {lab: i for i, lab in enumerate(s.labels)}
-    y = labels_of(s.train).map(index).to_numpy()
-    xtr, xva = emb.loc[s.train["row_id"]].to_numpy(np.float32), emb.loc[s.valid["row_id"]].to_numpy(np.float32)
-    qtr, qva = s.train["QuestionId"].to_numpy(), s.valid["QuestionId"].to_numpy()
-    cand = s.space.candidate_mask(s.valid)
-    out = np.full((len(s.valid), len(s.labels)), 1.0 / len(s.labels))  # a question never trained on: uniform
-    for q in np.unique(qva):
-        te, tr = np.flatnonzero(qva == q), np.flatnonzero(qtr == q)
-        if not len(tr):
-            continue
-        sim = xva[te] @ xtr[tr].T
-        if pool == "cand":
-            sim = np.where(cand[te][:, y[tr]], sim, -np.inf)
-        kk = min(k, len(tr))
-        nn = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
-        w = np.maximum(np.take_along_axis(sim, nn, 1), 0.0) ** p  # -inf (outside the pool) votes 0
-        votes = np.zeros((len(te), len(s.labels)))
-        np.add.at(votes, (np.repeat(np.arange(len(te)), kk), y[tr][nn].ravel()), w.ravel())
-        prior = np.bincount(y[tr], minlength=len(s.labels)) + 1e-3  # a label unseen here still ranks, last
-        prior /= prior.sum()
-        total = votes.sum(1, keepdims=True)
-        share = np.divide(votes, total, out=np.tile(prior, (len(te), 1)), where=total > 0)
-        out[te] = (1 - eps) * share + eps * prior
-    return out
+    table = {"emb": emb.loc[s.train["row_id"]].to_numpy(np.float32), "label": labels_of(s.train).map(index).to_numpy(), "question": s.train["QuestionId"].to_numpy(str)}
+    cand = s.space.candidate_mask(s.valid) if pool == "cand" else np.ones((len(s.valid), len(s.labels)), dtype=bool)
+    query = emb.loc[s.valid["row_id"]].to_numpy(np.float32)
+    return vote(query, s.valid["QuestionId"].to_numpy(str), cand, table, len(s.labels), k, p, eps)
 
 
 def score(s: FoldSplit, probs: np.ndarray) -> float:

@@ -36,7 +36,7 @@ def main() -> None:
     from runtime.metrics import masked_map3
     from runtime.predict import predict
 
-    out = args.out
+    out = args.out.resolve()  # the dev config names its paths, which `cv` reads relative to the config
     out.mkdir(parents=True, exist_ok=True)
     df = load_labelled(str(args.data))
     test = assign_folds(df, 5, 42) == 4

@@ -31,10 +31,10 @@ class BuildConfig:
 
     out: str = field(metadata={"help": "Folder for every stage: <name>/run, <name>/merged, <name>/onnx and bundle/."})
     dataset_id: str = field(metadata={"help": "Kaggle dataset id of the bundle, OWNER/SLUG."})
-    models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option; with `kind = \"tfidf\"`, any `mapbuild tfidf` option."})
+    models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option; with `kind = \"tfidf\"` or `\"knn\"`, any `mapbuild tfidf` or `mapbuild knn` option."})
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
     title: str | None = field(default=None, metadata={"help": "Dataset title, 6-50 characters (default: 'mapbuild SLUG')."})
-    ensemble: str = field(default="prob", metadata={"help": "How members combine: prob (weighted probabilities), rank, or geo (weighted geometric mean)."})
+    ensemble: str = field(default="geo", metadata={"help": "How members combine: geo (weighted geometric mean, the default: best in cross-validation), prob (weighted probabilities) or rank."})
     wheels: bool = field(default=True, metadata={"help": "Bring onnxruntime-gpu wheels: Kaggle's image has no onnxruntime."})
     python: list[str] = field(default_factory=lambda: list(PYTHONS), metadata={"help": "Kernel CPython versions to bring a wheel for."})
     cuda: int = field(default=CUDA, metadata={"help": "CUDA major of the kernel image; picks the onnxruntime-gpu build."})

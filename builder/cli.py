@@ -18,6 +18,7 @@ from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, added_member, est
 from runtime.prompts import TEMPLATES
 
 from .export import EXPORT_PRECISIONS
+from .knn import KnnConfig
 from .options import config_options
 from .stages import remove_pending
 from .tfidf import TfidfConfig
@@ -114,6 +115,25 @@ def tfidf(out: str, **kwargs) -> None:
 
 
 @cli.command()
+@config_options(KnnConfig, required=("data",))
+@click.option("--quantize", type=click.Choice(list(EXPORT_PRECISIONS)), default="int8", show_default=True, help="Precision of the exported encoder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Member folder to write (an ONNX folder for `package`).")
+def knn(out: str, quantize: str, **kwargs) -> None:
+    """Embed the training rows with a sentence encoder and write a nearest-neighbours ONNX member folder.
+
+    In the kernel, each row's K most similar training rows of its question, among those with a candidate label, vote
+    with their similarity to the power --power. No training, merge or export step: package OUT beside the others,
+    on the same folds, and the ensemble weighs it."""
+    from .knn import train_knn
+
+    metrics = train_knn(KnnConfig(**kwargs), out, quantize)
+    if "map3" in metrics:
+        click.echo(f"fold MAP@3 {metrics['map3']:.4f}, label prior alone {metrics['map3_prior']:.4f} ({metrics['train_seconds']:.0f} s to embed) -> {out}")
+    else:
+        click.echo(f"full refit on {metrics['rows_train']} rows ({metrics['train_seconds']:.0f} s to embed) -> {out}")
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Merged model folder to write.")
 def merge(run_dir: str, out: str) -> None:
@@ -154,7 +174,7 @@ def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> 
 @click.option("--python", "pythons", default=",".join(PYTHONS), show_default=True, help="Kernel CPython versions to bring a wheel for, comma-separated (e.g. 3.11,3.12).")
 @click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), default=str(CUDA), show_default=True, help="CUDA major of the kernel image; picks the onnxruntime-gpu build.")
 @click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI (offline builds).")
-@click.option("--ensemble", type=click.Choice(METHODS), default="prob", show_default=True, help="Average member probabilities (prob), per-row ranks (rank) or log-probabilities (geo: a weighted geometric mean).")
+@click.option("--ensemble", type=click.Choice(METHODS), default="geo", show_default=True, help="Average member probabilities (prob), per-row ranks (rank) or log-probabilities (geo: a weighted geometric mean).")
 def package(
     onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, pythons: str, cuda: str, find_links: str | None, ensemble: str
 ) -> None:
@@ -464,7 +484,7 @@ def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="build/demo", show_default=True, help="Where the stages go.")
 def demo(out: str) -> None:
-    """Build a bundle from the embedded default (MiniLM and TF-IDF on the shipped sample) and run it on the sample test rows."""
+    """Build a bundle from the embedded default (MiniLM, TF-IDF and kNN on the shipped sample) and run it on the sample test rows."""
     from .build import DEMO
     from .build import build as run
 

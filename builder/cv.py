@@ -33,10 +33,13 @@ def fold_dir(root: Path, name: str, fold: int | None) -> Path:
 
 
 def done(dest: Path, spec) -> bool:
-    """Whether dest holds a finished model of exactly `spec`; one of other options is an error, never reused."""
+    """Whether dest holds a finished model of exactly `spec`; one of other options is an error, never reused. An
+    option that a folder does not record was added since it was trained, and took its default then."""
     if not (dest / "onnx" / META).is_file():  # stage folders appear whole or not at all
         return False
-    if read_meta(dest / "onnx", "onnx")["config"] != json.loads(json.dumps(dataclasses.asdict(spec))):
+    defaults = {f.name: f.default for f in dataclasses.fields(spec) if f.default is not dataclasses.MISSING}
+    recorded = defaults | read_meta(dest / "onnx", "onnx")["config"]
+    if json.loads(json.dumps(recorded)) != json.loads(json.dumps(dataclasses.asdict(spec))):
         raise MapbuildError(f"{dest}: trained with other options than the config's now; remove it, or give the changed recipe a new name or --out")
     return True
 

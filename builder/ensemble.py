@@ -53,7 +53,7 @@ def select(parts: list[np.ndarray], score, rounds: int = 20) -> np.ndarray:
     return best_votes / best_votes.sum()
 
 
-def fit(onnx_dirs: list[str | os.PathLike], method: str = "prob") -> dict:
+def fit(onnx_dirs: list[str | os.PathLike], method: str = "geo") -> dict:
     """Weights per ONNX folder, and MAP@3 per recipe and for the ensemble, on the out-of-fold rows every recipe
     covers. Also the honest figure: weights fitted on the other folds' rows, scored on each fold's, averaged.
     Without shared rows the weights stay equal per recipe and no score is given."""

@@ -37,23 +37,38 @@ def held_out_rows(meta: dict, n: int) -> pd.DataFrame:
     return (split.valid if len(split.valid) else split.rows).head(n)
 
 
-def to_onnx(model, path: Path, dynamo: bool = False) -> None:
-    """Export with dynamic batch and sequence axes; inputs input_ids and attention_mask, fp32 logits out.
-
-    TorchScript for fp32 (onnxruntime's fusions match its graphs); the dynamo exporter for fp16, where TorchScript
-    writes LayerNormalization nodes with mixed input types that onnxruntime rejects."""
+def wrapped(model, pooled: bool = False):
+    """The model as a module of (input_ids, attention_mask) to one fp32 tensor: a classifier's logits or, `pooled`,
+    a bare encoder's sentence embedding as sentence-transformers computes it (the mean of the unpadded token states,
+    L2-normalised). The exporter restores the module's training flag, and a fresh module trains: eval() keeps
+    dropout off."""
     import torch
 
-    class Logits(torch.nn.Module):
+    class Head(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
             self.inner = inner
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+            if not pooled:
+                return out.logits.float()
+            m = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            mean = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(mean.float(), dim=1)
 
-    # The exporter restores the wrapper's training flag, and a fresh module trains: eval() keeps dropout off.
-    wrapper = Logits(model).eval()
+    return Head(model).eval()
+
+
+def to_onnx(model, path: Path, dynamo: bool = False, pooled: bool = False) -> None:
+    """Export `wrapped(model, pooled)` with dynamic batch and sequence axes; inputs input_ids and attention_mask,
+    output "logits".
+
+    TorchScript for fp32 (onnxruntime's fusions match its graphs); the dynamo exporter for fp16, where TorchScript
+    writes LayerNormalization nodes with mixed input types that onnxruntime rejects."""
+    import torch
+
+    wrapper = wrapped(model, pooled)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0  # trace the padded path too
     args = (torch.ones(2, 8, dtype=torch.long), mask)
@@ -152,22 +167,23 @@ EXPORT_PRECISIONS = {
 }
 
 
-def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: str) -> None:
-    """model.onnx at `precision` (EXPORT_PRECISIONS): exported, fused where the family has a fusion, quantized."""
+def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: str, pooled: bool = False) -> None:
+    """model.onnx at `precision` (EXPORT_PRECISIONS): exported, fused where the family has a fusion, quantized.
+    `pooled`: a bare encoder's sentence embedding instead of a classifier's logits (to_onnx)."""
     import onnx
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     how = EXPORT_PRECISIONS[precision]
     fusion = fusion if how.fuses else ""
     kwargs: dict = {"dtype": torch.float16} if how.half else {}
     if fusion:
         kwargs["attn_implementation"] = "eager"  # the fusions match the eager attention pattern, not SDPA's
-    model = AutoModelForSequenceClassification.from_pretrained(merged, **kwargs).eval()
+    model = (AutoModel if pooled else AutoModelForSequenceClassification).from_pretrained(merged, **kwargs).eval()
     config = model.config
     # Exporters may write a file per large tensor: export into scratch, keep one model file (+ one .data).
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        to_onnx(model, Path(scratch) / "model.onnx", dynamo=how.half)
+        to_onnx(model, Path(scratch) / "model.onnx", dynamo=how.half, pooled=pooled)
         del model
         proto = onnx.load(str(Path(scratch) / "model.onnx"))
     if how.half:
@@ -207,24 +223,31 @@ def check_drift(drift: dict, precision: str, force: bool, max_flips: float = MAX
         )
 
 
+def kernel_ids(tokenizer_json: Path, model_dir: str | os.PathLike, texts: list[str], max_length: int) -> list[list[int]]:
+    """The kernel's token ids for `texts`, refused unless they equal those of the model folder's training tokenizer."""
+    from .infer import training_ids
+
+    ids = encode(load_kernel_tokenizer(tokenizer_json, max_length), texts)
+    mismatched = sum(a != b for a, b in zip(ids, training_ids(load_hf_tokenizer(str(model_dir)), texts, max_length)))
+    if mismatched:
+        raise MapbuildError(f"{model_dir}/tokenizer.json: runtime tokenizer disagrees with the training tokenizer on {mismatched} of {len(ids)} rows")
+    return ids
+
+
 def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 256, force: bool = False) -> dict:
     """Write ONNX_DIR with model.onnx, tokenizer.json and the drift against PyTorch fp32 on held-out rows."""
     from transformers import AutoModelForSequenceClassification
 
-    from .infer import torch_logits, training_ids
+    from .infer import torch_logits
 
     one_of(quantize, EXPORT_PRECISIONS, "--quantize")
     meta = read_meta(merged, "merged")
     sample = held_out_rows(meta, rows)
     space = LabelSpace.from_json(meta["label_space"])
     texts = render(sample, meta["template"], space, meta.get("chat"))
-    hf_ids = training_ids(load_hf_tokenizer(str(merged)), texts, meta["max_length"])
     with atomic_dir(out) as tmp:
         shutil.copy(Path(merged) / "tokenizer.json", tmp / FILES["tokenizer"])
-        ids = encode(load_kernel_tokenizer(tmp / FILES["tokenizer"], meta["max_length"]), texts)
-        mismatched = sum(a != b for a, b in zip(ids, hf_ids))
-        if mismatched:
-            raise MapbuildError(f"{merged}/tokenizer.json: runtime tokenizer disagrees with the training tokenizer on {mismatched} of {len(ids)} rows")
+        ids = kernel_ids(tmp / FILES["tokenizer"], merged, texts, meta["max_length"])
         write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[meta["model_type"]].ort_fusion)
         model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
         pad_id = meta["pad_token_id"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +34,7 @@ class SplitConfig:
     fold: int = field(default=0, metadata={"help": "The fold held out for validation."})
     full: bool = field(default=False, metadata={"help": "Train on every row (the final refit): no fold held out, no validation."})
     dedupe: bool = field(default=True, metadata={"help": "Train on one copy of rows that are exact duplicates (same input and label)."})
+    relabel: bool = field(default=False, metadata={"help": "Fix training labels that contradict the data: the True_/False_ prefix to the answer's correctness, conflicting duplicates to their majority label."})
     sample: int | None = field(default=None, metadata={"help": "Use about N rows, drawn stratified by label with --seed (quick runs)."})
     oof: str | None = field(default=None, metadata={"help": "For a --full refit: its recipe's cross-validation oof.npz, which stands in for it in ensemble selection."})
     seed: int = field(default=42, metadata={"help": "Seed for the folds and the sample (and a transformer's initialisation and shuffling)."})
@@ -45,6 +47,10 @@ class SplitConfig:
             (self.sample is None or self.sample >= 2 * self.folds, f"--sample must be at least 2 x folds, got {self.sample}"),
         )
         self.data, self.oof = absolute(self.data), self.oof and absolute(self.oof)
+
+    def split(self) -> FoldSplit:
+        """This config's rows: its fold held out (none for a full refit), the training rows cleaned."""
+        return split_fold(self.data, self.sample, self.folds, None if self.full else self.fold, self.seed, self.dedupe, self.relabel)
 
 
 def load_labelled(path: str, sample: int | None = None, seed: int = 42) -> pd.DataFrame:
@@ -87,6 +93,23 @@ def split_fold(data: str, sample: int | None, folds: int, fold: int | None, seed
     space = fit_label_space(tr, labels)
     tr, cleaning = clean(tr, space, dedupe=dedupe, relabel_rows=relabel)
     return FoldSplit(df, tr, va, labels, space, cleaning)
+
+
+def check_rows(split: FoldSplit) -> pd.DataFrame:
+    """The rows a member is scored on: its held-out fold or, for a full refit (none held out), 2,000 training rows
+    that measure its speed and drift alone."""
+    return split.valid if len(split.valid) else split.train.head(2000)
+
+
+def record_validation(folder: Path, probs: np.ndarray, split: FoldSplit, seconds: float) -> dict:
+    """A member folder's metrics.json and oof.npz from its probabilities on `check_rows(split)`; the metrics."""
+    va = split.valid
+    metrics = {**split.cleaning, "rows_train": len(split.train), "rows_valid": len(va), "train_seconds": round(seconds, 1)}
+    if len(va):
+        metrics.update(validate(probs, va, split.space, unmasked=False))
+    np.savez(folder / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs[: len(va)].astype(np.float32))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
 
 
 def validate(probs: np.ndarray, rows: pd.DataFrame, space: LabelSpace, unmasked: bool) -> dict:

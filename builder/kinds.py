@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
-from . import export, tfidf
+from . import export, knn, tfidf
 from .folds import SplitConfig
+from .knn import KnnConfig, train_knn
 from .tfidf import TfidfConfig, train_tfidf
 from .train import TrainConfig, can_resume, train
 
@@ -33,6 +34,13 @@ def build_tfidf(name: str, spec: TfidfConfig, dest: Path, quantize: str, force: 
     return train_tfidf(spec, dest / "onnx")
 
 
+def build_knn(name: str, spec: KnnConfig, dest: Path, quantize: str, force: bool) -> dict:
+    """One stage: the pooled encoder and the embedded training rows are written as dest/onnx directly."""
+    what = "full refit" if spec.full else f"fold {spec.fold}"
+    click.echo(f"== {name}, {what}: embed the training rows ({quantize} encoder)")
+    return train_knn(spec, dest / "onnx", quantize)
+
+
 @dataclass(frozen=True)
 class Kind:
     config: type[SplitConfig]  # its `[[models]]` keys and `mapbuild` options
@@ -43,4 +51,5 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "transformer": Kind(TrainConfig, build_transformer, export.FILES),
     "tfidf": Kind(TfidfConfig, build_tfidf, tfidf.FILES),
+    "knn": Kind(KnnConfig, build_knn, knn.FILES),
 }

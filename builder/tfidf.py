@@ -18,7 +18,7 @@ from runtime.data import labels_of
 from runtime.labels import fit_label_space
 from runtime.tfidf import grams, tfidf_probs
 
-from .folds import SplitConfig, split_fold, validate
+from .folds import SplitConfig, check_rows, record_validation
 from .options import require
 from .stages import atomic_dir, write_meta
 
@@ -128,7 +128,8 @@ def scorer(fitted: dict[str, QuestionModel]) -> tuple[bytes, dict]:
 
 def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
     """Fit every question's model on the training folds, export, validate through the runtime; returns the metrics."""
-    df, tr, va, labels, space_tr, cleaning = split_fold(cfg.data, cfg.sample, cfg.folds, None if cfg.full else cfg.fold, cfg.seed, cfg.dedupe)
+    split = cfg.split()
+    tr, labels = split.train, split.labels
     index = {lab: i for i, lab in enumerate(labels)}
     y = labels_of(tr).map(index).to_numpy()
     start = time.perf_counter()
@@ -138,22 +139,18 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
     with atomic_dir(out) as tmp:
         (tmp / FILES["model"]).write_bytes(model)
         (tmp / FILES["vocab"]).write_text(json.dumps(vocab, ensure_ascii=False))
-        check = va if len(va) else tr.head(2000)  # a full refit has no held-out rows: speed and drift on seen ones
+        check = check_rows(split)
         start = time.perf_counter()
         probs = tfidf_probs(tmp / FILES["model"], tmp / FILES["vocab"], check, len(labels))
         rows_per_s = len(check) / (time.perf_counter() - start)
-        metrics = {**cleaning, "rows_train": len(tr), "rows_valid": len(va), "train_seconds": round(seconds, 1)}
-        if len(va):
-            metrics.update(validate(probs, va, space_tr, unmasked=False))
-        np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs[: len(va)].astype(np.float32))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        metrics = record_validation(tmp, probs, split, seconds)
         write_meta(tmp, {
             "stage": "onnx",
             "kind": "tfidf",
             "run": str(Path(out).resolve()),  # its own out-of-fold file: there is no separate run folder
             "model_type": "tfidf",
             "precision": "fp32",
-            "label_space": fit_label_space(df, labels).to_json(),
+            "label_space": fit_label_space(split.rows, labels).to_json(),
             "config": asdict(cfg),
             "metrics": metrics,
             "drift": {"max_abs_prob_diff": sklearn_drift(fitted, check, probs), "rows": len(check)},

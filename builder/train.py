@@ -20,7 +20,7 @@ from runtime.labels import fit_label_space
 from runtime.prompts import TEMPLATES, render
 
 from .chat import chat_parts
-from .folds import SplitConfig, absolute, split_fold, validate
+from .folds import SplitConfig, absolute, validate
 from .hardware import TRAIN_PRECISIONS, choose_precision, detect
 from .models import family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
 from .options import one_of, require
@@ -48,7 +48,6 @@ class TrainConfig(SplitConfig):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     warmup: float = field(default=0.06, metadata={"help": "Share of steps spent warming up."})
     chat_template: bool = field(default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template when it has one (instruct decoders)."})
-    relabel: bool = field(default=False, metadata={"help": "Fix training labels that contradict the data: the True_/False_ prefix to the answer's correctness, conflicting duplicates to their majority label."})
     candidate_loss: bool = field(default=True, metadata={"help": "Softmax over each row's candidate labels only, the set the kernel's mask keeps."})
     save_steps: int = field(default=200, metadata={"help": "Checkpoint every N optimizer steps; `train --resume` continues from the last one."})
 
@@ -157,7 +156,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
 
     CandidateTrainer = candidate_trainer()
 
-    df, tr, va, labels, space_tr, cleaning = split_fold(cfg.data, cfg.sample, cfg.folds, None if cfg.full else cfg.fold, cfg.seed, cfg.dedupe, cfg.relabel)
+    df, tr, va, labels, space_tr, cleaning = cfg.split()
     ckpt = checkpoint_dir(out)
     recipe = ckpt / "config.json"
     last = last_checkpoint(ckpt)

@@ -12,6 +12,7 @@ import pandas as pd
 from .engine import CPU, device_pool, encode, gpu_count, load_kernel_tokenizer, onnx_forward, run_batches, softmax
 from .ensemble import combine
 from .external_data import problem as external_problem
+from .knn import check_settings, knn_text, load_table, vote
 from .labels import LabelSpace
 from .manifest import check_files
 from .prompts import render
@@ -20,19 +21,20 @@ from .tfidf import tfidf_probs
 log = logging.getLogger("mapbuild")
 
 
-def transformer_probs(
-    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+def onnx_outputs(
+    bundle: Path, member: dict, texts: list[str], batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> tuple[np.ndarray, str | None]:
-    """An ONNX classifier over rendered prompts, on one session or one worker per device."""
+    """The member's ONNX model over `texts`, on one session or one worker per device: its output rows and the
+    provider its session ran on (None with one worker per device)."""
     tok = load_kernel_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
-    seqs = encode(tok, render(df, member["template"], space, member.get("chat")))
+    seqs = encode(tok, texts)
     model = bundle / member["files"]["model"]
     data = member["files"].get("data")
     beside = {Path(data).name} if data and Path(data).parent == Path(member["files"]["model"]).parent else set()
     refused = external_problem(model, beside)
     if refused:  # onnxruntime would read any path a location names, hashed or not
         raise ValueError(f"{member['files']['model']}: {refused}")
-    run = lambda forward: softmax(run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline))
+    run = lambda forward: run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline)
     if devices <= 1:
         forward = onnx_forward(model)
         return run(forward), getattr(forward, "provider", None)
@@ -44,6 +46,26 @@ def transformer_probs(
         pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
 
+def transformer_probs(
+    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+) -> tuple[np.ndarray, str | None]:
+    """An ONNX classifier over rendered prompts."""
+    logits, provider = onnx_outputs(bundle, member, render(df, member["template"], space, member.get("chat")), batch_size, devices, deadline)
+    return softmax(logits), provider
+
+
+def knn_member_probs(
+    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+) -> tuple[np.ndarray, str | None]:
+    """An ONNX sentence encoder, then the votes of each question's nearest training rows."""
+    settings = check_settings(member.get("knn"))
+    table = load_table(bundle / member["files"]["neighbours"], len(space.labels))
+    emb, provider = onnx_outputs(bundle, member, knn_text(df), batch_size, devices, deadline)
+    if emb.shape[1] != table["emb"].shape[1]:
+        raise ValueError(f"the encoder gives {emb.shape[1]} dimensions, the neighbours have {table['emb'].shape[1]}")
+    return vote(emb, df["QuestionId"].to_numpy(str), space.candidate_mask(df), table, len(space.labels), **settings), provider
+
+
 def tfidf_member_probs(
     bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> tuple[np.ndarray, str | None]:
@@ -53,7 +75,7 @@ def tfidf_member_probs(
 
 # kind -> its probabilities and the provider its session ran on (None: a CPU member, or one per device). The
 # builder's side of this table is builder.kinds.KINDS.
-SCORERS = {"transformer": transformer_probs, "tfidf": tfidf_member_probs}
+SCORERS = {"transformer": transformer_probs, "tfidf": tfidf_member_probs, "knn": knn_member_probs}
 
 
 def prior(space: LabelSpace, rows: int) -> np.ndarray:

@@ -44,6 +44,25 @@ def sample_ids(folder: Path, meta: dict) -> list[list[int]]:
     return encode(load_kernel_tokenizer(folder / "tokenizer.json", meta["max_length"]), texts)
 
 
+def input_device(model, call):
+    """The device of the input_ids that `call()` hands `model`; the forward stops there (a meta-device model
+    computes nothing)."""
+
+    class Seen(Exception):
+        pass
+
+    def record(module, args, kwargs):
+        raise Seen(kwargs["input_ids"].device)
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with pytest.raises(Seen) as seen:
+            call()
+    finally:
+        handle.remove()
+    return seen.value.args[0]
+
+
 def sample_corpus() -> list[str]:
     import pandas as pd
 

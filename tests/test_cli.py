@@ -24,7 +24,7 @@ def assert_one_line_error(result, *needles: str) -> None:
 
 def test_help_lists_every_stage():
     assert set(cli.commands) == {
-        "train", "tfidf", "merge", "export", "package", "build", "demo", "cv", "plan", "verify", "upload", "kernel", "models",
+        "train", "tfidf", "knn", "merge", "export", "package", "build", "demo", "cv", "plan", "verify", "upload", "kernel", "models",
         "analyze", "tokens", "prompts", "generate", "explain",
     }
     listed = invoke("-h").output.split("Commands:")[1]
@@ -127,7 +127,7 @@ MODEL = '[[models]]\nname = "a"\ndata = "x.csv"\n'
     ('colour = "blue"\n', "", "unknown key colour"),
     ("", "lora_rank = 3\n", "unknown key lora_rank"),
     ("", 'quantize = "int3"\n', "quantize must be one of fp32, fp16, int8, int4"),
-    ("", 'kind = "svm"\n', "kind must be one of transformer, tfidf, got 'svm'"),
+    ("", 'kind = "svm"\n', "kind must be one of transformer, tfidf, knn, got 'svm'"),
     ("", 'kind = "tfidf"\nepochs = 3\n', "unknown key epochs"),
     ("", 'sample = "300"\n', "[[models]] a: sample must be an integer, got '300'"),
     ("", "folds = 3.5\n", "[[models]] a: folds must be an integer, got 3.5"),

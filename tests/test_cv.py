@@ -1,5 +1,6 @@
 """`mapbuild cv`: every fold, the union of out-of-fold rows, ensemble weights per recipe, the full refit."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from builder.ensemble import fit
 from builder.folds import assign_folds, load_labelled
 from builder.package import package
 from runtime.data import read_rows
+from runtime.errors import MapbuildError
 from runtime.manifest import load_manifest
 from runtime.submission import check_submission
 
@@ -91,6 +93,23 @@ def test_a_finished_fold_of_other_options_is_never_reported_as_the_changed_recip
     result = CliRunner().invoke(cli, ["cv", str(changed), "--only", "words"])  # bert is not retrained, but reported
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and last.startswith("Error: ") and "bert/fold0: trained with other options than the config's now" in last
+
+
+def test_a_fold_trained_before_an_option_existed_is_kept_while_that_option_is_at_its_default(cv_root, tmp_path):
+    import shutil
+
+    from builder.build import load_config
+    from builder.cv import done, fold_spec
+
+    member = next(m for m in load_config(cv_root["config"])[1] if m.name == "words")
+    dest = tmp_path / "fold0"
+    shutil.copytree(cv_root["root"] / "words" / "fold0", dest)
+    meta = json.loads((dest / "onnx" / "mapbuild.json").read_text())
+    del meta["config"]["relabel"]  # as folders written before `relabel` was a split option
+    (dest / "onnx" / "mapbuild.json").write_text(json.dumps(meta))
+    assert done(dest, fold_spec(member, 0))
+    with pytest.raises(MapbuildError, match="trained with other options"):
+        done(dest, fold_spec(member._replace(config=dataclasses.replace(member.config, relabel=True)), 0))
 
 
 def test_cv_names_unknown_recipes_and_bad_folds(cv_root):

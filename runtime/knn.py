@@ -1,0 +1,75 @@
+"""A k-nearest-neighbours member: a sentence encoder embeds the answer and explanation, and the question's most
+similar training rows vote for their labels.
+
+The builder embeds the training rows with the same ONNX encoder and this module's `knn_text`, so a row's
+neighbours are found in the kernel exactly as at validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SETTINGS = ("k", "power", "prior_share")  # a member's `knn` object in the manifest
+
+
+def knn_text(df: pd.DataFrame) -> list[str]:
+    """What is embedded: the chosen answer, then the explanation (the answer separates right from wrong reasoning)."""
+    return (df["MC_Answer"] + " | " + df["StudentExplanation"]).tolist()
+
+
+def check_settings(knn: object) -> dict:
+    """The member's vote settings, or ValueError naming the bad one."""
+    if not isinstance(knn, dict) or set(knn) != set(SETTINGS):
+        raise ValueError(f"knn settings must be an object with exactly {', '.join(SETTINGS)}")
+    k, power, share = knn["k"], knn["power"], knn["prior_share"]
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"knn.k {k!r} must be a positive integer")
+    if not isinstance(power, (int, float)) or not 0 <= power <= 256:
+        raise ValueError(f"knn.power {power!r} must be between 0 and 256")
+    if not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise ValueError(f"knn.prior_share {share!r} must be between 0 and 1, both excluded")
+    return knn
+
+
+def vote(
+    query: np.ndarray, questions: np.ndarray, candidates: np.ndarray, table: dict[str, np.ndarray], n_labels: int, k: int, power: float, prior_share: float
+) -> np.ndarray:
+    """(rows, n_labels) probabilities. Per question, the k most cosine-similar training rows among those whose label
+    is a candidate for the row vote for it with weight max(similarity, 0)^power. The shares are mixed with the
+    question's training label frequencies (`prior_share` of them), so no label that the mask keeps gets zero.
+    A question without training rows gets the uniform row; the candidate mask makes it per question.
+
+    `table`: `emb` (n, d) unit rows, `label` (n,) label indices, `question` (n,) question ids."""
+    emb, y, tq = table["emb"].astype(np.float32), table["label"], table["question"]
+    out = np.full((len(query), n_labels), 1.0 / n_labels)
+    for q in np.unique(questions):
+        rows, train = np.flatnonzero(questions == q), np.flatnonzero(tq == q)
+        if not len(train):
+            continue
+        sim = np.where(candidates[rows][:, y[train]], query[rows] @ emb[train].T, -np.inf)
+        kk = min(k, len(train))
+        nn = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+        w = np.maximum(np.take_along_axis(sim, nn, 1), 0.0) ** power  # -inf, outside the candidates, votes 0
+        votes = np.zeros((len(rows), n_labels))
+        np.add.at(votes, (np.repeat(np.arange(len(rows)), kk), y[train][nn].ravel()), w.ravel())
+        prior = np.bincount(y[train], minlength=n_labels) + 1e-3  # a label unseen here still ranks, last
+        prior /= prior.sum()
+        total = votes.sum(1, keepdims=True)
+        share = np.divide(votes, total, out=np.tile(prior, (len(rows), 1)), where=total > 0)
+        out[rows] = (1 - prior_share) * share + prior_share * prior
+    return out.astype(np.float32)
+
+
+def load_table(path: str | Path, n_labels: int) -> dict[str, np.ndarray]:
+    """neighbours.npz, plain arrays only (np.load refuses pickled objects), checked against the label count."""
+    with np.load(path) as z:
+        table = {k: z[k] for k in ("emb", "label", "question")}
+    n = len(table["emb"])
+    if table["emb"].ndim != 2 or len(table["label"]) != n or len(table["question"]) != n:
+        raise ValueError(f"{Path(path).name}: emb, label and question must have one entry per training row")
+    if n and not 0 <= table["label"].min() <= table["label"].max() < n_labels:
+        raise ValueError(f"{Path(path).name}: label indices outside the {n_labels} labels")
+    table["question"] = table["question"].astype(str)
+    return table
