@@ -55,6 +55,9 @@ def quiet_third_parties() -> None:
     """Hide other packages' load reports, weight-loading bars and warnings (FutureWarning, TracerWarning, ...): `-v`
     shows them. Training and inference bars are ours or the Trainer's, and stay."""
     warnings.filterwarnings("ignore", module=r"(?!builder|runtime)")
+    # Libraries that log through the root logger itself (onnxruntime's quantizer: "Please consider to run pre-processing")
+    ours = (str(Path(__file__).parent), str(Path(__file__).parents[1] / "runtime"))
+    logging.getLogger().addFilter(lambda record: record.name != "root" or record.pathname.startswith(ours))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar follows it
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -22,7 +22,7 @@ from runtime.metrics import map_at_3
 
 from .build import Member, build_member, load_config
 from .ensemble import fit
-from .folds import load_labelled
+from .folds import SplitConfig, load_labelled
 from .stages import META, read_meta
 
 REPORT = "cv.json"
@@ -32,14 +32,11 @@ def fold_dir(root: Path, name: str, fold: int | None) -> Path:
     return root / name / ("full" if fold is None else f"fold{fold}")
 
 
-def done(dest: Path, spec) -> bool:
-    """Whether dest holds a finished model of exactly `spec`; one of other options is an error, never reused. An
-    option that a folder does not record was added since it was trained, and took its default then."""
+def done(dest: Path, spec: SplitConfig) -> bool:
+    """Whether dest holds a finished model of exactly `spec`; one of other options is an error, never reused."""
     if not (dest / "onnx" / META).is_file():  # stage folders appear whole or not at all
         return False
-    defaults = {f.name: f.default for f in dataclasses.fields(spec) if f.default is not dataclasses.MISSING}
-    recorded = defaults | read_meta(dest / "onnx", "onnx")["config"]
-    if json.loads(json.dumps(recorded)) != json.loads(json.dumps(dataclasses.asdict(spec))):
+    if not spec.matches(read_meta(dest / "onnx", "onnx")["config"]):
         raise MapbuildError(f"{dest}: trained with other options than the config's now; remove it, or give the changed recipe a new name or --out")
     return True
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +47,12 @@ class SplitConfig:
             (self.sample is None or self.sample >= 2 * self.folds, f"--sample must be at least 2 x folds, got {self.sample}"),
         )
         self.data, self.oof = absolute(self.data), self.oof and absolute(self.oof)
+
+    def matches(self, recorded: dict) -> bool:
+        """Whether a stage folder's recorded config is this one. An option it does not record was added since the
+        folder was written, and took its default then."""
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        return json.loads(json.dumps(defaults | recorded)) == json.loads(json.dumps(asdict(self)))
 
     def split(self) -> FoldSplit:
         """This config's rows: its fold held out (none for a full refit), the training rows cleaned."""

@@ -3,6 +3,7 @@ The kernel's side of the same table is runtime.predict.SCORERS."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import click
 from . import export, knn, tfidf
 from .folds import SplitConfig
 from .knn import KnnConfig, train_knn
+from .stages import META, read_meta
 from .tfidf import TfidfConfig, train_tfidf
 from .train import TrainConfig, can_resume, train
 
@@ -20,10 +22,14 @@ def build_transformer(name: str, spec: TrainConfig, dest: Path, quantize: str, f
     """train -> merge -> export into dest/run, dest/merged and dest/onnx; a killed run resumes where it stopped."""
     from .merge import merge
 
-    what = "full refit" if spec.full else f"fold {spec.fold}"
-    click.echo(f"== {name}, {what}: train")
-    metrics = train(spec, dest / "run", resume=can_resume(spec, dest / "run"))
-    merge(dest / "run", dest / "merged")
+    what, run = "full refit" if spec.full else f"fold {spec.fold}", dest / "run"
+    if (run / META).is_file() and spec.matches(read_meta(run, "run")["config"]):  # an export refused after training
+        click.echo(f"== {name}, {what}: trained before, kept")
+        metrics = json.loads((run / "metrics.json").read_text())
+    else:
+        click.echo(f"== {name}, {what}: train")
+        metrics = train(spec, run, resume=can_resume(spec, run))
+    merge(run, dest / "merged")
     click.echo(f"== {name}, {what}: export {quantize}")
     export.export(dest / "merged", dest / "onnx", quantize, force=force)
     return metrics

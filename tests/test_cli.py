@@ -1,6 +1,7 @@
 """User mistakes end in one line naming the file, column or flag: never a traceback."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -216,3 +217,27 @@ def test_train_runs_under_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_ber
     assert steps == -(-meta["metrics"]["rows_train"] // (8 * 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert done.stdout.count("fold MAP@3") == 1
+
+
+def test_other_packages_warnings_and_root_logs_are_hidden_and_ours_shown(monkeypatch):
+    import logging
+    import os
+    import warnings
+
+    from builder.cli import quiet_third_parties
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"})
+    root = logging.getLogger()
+    before = list(root.filters)
+    record = lambda name, path: root.makeRecord(name, logging.WARNING, path, 1, "message", None, None)
+    with warnings.catch_warnings(record=True) as shown:
+        try:
+            quiet_third_parties()
+            assert not root.filter(record("root", "/venv/site-packages/onnxruntime/quantization/quantize.py"))
+            assert root.filter(record("root", str(Path(__file__).parents[1] / "builder" / "knn.py")))
+            assert root.filter(record("mapbuild", "/anywhere.py"))  # named loggers keep their own levels
+            warnings.warn_explicit("theirs", UserWarning, "x.py", 1, module="transformers.modeling_utils")
+            warnings.warn_explicit("ours", UserWarning, "x.py", 1, module="builder.export")
+        finally:
+            root.filters[:] = before
+    assert [str(w.message) for w in shown] == ["ours"] and os.environ["TRANSFORMERS_VERBOSITY"] == "error"

@@ -1,0 +1,31 @@
+"""The member kinds table: what each kind's build keeps of an earlier, interrupted one."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+import builder.kinds as kinds
+from builder.train import TrainConfig
+
+
+class Trained(Exception):
+    pass
+
+
+def refuse_training(*args, **kwargs):
+    raise Trained
+
+
+def test_a_finished_run_is_kept_when_its_export_was_refused(tiny_pipeline, tmp_path, monkeypatch):
+    """An export refused by the drift gate must not cost the training: the rerun (say with --force) starts at merge."""
+    dest = tmp_path / "member"
+    shutil.copytree(tiny_pipeline["run"], dest / "run")
+    spec = TrainConfig(**json.loads((dest / "run" / "mapbuild.json").read_text())["config"])
+    monkeypatch.setattr(kinds, "train", refuse_training)
+    metrics = kinds.build_transformer("bert", spec, dest, "fp32", force=False)
+    assert metrics == json.loads((dest / "run" / "metrics.json").read_text())
+    assert json.loads((dest / "onnx" / "mapbuild.json").read_text())["stage"] == "onnx"
+    with pytest.raises(Trained):  # a run of other options is never taken for this one
+        kinds.build_transformer("bert", dataclasses.replace(spec, epochs=spec.epochs + 1), dest, "fp32", force=False)
