@@ -108,3 +108,19 @@ def test_bundle_with_a_knn_member_runs_in_the_kaggle_twin(member, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     done = run_kernel(bundle, "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(out))
     assert done.returncode == 0 and any("SKIPPED member" in f and "knn.k" in f for f in done.result["faults"])
+
+
+def test_two_worker_processes_give_exactly_the_single_device_votes(member, tmp_path):
+    """The 2x T4 path (one encoder session per device), with CPU workers: the same embeddings, so the same votes."""
+    from runtime.labels import LabelSpace
+    from runtime.manifest import load_manifest
+    from runtime.predict import predict
+
+    package([str(member)], tmp_path / "bundle", "tester/knn-two", wheels=False)
+    manifest = load_manifest(tmp_path / "bundle")
+    space = LabelSpace.from_json(manifest["label_space"])
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    one, used_one = predict(tmp_path / "bundle", manifest, space, df, batch_size=16)
+    two, used_two = predict(tmp_path / "bundle", manifest, space, df, batch_size=16, devices=2)
+    assert used_one == used_two == [manifest["members"][0]["name"]]
+    assert np.array_equal(one, two) and not np.allclose(one, one[:1])  # rows differ: the votes are real
