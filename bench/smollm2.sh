@@ -24,16 +24,27 @@ $py - "$out" <<'EOF'
 import json, sys
 from pathlib import Path
 
-from builder.export import MAX_FLIPS
+from builder.export import check_drift
+from runtime.errors import MapbuildError
 
 out = Path(sys.argv[1])
 m = json.loads((out / "run" / "metrics.json").read_text())
+
+
+def verdict(drift: dict, precision: str) -> str:
+    try:
+        check_drift(drift, precision, force=False)
+    except MapbuildError:
+        return "refuse"
+    return "pass"
+
+
 print(f"fold MAP@3 {m['map3']:.4f} on {m['rows_valid']} held-out rows; trained on {m['rows_train']} rows at {m['train_rows_per_s']} rows/s")
 for q in ("fp32", "fp16", "int8", "int4"):
     meta = json.loads((out / f"onnx-{q}" / "mapbuild.json").read_text())
     d, size = meta["drift"], sum(f.stat().st_size for f in (out / f"onnx-{q}").glob("model.onnx*")) / 2**20
     print(f"{q}: {meta['cpu_rows_per_s']} rows/s, {size:.0f} MiB, max |logit diff| {d['max_abs_logit_diff']:.3g}, "
           f"top-1 agreement {d['top1_agreement']:.3f} ({d['masked_top1_agreement']:.3f} masked), "
-          f"gate {'pass' if q == 'fp32' or 1 - d['masked_top1_agreement'] <= MAX_FLIPS else 'refuse'}")
+          f"MAP@3 {d['map3_onnx']:.4f} against fp32 {d['map3_reference']:.4f}, gate {verdict(d, q)}")
 print(f"fp16 bundle {sum(f.stat().st_size for f in (out / 'bundle').rglob('*') if f.is_file()) / 2**20:.0f} MiB")
 EOF

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from runtime.data import labels_of
 from runtime.engine import encode, load_kernel_tokenizer, onnx_forward, run_batches
 from runtime.errors import MapbuildError
 from runtime.labels import LabelSpace
+from runtime.metrics import masked_map3
 from runtime.prompts import render
 
 from .folds import split_fold
@@ -199,27 +201,32 @@ def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: st
     save(proto, path)
 
 
-MAX_FLIPS = 0.01
+# A quantized model may cost at most this much MAP@3 on the held-out rows. int8 MiniLM moves about 1% of the
+# kernel's top-1 predictions either way at no net cost, so a limit on flips refused sound exports by chance.
+MAX_MAP3_DROP = 0.005
 
 
-def measure_drift(got: np.ndarray, reference: np.ndarray, allowed: np.ndarray) -> dict:
-    """How far ONNX logits stray from PyTorch fp32: raw, and in the prediction the kernel makes (masked top-1)."""
+def measure_drift(got: np.ndarray, reference: np.ndarray, allowed: np.ndarray, truth: list[str], labels: list[str]) -> dict:
+    """How far ONNX logits stray from PyTorch fp32: raw, in the prediction the kernel makes (masked top-1), and in
+    the MAP@3 it scores on these labelled rows."""
     masked = lambda z: np.where(allowed, z, -np.inf).argmax(1)
     return {
         "rows": len(got),
         "max_abs_logit_diff": float(np.abs(got - reference).max()),
         "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
         "masked_top1_agreement": float((masked(got) == masked(reference)).mean()),
+        "map3_reference": masked_map3(truth, reference, labels, allowed),
+        "map3_onnx": masked_map3(truth, got, labels, allowed),
     }
 
 
-def check_drift(drift: dict, precision: str, force: bool, max_flips: float = MAX_FLIPS) -> None:
-    """Refuse a quantized model that changes more than `max_flips` of the kernel's top-1 predictions."""
-    flips = 1 - drift["masked_top1_agreement"]
-    if precision != "fp32" and flips > max_flips and not force:
+def check_drift(drift: dict, precision: str, force: bool, max_drop: float = MAX_MAP3_DROP) -> None:
+    """Refuse a quantized model that scores more than `max_drop` MAP@3 below PyTorch fp32 on the held-out rows."""
+    drop = drift["map3_reference"] - drift["map3_onnx"]
+    if precision != "fp32" and drop > max_drop and not force:
         raise MapbuildError(
-            f"--quantize {precision} changes the top-1 prediction of {flips:.1%} of {drift['rows']} held-out rows "
-            f"(limit {max_flips:.0%}); export fp32 instead, or pass --force to keep it"
+            f"--quantize {precision} lowers MAP@3 from {drift['map3_reference']:.4f} to {drift['map3_onnx']:.4f} on {drift['rows']} "
+            f"held-out rows (limit {max_drop}); export fp32 instead, or pass --force to keep it"
         )
 
 
@@ -234,7 +241,7 @@ def kernel_ids(tokenizer_json: Path, model_dir: str | os.PathLike, texts: list[s
     return ids
 
 
-def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 256, force: bool = False) -> dict:
+def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 1024, force: bool = False) -> dict:
     """Write ONNX_DIR with model.onnx, tokenizer.json and the drift against PyTorch fp32 on held-out rows."""
     from transformers import AutoModelForSequenceClassification
 
@@ -256,7 +263,7 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         start = time.perf_counter()
         got = run_batches(forward, ids, pad_id, 32, desc="onnx")
         seconds = time.perf_counter() - start
-        drift = measure_drift(got, reference, space.candidate_mask(sample))
+        drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
         check_drift(drift, quantize, force)
         write_meta(tmp, {
             **meta,

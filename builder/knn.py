@@ -16,7 +16,7 @@ import numpy as np
 
 from runtime.data import labels_of
 from runtime.errors import MapbuildError
-from runtime.knn import knn_text
+from runtime.knn import SETTINGS, bad_setting, knn_text
 from runtime.labels import fit_label_space
 from runtime.predict import knn_member_probs, onnx_outputs
 
@@ -42,12 +42,12 @@ class KnnConfig(SplitConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(
-            (self.k >= 1, f"--k must be at least 1, got {self.k}"),
-            (0 <= self.power <= 256, f"--power must be in 0..256, got {self.power}"),
-            (0 < self.prior_share < 1, f"--prior-share must be between 0 and 1, both excluded, got {self.prior_share}"),
-            (self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}"),
-        )
+        bad = bad_setting(self.settings())
+        require((bad is None, bad and f"--{bad[0].replace('_', '-')} {bad[1]}"), (self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}"))
+
+    def settings(self) -> dict:
+        """The vote settings the manifest records and the kernel uses."""
+        return {name: getattr(self, name) for name in SETTINGS}
 
 
 def torch_embeddings(model, ids: list[list[int]], pad_id: int) -> np.ndarray:
@@ -84,7 +84,7 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
         ids = kernel_ids(tmp / FILES["tokenizer"], source.path, knn_text(check.head(DRIFT_ROWS)), cfg.max_length)
         write_onnx(source.path, tmp / FILES["model"], quantize, family.ort_fusion, pooled=True)
         member = {"name": "knn", "files": FILES, "max_length": cfg.max_length, "pad_token_id": pad_id,
-                  "knn": {"k": cfg.k, "power": cfg.power, "prior_share": cfg.prior_share}}  # fmt: skip
+                  "knn": cfg.settings()}  # fmt: skip
         start = time.perf_counter()
         emb, _ = onnx_outputs(tmp, member, knn_text(tr), batch_size=64)
         seconds = time.perf_counter() - start

@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SETTINGS = ("k", "power", "prior_share")  # a member's `knn` object in the manifest
+# A member's `knn` object in the manifest: each setting's test and what it must be. The builder's flags use them too.
+SETTINGS = {
+    "k": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+    "power": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 256, "between 0 and 256"),
+    "prior_share": (lambda v: isinstance(v, (int, float)) and 0 < v < 1, "between 0 and 1, both excluded"),
+}
 
 
 def knn_text(df: pd.DataFrame) -> list[str]:
@@ -19,17 +24,17 @@ def knn_text(df: pd.DataFrame) -> list[str]:
     return (df["MC_Answer"] + " | " + df["StudentExplanation"]).tolist()
 
 
+def bad_setting(knn: dict) -> tuple[str, str] | None:
+    """The first setting outside its bounds and why ("0 must be a positive integer"), or None."""
+    return next(((name, f"{knn[name]!r} must be {rule}") for name, (ok, rule) in SETTINGS.items() if not ok(knn[name])), None)
+
+
 def check_settings(knn: object) -> dict:
     """The member's vote settings, or ValueError naming the bad one."""
     if not isinstance(knn, dict) or set(knn) != set(SETTINGS):
         raise ValueError(f"knn settings must be an object with exactly {', '.join(SETTINGS)}")
-    k, power, share = knn["k"], knn["power"], knn["prior_share"]
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"knn.k {k!r} must be a positive integer")
-    if not isinstance(power, (int, float)) or not 0 <= power <= 256:
-        raise ValueError(f"knn.power {power!r} must be between 0 and 256")
-    if not isinstance(share, (int, float)) or not 0 < share < 1:
-        raise ValueError(f"knn.prior_share {share!r} must be between 0 and 1, both excluded")
+    if bad := bad_setting(knn):
+        raise ValueError(f"knn.{bad[0]} {bad[1]}")
     return knn
 
 

@@ -17,25 +17,32 @@ from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel, sample_ids
 REF = np.tile(np.array([[3.0, 2.0, 0.0]], dtype=np.float32), (100, 1))
 
 
-def test_drift_gate_refuses_a_quantized_model_that_flips_over_one_percent():
+LABELS = ["a", "b", "c"]
+
+
+def test_drift_gate_refuses_a_quantized_model_that_loses_map3_not_one_that_only_flips():
     got = REF.copy()
-    got[:2] = [2.0, 3.0, 0.0]  # 2 of 100 rows now predict label 1
-    drift = measure_drift(got, REF, np.ones_like(REF, dtype=bool))
+    got[:2] = [2.0, 3.0, 0.0]  # 2 of 100 rows now rank label b first
+    allowed = np.ones_like(REF, dtype=bool)
+    drift = measure_drift(got, REF, allowed, ["a"] * 100, LABELS)  # a is right: those 2 rows score 1/2, not 1
     assert drift["masked_top1_agreement"] == pytest.approx(0.98) and drift["max_abs_logit_diff"] == 1.0
-    with pytest.raises(MapbuildError, match=r"--quantize int8 changes the top-1 prediction of 2.0% of 100 .*--force"):
+    assert drift["map3_reference"] == 1.0 and drift["map3_onnx"] == pytest.approx(0.99)
+    with pytest.raises(MapbuildError, match=r"--quantize int8 lowers MAP@3 from 1.0000 to 0.9900 on 100 .*--force"):
         check_drift(drift, "int8", force=False)
     check_drift(drift, "int8", force=True)
     check_drift(drift, "fp32", force=False)  # fp32 is the reference precision: recorded, never gated
-    check_drift({**drift, "masked_top1_agreement": 0.995}, "int8", force=False)
+    check_drift(measure_drift(got, REF, allowed, ["b"] * 2 + ["a"] * 98, LABELS), "int8", force=False)  # the same flips, now right
+    check_drift(measure_drift(got, REF, allowed, ["a"] * 100, LABELS), "int8", force=False, max_drop=0.011)
 
 
 def test_flips_between_labels_the_mask_removes_do_not_count():
     got = REF.copy()
     got[:50] = [2.0, 3.0, 0.0]
     allowed = np.zeros_like(REF, dtype=bool)
-    allowed[:, [0, 2]] = True  # label 1 is never a candidate: the kernel still predicts label 0
-    drift = measure_drift(got, REF, allowed)
+    allowed[:, [0, 2]] = True  # label b is never a candidate: the kernel still predicts label a
+    drift = measure_drift(got, REF, allowed, ["a"] * 100, LABELS)
     assert drift["top1_agreement"] == 0.5 and drift["masked_top1_agreement"] == 1.0
+    assert drift["map3_onnx"] == drift["map3_reference"] == 1.0
     check_drift(drift, "int8", force=False)
 
 

@@ -54,6 +54,9 @@ def test_table_and_settings_are_checked(tmp_path):
     for bad, word in [({"k": 0, "power": 2, "prior_share": 0.1}, "knn.k"), ({"k": 3, "power": 2, "prior_share": 1}, "prior_share"), ({"k": 3}, "exactly")]:
         with pytest.raises(ValueError, match=word):
             check_settings(bad)
+    for bad, flag in [({"k": 0}, "--k 0 must"), ({"power": -1.0}, "--power -1.0 must"), ({"prior_share": 1.0}, "--prior-share 1.0 must")]:
+        with pytest.raises(MapbuildError, match=flag):  # the builder's flags and the manifest share the bounds
+            KnnConfig(data=str(SAMPLE_TRAIN), **bad)
 
 
 @pytest.fixture(scope="module")
