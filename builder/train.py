@@ -230,12 +230,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last if resume else None)
     seconds = time.perf_counter() - start
-    zero = trainer.is_world_process_zero()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # A rank that exits with its gloo group alive can abort ("terminate called without an active exception")
-        # while rank 0 still validates: seen once here under load.
-        torch.distributed.destroy_process_group()
-    if not zero:  # under torchrun / accelerate, rank 0 alone validates and writes
+    if not trainer.is_world_process_zero():  # under torchrun / accelerate, rank 0 alone validates and writes
         return None
     model.eval()
     metrics = {
