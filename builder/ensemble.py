@@ -26,7 +26,8 @@ SPLIT = ("data", "folds", "seed", "sample")  # config keys every member must sha
 
 def recipe(meta: dict) -> str:
     """What makes two ONNX folders models of the same recipe: kind, base and every option but the fold."""
-    config = {k: v for k, v in meta["config"].items() if k not in PER_FOLD}
+    # `epochs = 3` in a TOML and `--epochs 3` (3.0) on the command line are one recipe
+    config = {k: float(v) if type(v) is int else v for k, v in meta["config"].items() if k not in PER_FOLD}
     return json.dumps([meta.get("kind", "transformer"), meta.get("model_type"), meta.get("precision"), config], sort_keys=True)
 
 

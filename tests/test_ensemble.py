@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from builder.ensemble import select
+from builder.ensemble import recipe, select
 from runtime.data import read_rows
 from runtime.ensemble import combine, parts, rank_rows
 from runtime.submission import check_submission
@@ -48,6 +48,13 @@ def test_geo_prefers_a_label_both_members_find_plausible():
     b = np.array([[0.05, 0.5, 0.45]], dtype=np.float32)
     # the mean follows a's confidence in label 0; the geometric mean, b's near veto of it
     assert combine([a, b], [1, 1]).argmax() == 0 and combine([a, b], [1, 1], "geo").argmax() == 1
+
+
+def test_a_recipe_is_the_same_whether_its_numbers_came_as_ints_or_floats():
+    meta = lambda **config: {"kind": "transformer", "model_type": "bert", "precision": "int8", "config": {"seed": 42, "dedupe": True, **config}}
+    assert recipe(meta(fold=0, epochs=3.0)) == recipe(meta(fold=2, epochs=3))
+    assert recipe(meta(fold=0, epochs=3.0)) != recipe(meta(fold=0, epochs=2))
+    assert recipe(meta(dedupe=True)) != recipe(meta(dedupe=1.0))
 
 
 def test_selection_drops_a_useless_member_and_mixes_complementary_ones():
