@@ -18,6 +18,7 @@ from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
 from .folds import assign_folds, load_labelled
+from .kinds import KINDS
 from .stages import read_meta
 
 PER_FOLD = ("fold", "full", "oof")  # config keys that differ between the models of one recipe
@@ -26,9 +27,9 @@ SPLIT = ("data", "folds", "seed", "sample")  # config keys every member must sha
 
 def recipe(meta: dict) -> str:
     """What makes two ONNX folders models of the same recipe: kind, base and every option but the fold."""
-    # `epochs = 3` in a TOML and `--epochs 3` (3.0) on the command line are one recipe
-    config = {k: float(v) if type(v) is int else v for k, v in meta["config"].items() if k not in PER_FOLD}
-    return json.dumps([meta.get("kind", "transformer"), meta.get("model_type"), meta.get("precision"), config], sort_keys=True)
+    kind = meta.get("kind", "transformer")
+    config = {k: v for k, v in KINDS[kind].config.canonical(meta["config"]).items() if k not in PER_FOLD}
+    return json.dumps([kind, meta.get("model_type"), meta.get("precision"), config], sort_keys=True)
 
 
 def oof_of(meta: dict) -> dict[str, np.ndarray]:

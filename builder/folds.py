@@ -48,11 +48,17 @@ class SplitConfig:
         )
         self.data, self.oof = absolute(self.data), self.oof and absolute(self.oof)
 
+    @classmethod
+    def canonical(cls, recorded: dict) -> dict:
+        """A stage folder's recorded config in the one form that `matches` and ensemble recipes compare: an option it
+        does not record was added since the folder was written, and took its default then; `epochs = 3` in a TOML and
+        `--epochs 3` (3.0) on the command line are one number."""
+        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        return {k: float(v) if type(v) is int else v for k, v in json.loads(json.dumps(defaults | recorded)).items()}
+
     def matches(self, recorded: dict) -> bool:
-        """Whether a stage folder's recorded config is this one. An option it does not record was added since the
-        folder was written, and took its default then."""
-        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
-        return json.loads(json.dumps(defaults | recorded)) == json.loads(json.dumps(asdict(self)))
+        """Whether a stage folder's recorded config is this one."""
+        return self.canonical(recorded) == self.canonical(asdict(self))
 
     def split(self) -> FoldSplit:
         """This config's rows: its fold held out (none for a full refit), the training rows cleaned."""

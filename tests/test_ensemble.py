@@ -57,6 +57,19 @@ def test_a_recipe_is_the_same_whether_its_numbers_came_as_ints_or_floats():
     assert recipe(meta(dedupe=True)) != recipe(meta(dedupe=1.0))
 
 
+@pytest.mark.parametrize("kind, option", [("transformer", "candidate_loss"), ("tfidf", "dedupe")])
+def test_a_fold_recorded_before_an_option_existed_is_the_same_recipe(kind, option):
+    from dataclasses import asdict
+
+    from builder.kinds import KINDS
+
+    spec = KINDS[kind].config(data=str(SAMPLE_TRAIN), fold=1)
+    old = {k: v for k, v in asdict(spec).items() if k != option}  # written before `option` was added, at its default
+    meta = lambda config, fold: {"kind": kind, "model_type": "bert", "precision": "int8", "config": {**config, "fold": fold}}
+    assert spec.matches(old) and recipe(meta(old, 0)) == recipe(meta(asdict(spec), 1))
+    other = {**asdict(spec), option: not getattr(spec, option)}
+    assert not spec.matches(other) and recipe(meta(other, 0)) != recipe(meta(asdict(spec), 1))
+
 def test_selection_drops_a_useless_member_and_mixes_complementary_ones():
     truth = RNG.integers(0, 5, 400)
     good = np.eye(5)[truth] * 0.5 + RNG.random((400, 5)) * 0.6
