@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_check")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--rows", type=int, default=4000, help="held-out rows to time, at most the fold's: a fifth of --sample")
+    parser.add_argument("--rows", type=int, default=4000, help="rows to time that the model never trained on: its fold's, then inputs outside --sample")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--sample", type=int, default=4000, help="train on about N rows, stratified by label (0: all)")
     parser.add_argument("--save-steps", type=int, default=50, help="checkpoint interval; the first run is killed after one")

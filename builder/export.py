@@ -20,7 +20,7 @@ from runtime.labels import LabelSpace
 from runtime.metrics import masked_map3
 from runtime.prompts import render
 
-from .folds import split_fold
+from .folds import input_key, load_labelled, split_fold
 from .models import FAMILIES, load_hf_tokenizer
 from .options import one_of
 from .stages import atomic_dir, read_meta, write_meta
@@ -32,11 +32,17 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf cannot serialize 2 GiB: above th
 
 
 def held_out_rows(meta: dict, n: int) -> pd.DataFrame:
-    """Up to n rows of the run's validation fold, real rows the model never trained on; a full refit has none, and
-    checks its export on rows it trained on."""
+    """Up to n real rows the model never trained on: its validation fold's, then, for a run on a --sample, the rows
+    outside the sample whose input it never saw. A full refit has none, and checks its export on rows it trained on."""
     cfg = meta["config"]
     split = split_fold(cfg["data"], cfg.get("sample"), cfg["folds"], None if cfg.get("full") else cfg["fold"], cfg["seed"], dedupe=False)
-    return (split.valid if len(split.valid) else split.rows).head(n)
+    if not len(split.valid):
+        return split.rows.head(n)
+    if not cfg.get("sample") or len(split.valid) >= n:
+        return split.valid.head(n)
+    every = load_labelled(cfg["data"])
+    outside = every[~every["row_id"].isin(split.rows["row_id"]) & ~input_key(every).isin(set(input_key(split.train)))]
+    return pd.concat([split.valid, outside]).head(n)
 
 
 def wrapped(model, pooled: bool = False):

@@ -77,9 +77,14 @@ def load_labelled(path: str, sample: int | None = None, seed: int = 42) -> pd.Da
     return df.loc[sorted(picked.index)].reset_index(drop=True)
 
 
+def input_key(df: pd.DataFrame) -> pd.Series:
+    """What a model sees of a row: rows with one key are the same input."""
+    return df["QuestionId"] + "\x1f" + df["MC_Answer"] + "\x1f" + df["StudentExplanation"]
+
+
 def assign_folds(df: pd.DataFrame, k: int, seed: int) -> np.ndarray:
     """Fold of each row: stratified by label, with identical inputs kept in one fold so none leak."""
-    key = df["QuestionId"] + "\x1f" + df["MC_Answer"] + "\x1f" + df["StudentExplanation"]
+    key = input_key(df)
     groups = pd.DataFrame({"key": key, "label": labels_of(df)}).drop_duplicates("key")
     groups = groups.sample(frac=1.0, random_state=seed).sort_values("label", kind="stable")
     fold_of = dict(zip(groups["key"], np.arange(len(groups)) % k))

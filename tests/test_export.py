@@ -46,6 +46,26 @@ def test_flips_between_labels_the_mask_removes_do_not_count():
     check_drift(drift, "int8", force=False)
 
 
+def test_held_out_rows_of_a_sampled_run_go_on_past_its_fold_to_inputs_it_never_saw(tmp_path):
+    import pandas as pd
+
+    from builder.export import held_out_rows
+    from builder.folds import input_key, split_fold
+
+    df = pd.read_csv(SAMPLE_TRAIN)
+    data = tmp_path / "train.csv"  # every input twice, so some copies outside the sample repeat a training row
+    pd.concat([df, df.assign(row_id=df["row_id"] + 10_000)]).to_csv(data, index=False)
+    cfg = {"data": str(data), "sample": 60, "folds": 5, "fold": 0, "seed": 42}
+    split = split_fold(str(data), 60, 5, 0, 42, dedupe=False)
+    outside = read_rows(data, labelled=True).query("row_id not in @split.rows.row_id")
+    assert input_key(outside).isin(set(input_key(split.train))).any()
+
+    rows = held_out_rows({"config": cfg}, 400)
+    assert rows["row_id"].head(len(split.valid)).tolist() == split.valid["row_id"].tolist()
+    assert len(split.valid) < len(rows) < len(split.valid) + len(outside) and rows["row_id"].is_unique
+    assert not input_key(rows).isin(set(input_key(split.train))).any()
+    assert held_out_rows({"config": cfg}, 5)["row_id"].tolist() == split.valid["row_id"].head(5).tolist()
+
 def test_fragile_ops_run_in_fp32_inside_an_fp16_graph():
     import onnx
     import onnxruntime as ort
