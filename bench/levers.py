@@ -1,14 +1,15 @@
-"""Issue 16's levers on existing out-of-fold files: combine in log space (geo), or stack per question.
+"""Issue 16's levers on existing out-of-fold files: combine in log space (geo), pool per question, or stack.
 
     python bench/levers.py [--root build/cpu] [--members tfidf minilm] [--C 1 0.1 0.03 0.01] [--blend tfidf+knn ...]
 
 A member is a model folder under --root, or any folder with an oof.npz (such as bench/cheap_members.py's
 build/levers/knn); the first must be under --root: its cv metadata gives the data, folds and label spaces.
-`--blend a+b`: the prob and geo blends of those members alone (folder names); `--C` with no value skips the stackers.
+`--blend a+b`: the prob, geo and pool blends of those members alone (folder names); `--C` with no value skips the stackers.
 
 On the rows every member has out-of-fold probabilities for (with configs/cpu.toml's `mapbuild cv`: folds 0 and 1),
 MAP@3 with candidate masks per fold, and mean ± std over folds, for each member alone; the prob and geo blends with
-weights chosen by greedy selection (builder.ensemble.select); a per-question stacker (multinomial logistic regression
+weights chosen by greedy selection (builder.ensemble.select); the per-question log-linear pool over every member
+(builder.ensemble.fit_pool, as `--ensemble pool` ships it); a per-question stacker (multinomial logistic regression
 over every member's log-probabilities of the question's candidate labels); and the stacker averaged half and half
 with the geo blend, once per stacker strength C. Weights and stackers are fitted on the other folds' rows, never
 on the rows they are scored on. Each fold is scored with the candidate mask of the label space in its fold's
@@ -29,10 +30,10 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
-from builder.ensemble import select
+from builder.ensemble import fit_pool, select
 from builder.folds import assign_folds, load_labelled
 from runtime.data import labels_of
-from runtime.ensemble import FLOOR, combine, parts
+from runtime.ensemble import FLOOR, combine, parts, pool
 from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
@@ -121,14 +122,22 @@ def main() -> None:
             s[missing] = blend("geo", fit_on, test)[missing]
         return s
 
+    def pooled(fit_on: np.ndarray, test: np.ndarray, use: list[int]) -> np.ndarray:
+        names = [short[i] for i in use]
+        params = fit_pool([logs[i][fit_on] for i in use], y[fit_on], q[fit_on], mask[fit_on], names)
+        w = select([logs[i][fit_on] for i in use], lambda p: score(p, fit_on))  # geo stands in for a question without parameters
+        return pool([probs[i][test] for i in use], names, q[test], params, w)
+
     weights: dict[tuple, list[np.ndarray]] = {}  # the weights each blend chose per fold, printed after the table
     levers = {n: lambda fit_on, test, p=p: p[test] for n, p in zip(short, probs)}
     every = list(range(len(probs)))
     levers |= {f"{m} blend": lambda fit_on, test, m=m: blend(m, fit_on, test, every) for m in ("prob", "geo")}
+    levers["pool, per question"] = lambda fit_on, test: pooled(fit_on, test, every)
     for subset in args.blend:
         use = [short.index(n) for n in subset.split("+")]
         for method in ("prob", "geo"):
             levers[f"{method} {subset}"] = lambda fit_on, test, m=method, u=use: blend(m, fit_on, test, u)
+        levers[f"pool {subset}"] = lambda fit_on, test, u=use: pooled(fit_on, test, u)
     for C in args.C:
         levers[f"stacker, C={C:g}"] = lambda fit_on, test, C=C: stacked(fit_on, test, C)
         levers[f"stacker+geo 1:1, C={C:g}"] = lambda fit_on, test, C=C: 0.5 * norm(stacked(fit_on, test, C), test) + 0.5 * norm(blend("geo", fit_on, test), test)

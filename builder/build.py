@@ -34,7 +34,7 @@ class BuildConfig:
     models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option; with `kind = \"tfidf\"` or `\"knn\"`, any `mapbuild tfidf` or `mapbuild knn` option."})
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
     title: str | None = field(default=None, metadata={"help": "Dataset title, 6-50 characters (default: 'mapbuild SLUG')."})
-    ensemble: str = field(default="geo", metadata={"help": "How members combine: geo (weighted geometric mean, the default: best in cross-validation), prob (weighted probabilities) or rank."})
+    ensemble: str = field(default="pool", metadata={"help": "How members combine: pool (log-linear, member scales and label biases fitted per question; the default: best in cross-validation, geo where a question has under 100 out-of-fold rows), geo (weighted geometric mean), prob (weighted probabilities) or rank."})
     wheels: bool = field(default=True, metadata={"help": "Bring onnxruntime-gpu wheels: Kaggle's image has no onnxruntime."})
     python: list[str] = field(default_factory=lambda: list(PYTHONS), metadata={"help": "Kernel CPython versions to bring a wheel for."})
     cuda: int = field(default=CUDA, metadata={"help": "CUDA major of the kernel image; picks the onnxruntime-gpu build."})

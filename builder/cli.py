@@ -178,7 +178,7 @@ def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> 
 @click.option("--python", "pythons", default=",".join(PYTHONS), show_default=True, help="Kernel CPython versions to bring a wheel for, comma-separated (e.g. 3.11,3.12).")
 @click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), default=str(CUDA), show_default=True, help="CUDA major of the kernel image; picks the onnxruntime-gpu build.")
 @click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI (offline builds).")
-@click.option("--ensemble", type=click.Choice(METHODS), default="geo", show_default=True, help="Average member probabilities (prob), per-row ranks (rank) or log-probabilities (geo: a weighted geometric mean).")
+@click.option("--ensemble", type=click.Choice(METHODS), default="pool", show_default=True, help="Average member probabilities (prob), per-row ranks (rank) or log-probabilities (geo: a weighted geometric mean), or pool log-probabilities with member scales and label biases fitted per question (pool; geo for a question with under 100 out-of-fold rows).")
 def package(
     onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, pythons: str, cuda: str, find_links: str | None, ensemble: str
 ) -> None:
@@ -198,7 +198,7 @@ def package(
     e = manifest["ensemble"]
     for d in e["dropped"]:
         click.echo(f"  dropped {d['dir']}: weight 0, OOF MAP@3 {fmt(d['oof_map3'])} (adding it never raised the ensemble's)")
-    held = f"; {e['map3_held_out']:.4f} with weights fitted on the other folds' rows" if e.get("map3_held_out") is not None else ""
+    held = f"; {e['map3_held_out']:.4f} held out (fitted on the other folds' rows, or the other half of one fold's)" if e.get("map3_held_out") is not None else ""
     click.echo(f"  {e['method']} ensemble of {e['recipes']} recipe(s): OOF MAP@3 {fmt(e['map3'])} on {e['rows']} shared rows{held}")
     click.echo(f"bundle -> {out}: {len(manifest['members'])} member(s), {len(manifest['files'])} files, {size / 2**20:.1f} MiB")
     click.echo(kaggle_ready(manifest))
@@ -480,7 +480,7 @@ def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[
         spread = f" ± {r['std']:.4f}" if r["std"] is not None else ""
         click.echo(f"{name:16s} folds {','.join(map(str, r['folds']))}: MAP@3 {r['mean']:.4f}{spread} ({', '.join(f'{x:.4f}' for x in r['fold_map3'])}) on {r['rows']} rows")
     if e := report.get("ensemble"):
-        held = f", {e['map3_held_out']:.4f} with weights fitted on the other folds" if e["map3_held_out"] is not None else ""
+        held = f", {e['map3_held_out']:.4f} held out (fitted on the other folds, or the other half of one)" if e["map3_held_out"] is not None else ""
         map3 = f"{e['map3']:.4f}" if e["map3"] is not None else "-"
         click.echo(f"{'ensemble':16s} {e['method']}: MAP@3 {map3} on {e['rows']} shared rows{held}; weights {e['weights']}")
 

@@ -140,6 +140,14 @@ def check_plan(members: list[dict]) -> dict:
     }
 
 
+def pool_params(fitted: dict, named: dict[int, str]) -> dict:
+    """A pool's per-question parameters with its scales keyed by member name ({} for other methods)."""
+    if fitted["method"] != "pool":
+        return {}
+    scales = lambda prm: {name: prm["scales"][i] for i, name in named.items()}
+    return {"questions": {q: {"scales": scales(prm), "bias": prm["bias"]} for q, prm in fitted["questions"].items()}}
+
+
 def package(
     onnx_dirs: list[str],
     out: str | os.PathLike,
@@ -147,7 +155,7 @@ def package(
     title: str | None = None,
     wheels: bool = True,
     find_links: str | None = None,
-    ensemble: str = "geo",
+    ensemble: str = "pool",
     pythons: tuple[str, ...] = PYTHONS,
     cuda: int = CUDA,
 ) -> dict:
@@ -169,12 +177,12 @@ def package(
     if not 6 <= len(title) <= 50:
         raise MapbuildError(f"--title {title!r}: Kaggle needs a dataset title of 6-50 characters")
     with atomic_dir(out) as tmp:
-        members, dropped = [], []
-        for d, m, weight, oof_map3 in zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"]):
+        members, dropped, named = [], [], {}
+        for i, (d, m, weight, oof_map3) in enumerate(zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"])):
             if weight == 0:
                 dropped.append({"dir": public(d), "oof_map3": oof_map3})
                 continue
-            name = f"m{len(members)}-{m['model_type']}-{m['precision']}"
+            name = named[i] = f"m{len(members)}-{m['model_type']}-{m['precision']}"
             (tmp / "models" / name).mkdir(parents=True)
             kind = m.get("kind", "transformer")
             files = {k: f for k, f in KINDS[kind].files.items() if (Path(d) / f).is_file()}  # .data: external weights over 2 GiB
@@ -208,7 +216,7 @@ def package(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "label_space": metas[0]["label_space"],
             "members": members,
-            "ensemble": {k: fitted[k] for k in ("method", "rows", "recipes", "map3", "map3_held_out")} | {"dropped": dropped},
+            "ensemble": {k: fitted[k] for k in ("method", "rows", "recipes", "map3", "map3_held_out")} | {"dropped": dropped} | pool_params(fitted, named),
             "versions": versions(),
             "wheels": wheel_entries,
             "estimate": check_plan(members),

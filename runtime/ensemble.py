@@ -1,4 +1,5 @@
-"""Combining member predictions: weighted probability, rank or log-probability (geometric) averaging."""
+"""Combining member predictions: weighted probability, rank or log-probability (geometric) averaging, or a
+log-linear pool with its own member scales and label biases per question."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-METHODS = ("prob", "rank", "geo")
+METHODS = ("prob", "rank", "geo", "pool")
 FLOOR = 1e-9  # before the log: a member's zero costs a label heavily (log 1e-9 = -20.7), but finitely, not -inf
 
 
@@ -28,8 +29,8 @@ def parts(probs: np.ndarray, method: str) -> np.ndarray:
 def combine(probs: Sequence[np.ndarray], weights: Sequence[float], method: str = "prob") -> np.ndarray:
     """The weighted mean of member probabilities (prob), of their per-row ranks (rank), or of their log-probabilities
     (geo: the weighted geometric mean, renormalised per row so it stays a probability)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in METHODS[:3]:
+        raise ValueError(f"unknown ensemble method {method!r}; choose one of prob, rank, geo (pool: use pool())")
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
     mean = sum(float(wi) * parts(p, method) for wi, p in zip(w, probs))
@@ -37,3 +38,19 @@ def combine(probs: Sequence[np.ndarray], weights: Sequence[float], method: str =
         mean = np.exp(mean - mean.max(axis=1, keepdims=True))  # shifted so exp never underflows to an all-zero row
         mean /= mean.sum(axis=1, keepdims=True)
     return mean.astype(np.float32)
+
+
+def pool(probs: Sequence[np.ndarray], names: Sequence[str], questions: Sequence[str], params: dict, weights: Sequence[float]) -> np.ndarray:
+    """The per-question log-linear pool: a row of question q gets softmax(sum_m scales[m] * log p_m + bias) with
+    q's `params` ({"scales": {name: a}, "bias": one per label}). Rows of a question without parameters get the geo
+    blend with `weights`. Its ranking is geo's with per-question member weights, sharpness and label offsets."""
+    out = combine(probs, weights, "geo")
+    logs = [parts(p, "geo") for p in probs]
+    questions = np.asarray(questions, dtype=str)
+    for q, prm in params.items():
+        rows = questions == q
+        if rows.any():
+            z = sum(prm["scales"][n] * lp[rows] for n, lp in zip(names, logs)) + np.asarray(prm["bias"], dtype=np.float64)
+            z = np.exp(z - z.max(axis=1, keepdims=True))
+            out[rows] = z / z.sum(axis=1, keepdims=True)
+    return out

@@ -75,9 +75,27 @@ def schema_problem(m: dict) -> str | None:
             return f"member {member['name']}: weight {weight!r} must be a finite number above 0"
     if m.get("ensemble", {}).get("method", "prob") not in METHODS:
         return f"ensemble method {m['ensemble']['method']!r} is not one of {', '.join(METHODS)}"
+    if m.get("ensemble", {}).get("method") == "pool":
+        problem = pool_problem(m["ensemble"].get("questions"), [x["name"] for x in members], len(labels))
+        if problem:
+            return f"ensemble.questions: {problem}"
     rows = m.get("estimate", {}).get("rows", 1)
     if not isinstance(rows, int) or rows < 1:
         return f"estimate.rows {rows!r} must be a positive integer"
+    return None
+
+
+def pool_problem(questions: object, names: list[str], n_labels: int) -> str | None:
+    """What breaks a pool's parameters: each question needs a finite scale per member and a finite bias per label."""
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+    if not isinstance(questions, dict):  # empty: no question had rows enough to fit, so every row gets geo
+        return "a pool needs an object of per-question parameters"
+    for q, prm in questions.items():
+        scales, bias = (prm.get("scales"), prm.get("bias")) if isinstance(prm, dict) else (None, None)
+        if not isinstance(scales, dict) or set(scales) != set(names) or not all(map(finite, scales.values())):
+            return f"question {q}: scales must give one finite number per member ({', '.join(names)})"
+        if not isinstance(bias, list) or len(bias) != n_labels or not all(map(finite, bias)):
+            return f"question {q}: bias must be {n_labels} finite numbers, one per label"
     return None
 
 

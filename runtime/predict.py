@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .engine import CPU, device_pool, encode, gpu_count, load_kernel_tokenizer, onnx_forward, run_batches, softmax
-from .ensemble import combine
+from .ensemble import combine, pool
 from .external_data import problem as external_problem
 from .knn import check_settings, knn_text, load_table, vote
 from .labels import LabelSpace
@@ -139,4 +139,10 @@ def predict(
     if not used:
         log.error("NO MEMBER LEFT: predicting the training label prior per question and correctness")
         return prior(space, len(df)), used
-    return combine(probs, weights, manifest.get("ensemble", {}).get("method", "prob")), used
+    method = manifest.get("ensemble", {}).get("method", "prob")
+    if method == "pool":
+        if len(used) == len(manifest["members"]):
+            return pool(probs, used, df["QuestionId"], manifest["ensemble"]["questions"], weights), used
+        log.error("POOL needs every member, %d of %d ran: the geo blend of those instead", len(used), len(manifest["members"]))
+        method = "geo"
+    return combine(probs, weights, method), used
