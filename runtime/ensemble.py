@@ -44,13 +44,15 @@ def pool(probs: Sequence[np.ndarray], names: Sequence[str], questions: Sequence[
     """The per-question log-linear pool: a row of question q gets softmax(sum_m scales[m] * log p_m + bias) with
     q's `params` ({"scales": {name: a}, "bias": one per label}). Rows of a question without parameters get the geo
     blend with `weights`. Its ranking is geo's with per-question member weights, sharpness and label offsets."""
-    out = combine(probs, weights, "geo")
-    logs = [parts(p, "geo") for p in probs]
     questions = np.asarray(questions, dtype=str)
+    out = np.empty(probs[0].shape, dtype=np.float32)
+    rest = ~np.isin(questions, list(params))
+    if rest.any():
+        out[rest] = combine([p[rest] for p in probs], weights, "geo")
     for q, prm in params.items():
         rows = questions == q
         if rows.any():
-            z = sum(prm["scales"][n] * lp[rows] for n, lp in zip(names, logs)) + np.asarray(prm["bias"], dtype=np.float64)
+            z = sum(prm["scales"][n] * parts(p[rows], "geo") for n, p in zip(names, probs)) + np.asarray(prm["bias"], dtype=np.float64)
             z = np.exp(z - z.max(axis=1, keepdims=True))
             out[rows] = z / z.sum(axis=1, keepdims=True)
     return out
