@@ -36,3 +36,22 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     assert int(figures["resumed_from"].split("-")[1]) >= int(figures["killed_after"].split("-")[1]) >= 2
     assert figures["fp16_drift"]["rows"] > 0 and (tmp_path / "check" / "bundle" / "manifest.json").is_file()
     assert abs(figures["runtime_map3"] - figures["torch_map3"]) < 0.1  # fp16 ONNX against fp32 PyTorch, same rows
+
+
+def test_refit_then_pool_transfer_run_through_on_the_sample(tmp_path):
+    """bench/refit.py's fold models and refits of two TF-IDF recipes, then bench/pool_transfer.py over them. No
+    question of the sample has the 100 out-of-fold rows a pool needs, so the pool must rank as geo does."""
+    config = tmp_path / "two.toml"
+    config.write_text('dataset_id = "me/two-tfidf"\n' + "".join(f'[[models]]\nname = "{n}"\nkind = "tfidf"\nfolds = 3\nmin_df = 1\nc = {c}\n' for n, c in (("soft", 1.0), ("sharp", 10.0))))
+    bench = lambda name, *args: subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = bench("refit.py", "--data", str(SAMPLE_TRAIN), "--config", str(config), "--out", str(tmp_path / "refit"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    cv = tmp_path / "refit" / "cv"
+    done = bench("pool_transfer.py", str(cv / "soft"), str(cv / "sharp"), "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "transfer"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines() if " geo " in line and " pool " in line}
+    assert set(lines) == {"one fold model (fold 0)", "3 fold models, geo mean", "refit on all rows"}, done.stdout
+    for line in lines.values():
+        geo, pool = float(line.rsplit(" geo ", 1)[1].split()[0]), float(line.rsplit(" pool ", 1)[1].split()[0])
+        assert 0 < geo <= 1 and pool == geo, line
+    assert len(list((tmp_path / "transfer" / "probs").glob("*.npy"))) == 2 * 4  # each recipe's 3 folds and refit, cached
