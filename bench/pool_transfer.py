@@ -15,14 +15,16 @@ on its candidates, out of fold and on the set-aside rows.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from refit import set_aside  # bench/refit.py, beside this script (its folder is on sys.path)
 
 from builder.ensemble import fit_pool, select
-from builder.folds import assign_folds, load_labelled
+from builder.folds import load_labelled
 from builder.package import package
 from runtime.data import labels_of
 from runtime.ensemble import FLOOR, combine, parts, pool
@@ -56,12 +58,20 @@ def main() -> None:
     args = parser.parse_args()
     names = [r.name for r in args.recipes]
 
+    for r in args.recipes:
+        if not all((r / p).exists() for p in ("oof.npz", "fold0/onnx", "full/onnx")):
+            raise SystemExit(f"{r}: not a recipe folder of bench/refit.py (it needs oof.npz, fold*/onnx and full/onnx)")
+    metas = [json.loads((r / "fold0" / "onnx" / "mapbuild.json").read_text()) for r in args.recipes]
+    if len({hashlib.sha256(Path(m["config"]["data"]).read_bytes()).hexdigest() for m in metas}) > 1:
+        raise SystemExit(f"{', '.join(map(str, args.recipes))}: trained on different rows; give recipes of one bench/refit.py --data")
     df = load_labelled(str(args.data))
-    rows = df[assign_folds(df, 5, 42) == 4].reset_index(drop=True)  # bench/refit.py's set-aside rows
-    meta = json.loads((args.recipes[0] / "fold0" / "onnx" / "mapbuild.json").read_text())
-    cfg, space = meta["config"], LabelSpace.from_json(meta["label_space"])
+    rows = df[set_aside(df)].reset_index(drop=True)
+    cfg, space = metas[0]["config"], LabelSpace.from_json(metas[0]["label_space"])
     labels = np.array(space.labels)
-    dev = load_labelled(cfg["data"], cfg.get("sample"), cfg["seed"]).drop_duplicates("row_id").set_index("row_id", drop=False)
+    dev = load_labelled(cfg["data"], cfg.get("sample"), cfg["seed"])
+    if len(dev) + len(rows) != len(df):  # else the set-aside rows need not be unseen: figures that look right but flatter
+        raise SystemExit(f"--data {args.data}: {len(df)} rows, but the recipes trained on {len(dev)} and {len(rows)} are set aside; give bench/refit.py's --data")
+    dev = dev.drop_duplicates("row_id").set_index("row_id", drop=False)
     oofs = [np.load(r / "oof.npz") for r in args.recipes]
     shared = sorted(set.intersection(*(set(z["row_id"].tolist()) for z in oofs)))
     fit_rows = dev.loc[shared]

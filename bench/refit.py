@@ -14,8 +14,20 @@ import json
 import time
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def set_aside(df: pd.DataFrame) -> np.ndarray:
+    """The rows neither the fold models nor the refit train on: fold 4 of 5, seed 42 (bench/pool_transfer.py too)."""
+    from builder.folds import assign_folds
+
+    return assign_folds(df, 5, 42) == 4
 
 
 def main() -> None:
@@ -28,7 +40,7 @@ def main() -> None:
 
 
     from builder.cv import cv
-    from builder.folds import assign_folds, load_labelled
+    from builder.folds import load_labelled
     from builder.package import package
     from runtime.data import labels_of
     from runtime.labels import LabelSpace
@@ -39,7 +51,7 @@ def main() -> None:
     out = args.out.resolve()  # the dev config names its paths, which `cv` reads relative to the config
     out.mkdir(parents=True, exist_ok=True)
     df = load_labelled(str(args.data))
-    test = assign_folds(df, 5, 42) == 4
+    test = set_aside(df)
     df[~test].to_csv(out / "dev.csv", index=False)
     rows = df[test].reset_index(drop=True)
     raw = tomllib.loads(args.config.read_text())

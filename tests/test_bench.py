@@ -55,3 +55,7 @@ def test_refit_then_pool_transfer_run_through_on_the_sample(tmp_path):
         geo, pool = float(line.rsplit(" geo ", 1)[1].split()[0]), float(line.rsplit(" pool ", 1)[1].split()[0])
         assert 0 < geo <= 1 and pool == geo, line
     assert len(list((tmp_path / "transfer" / "probs").glob("*.npy"))) == 2 * 4  # each recipe's 3 folds and refit, cached
+    other = tmp_path / "other.csv"  # not the data refit.py split: its set-aside rows could be training rows
+    other.write_text("".join(SAMPLE_TRAIN.read_text().splitlines(keepends=True)[:200]))
+    done = bench("pool_transfer.py", str(cv / "soft"), str(cv / "sharp"), "--data", str(other), "--out", str(tmp_path / "transfer"))
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and f"--data {other}" in done.stderr, done.stderr
