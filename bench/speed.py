@@ -43,7 +43,7 @@ def main() -> None:
     truth, mask, labels = labels_of(rows).tolist(), space.candidate_mask(rows), np.array(space.labels)
     print(f"{len(rows)} held-out rows, {torch.get_num_threads()} threads, member {manifest['members'][0]['name']}")
 
-    model = AutoModelForSequenceClassification.from_pretrained(args.merged).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(args.merged, dtype=torch.float32).eval()
     tok = load_hf_tokenizer(str(args.merged))
     start = time.perf_counter()
     ids = training_ids(tok, render(rows, meta["template"], space, meta.get("chat")), meta["max_length"])

@@ -90,11 +90,18 @@ def to_onnx(model, path: Path, dynamo: bool = False, pooled: bool = False) -> No
         torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17, dynamic_axes=axes, **names)
 
 
+def proto_bytes(proto) -> int:
+    """The serialized size of a model, summed part by part: `ByteSize()` of the whole raises once it passes 2 GiB,
+    while no single tensor, node or function of a model we export comes near that."""
+    g = proto.graph
+    return sum(x.ByteSize() for part in (g.initializer, g.sparse_initializer, g.node, proto.functions) for x in part)
+
+
 def save(proto, path: Path) -> None:
     """One .onnx file or, above EXTERNAL_DATA_BYTES, the graph plus one `<name>.data` file."""
     import onnx
 
-    external = proto.ByteSize() > EXTERNAL_DATA_BYTES
+    external = proto_bytes(proto) > EXTERNAL_DATA_BYTES
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=f"{path.name}.data")
 
 
@@ -184,7 +191,7 @@ def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: st
 
     how = EXPORT_PRECISIONS[precision]
     fusion = fusion if how.fuses else ""
-    kwargs: dict = {"dtype": torch.float16} if how.half else {}
+    kwargs: dict = {"dtype": torch.float16 if how.half else torch.float32}  # never the checkpoint's stored dtype
     if fusion:
         kwargs["attn_implementation"] = "eager"  # the fusions match the eager attention pattern, not SDPA's
     model = (AutoModel if pooled else AutoModelForSequenceClassification).from_pretrained(merged, **kwargs).eval()
@@ -210,6 +217,17 @@ def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: st
 # A quantized model may cost at most this much MAP@3 on the held-out rows. int8 MiniLM moves about 1% of the
 # kernel's top-1 predictions either way at no net cost, so a limit on flips refused sound exports by chance.
 MAX_MAP3_DROP = 0.005
+
+
+def reference_model(folder: str | os.PathLike, pooled: bool = False):
+    """The drift reference: PyTorch fp32, whatever dtype the folder stores, on the GPU when there is one (a 9B model
+    over a thousand rows takes hours on a CPU). Returns the model and what it is, for the record."""
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = (AutoModel if pooled else AutoModelForSequenceClassification).from_pretrained(folder, dtype=torch.float32)
+    return model.to(device).eval(), f"PyTorch fp32 on {device}"
 
 
 def measure_drift(got: np.ndarray, reference: np.ndarray, allowed: np.ndarray, truth: list[str], labels: list[str]) -> dict:
@@ -249,8 +267,6 @@ def kernel_ids(tokenizer_json: Path, model_dir: str | os.PathLike, texts: list[s
 
 def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 1024, force: bool = False) -> dict:
     """Write ONNX_DIR with model.onnx, tokenizer.json and the drift against PyTorch fp32 on held-out rows."""
-    from transformers import AutoModelForSequenceClassification
-
     from .infer import torch_logits
 
     one_of(quantize, EXPORT_PRECISIONS, "--quantize")
@@ -262,14 +278,15 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         shutil.copy(Path(merged) / "tokenizer.json", tmp / FILES["tokenizer"])
         ids = kernel_ids(tmp / FILES["tokenizer"], merged, texts, meta["max_length"])
         write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[meta["model_type"]].ort_fusion)
-        model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
         pad_id = meta["pad_token_id"]
-        reference = torch_logits(model, ids, pad_id, desc="torch")
         forward = onnx_forward(tmp / FILES["model"])
         start = time.perf_counter()
         got = run_batches(forward, ids, pad_id, 32, desc="onnx")
         seconds = time.perf_counter() - start
-        drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
+        del forward  # the session, then the fp32 reference: never both in memory (a CPU session upcasts fp16 weights)
+        model, what = reference_model(merged)
+        reference = torch_logits(model, ids, pad_id, desc="torch")
+        drift = {**measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels), "reference": what}
         check_drift(drift, quantize, force)
         write_meta(tmp, {
             **meta,

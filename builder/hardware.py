@@ -9,6 +9,10 @@ from runtime.errors import MapbuildError
 from .options import one_of
 
 TRAIN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# The dtype a model's weights are loaded in, by training precision; never the checkpoint's own (transformers 5 loads
+# "auto", so a bf16 hub checkpoint would train in bf16 on a CPU). fp16 keeps fp32 master weights under autocast: the
+# GradScaler refuses to unscale fp16 gradients. bf16 needs no scaler, and halves the weights' memory.
+TRAIN_DTYPES = {"fp32": "float32", "fp16": "float32", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from runtime.knn import SETTINGS, bad_setting, knn_text
 from runtime.labels import fit_label_space
 from runtime.predict import knn_member_probs, onnx_outputs
 
-from .export import EXPORT_PRECISIONS, kernel_ids, write_onnx
+from .export import EXPORT_PRECISIONS, kernel_ids, reference_model, write_onnx
 from .folds import SplitConfig, check_rows, record_validation
 from .models import family_of, resolve
 from .options import one_of, require
@@ -67,8 +67,6 @@ def torch_embeddings(model, ids: list[list[int]], pad_id: int) -> np.ndarray:
 
 def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") -> dict:
     """Export the encoder, embed the training rows, validate the kernel's scorer on the held-out rows; the metrics."""
-    from transformers import AutoModel
-
     one_of(quantize, EXPORT_PRECISIONS, "--quantize")
     source = resolve(cfg.model)
     model_type, family = family_of(source)
@@ -76,7 +74,7 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
         raise MapbuildError(f"--model {cfg.model}: a kNN member needs an encoder (a sentence-embedding model), not a {model_type} decoder")
     split = cfg.split()
     tr, labels = split.train, split.labels
-    encoder = AutoModel.from_pretrained(source.path).eval()  # the drift reference, and its pad id and size
+    encoder, _ = reference_model(source.path, pooled=True)  # the drift reference, and its pad id and size
     pad_id = encoder.config.pad_token_id or 0
     with atomic_dir(out) as tmp:
         shutil.copy(Path(source.path) / "tokenizer.json", tmp / FILES["tokenizer"])

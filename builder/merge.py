@@ -18,13 +18,14 @@ def load_trained_model(run: str | os.PathLike):
     meta = read_meta(run, "run")
     if (Path(run) / FULL).is_dir():
         return load_classifier(Source(str(Path(run) / FULL)), meta["label_space"]["labels"], meta["pad_token_id"])[0].eval()
+    # Merged in fp32, whatever the run trained in: export starts from exact weights at every precision.
     source = Source(meta["base_model"], meta["gguf_file"])
     # A QLoRA adapter learned against the NF4-rounded weights: merge into those, dequantized, not the originals.
     qlora = meta["config"].get("qlora", False)
     quant = quantization_config(qlora, meta["hardware"]["precision"]) if qlora else None
-    base, _ = load_classifier(source, meta["label_space"]["labels"], meta["pad_token_id"], quant)
+    base, _ = load_classifier(source, meta["label_space"]["labels"], meta["pad_token_id"], quantization_config=quant)
     if quant:
-        base = base.dequantize()
+        base = base.dequantize().float()  # dequantized in the compute dtype, which may be 16-bit
     return PeftModel.from_pretrained(base, Path(run) / ADAPTER).eval()
 
 

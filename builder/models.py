@@ -143,13 +143,15 @@ def load_hf_tokenizer(source: Source | str):
     return tok
 
 
-def load_classifier(source: Source, labels: list[str], pad_token_id: int | None, quantization_config=None):
-    """The model with a fresh `len(labels)`-way head, and the names of the modules its checkpoint lacked."""
+def load_classifier(source: Source, labels: list[str], pad_token_id: int | None, dtype: str = "float32", quantization_config=None):
+    """The model with a fresh `len(labels)`-way head in `dtype` (a torch dtype's name, whatever the checkpoint
+    stores), and the names of the modules its checkpoint lacked."""
     quant = {"quantization_config": quantization_config} if quantization_config else {}
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     model, loading = AutoModelForSequenceClassification.from_pretrained(
-        source.path, **source.kwargs(), num_labels=len(labels), id2label=dict(enumerate(labels)),
+        source.path, **source.kwargs(), dtype=getattr(torch, dtype), num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={lab: i for i, lab in enumerate(labels)}, output_loading_info=True, **quant,
     )
     model.config.pad_token_id = pad_token_id

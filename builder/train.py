@@ -21,7 +21,7 @@ from runtime.prompts import TEMPLATES, render
 
 from .chat import chat_parts
 from .folds import SplitConfig, absolute, validate
-from .hardware import TRAIN_PRECISIONS, choose_precision, detect
+from .hardware import TRAIN_DTYPES, TRAIN_PRECISIONS, choose_precision, detect
 from .models import family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
 from .options import one_of, require
 from .stages import ADAPTER, FULL, atomic_dir, write_meta
@@ -117,6 +117,10 @@ def candidate_trainer():
             # of the whole accumulated batch (num_items_in_batch): then it is a sum over them, else a batch mean.
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
+                # That count covers every DDP process, and DDP then averages the gradients over them: scale back up
+                # by the world size, as Trainer.compute_loss does, or every step is 1/world_size of the update.
+                if self.args.average_tokens_across_devices:
+                    loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
             else:
                 loss = torch.nn.functional.cross_entropy(logits, labels)
             return (loss, outputs) if return_outputs else loss
@@ -187,7 +191,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     torch.manual_seed(cfg.seed)
     # Modules the checkpoint lacks (the head; ModernBERT's `head` too) start random: LoRA on them would be lost
     # at merge, which re-creates them, so they train fully and are saved whole instead.
-    model, fresh = load_classifier(source, labels, tok.pad_token_id, quantization_config(cfg.qlora, precision))
+    model, fresh = load_classifier(source, labels, tok.pad_token_id, TRAIN_DTYPES[precision], quantization_config(cfg.qlora, precision))
+    dtype = str(model.dtype).removeprefix("torch.")  # what really trains: the weights' dtype as loaded
     if cfg.qlora:
         from peft import prepare_model_for_kbit_training
 
@@ -266,7 +271,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
             "pad_token_id": tok.pad_token_id,
             "label_space": fit_label_space(df, labels).to_json(),
             "config": asdict(cfg),
-            "hardware": {**hw.to_json(), "precision": precision, "world_size": args.world_size},
+            "hardware": {**hw.to_json(), "precision": precision, "dtype": dtype, "world_size": args.world_size},
             "metrics": metrics,
         })
     shutil.rmtree(ckpt, ignore_errors=True)

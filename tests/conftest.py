@@ -104,8 +104,10 @@ def tiny_tokenizer(kind: str):
     return fast
 
 
-def make_tiny(model_type: str, folder: Path) -> Path:
-    """A 2-layer random model of the family, from its config in code, with a tokenizer trained in code."""
+def make_tiny(model_type: str, folder: Path, dtype: str = "float32") -> Path:
+    """A 2-layer random model of the family, from its config in code, with a tokenizer trained in code, stored in
+    `dtype` (hub checkpoints are mostly bf16)."""
+    import torch
     from transformers import AutoConfig, AutoModel
 
     from builder.models import FAMILIES
@@ -116,7 +118,7 @@ def make_tiny(model_type: str, folder: Path) -> Path:
         model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=256, **{k: v for k, v in special.items() if v is not None},
     )
-    AutoModel.from_config(config).save_pretrained(folder)
+    AutoModel.from_config(config).to(getattr(torch, dtype)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -59,3 +59,23 @@ def test_refit_then_pool_transfer_run_through_on_the_sample(tmp_path):
     other.write_text("".join(SAMPLE_TRAIN.read_text().splitlines(keepends=True)[:200]))
     done = bench("pool_transfer.py", str(cv / "soft"), str(cv / "sharp"), "--data", str(other), "--out", str(tmp_path / "transfer"))
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and f"--data {other}" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_a_model_over_2_gib_exports_with_its_weights_in_one_data_file(tmp_path):
+    """protobuf cannot serialize 2 GiB: `ByteSize()` of the whole model raised there, so every fp32 decoder over
+    about 0.5B parameters (fp16 over 1B) crashed at the end of its export. A random Llama of 587M parameters."""
+    from builder.merge import merge
+    from builder.train import TrainConfig, train
+
+    base = make_tiny("llama", tmp_path / "base")
+    train(TrainConfig(model=str(base), data=str(SAMPLE_TRAIN), epochs=0.2, lora_r=4), tmp_path / "run")
+    merge(tmp_path / "run", tmp_path / "merged")
+    args = ["--merged", str(tmp_path / "merged"), "--out", str(tmp_path / "bench"), "--params-m", "560", "--precisions", "fp32", "--rows", "4"]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "export_memory.py"), *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads((tmp_path / "bench" / "figures.json").read_text())
+    [fp32] = figures["exports"]
+    assert figures["fp32_gib"] > 2.0 and fp32["exit"] == 0, fp32
+    assert fp32["files_gib"]["model.onnx.data"] > 2.0 and fp32["files_gib"]["model.onnx"] < 0.01
+    assert fp32["drift"]["max_abs_logit_diff"] < 1e-4 and fp32["peak_rss_gib"] > 2.0

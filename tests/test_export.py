@@ -66,6 +66,17 @@ def test_held_out_rows_of_a_sampled_run_go_on_past_its_fold_to_inputs_it_never_s
     assert not input_key(rows).isin(set(input_key(split.train))).any()
     assert held_out_rows({"config": cfg}, 5)["row_id"].tolist() == split.valid["row_id"].head(5).tolist()
 
+def test_a_models_size_is_summed_part_by_part_as_protobuf_would_count_it(tiny_pipeline):
+    """`ByteSize()` of a whole model over 2 GiB raises: the external-data choice sums its parts instead."""
+    import onnx
+
+    from builder.export import EXTERNAL_DATA_BYTES, proto_bytes
+
+    proto = onnx.load(str(tiny_pipeline["onnx"] / "model.onnx"))
+    assert 0.99 * proto.ByteSize() < proto_bytes(proto) <= proto.ByteSize()
+    assert EXTERNAL_DATA_BYTES < 2**31
+
+
 def test_fragile_ops_run_in_fp32_inside_an_fp16_graph():
     import onnx
     import onnxruntime as ort

@@ -119,7 +119,7 @@ def test_qlora_run_merges_into_the_weights_it_trained_on(tmp_path):
     assert meta["config"]["qlora"] and meta["hardware"]["precision"] == "fp32"
 
     def with_adapter(quant):
-        model, _ = load_classifier(Source(str(base)), meta["label_space"]["labels"], meta["pad_token_id"], quant)
+        model, _ = load_classifier(Source(str(base)), meta["label_space"]["labels"], meta["pad_token_id"], quantization_config=quant)
         return PeftModel.from_pretrained(model, tmp_path / "run" / "adapter").eval()
 
     trained = with_adapter(quantization_config(True, "fp32"))  # the function training optimised: adapter on NF4 weights
@@ -139,3 +139,31 @@ def test_qlora_run_merges_into_the_weights_it_trained_on(tmp_path):
     assert np.abs(torch_logits(with_adapter(None), ids, pad_id, batch_size=8) - expected).max() > 1e-3
     export(tmp_path / "merged", tmp_path / "onnx", "fp32", rows=24)
     assert json.loads((tmp_path / "onnx" / "mapbuild.json").read_text())["drift"]["max_abs_logit_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+def test_a_16_bit_checkpoint_trains_merges_and_exports_in_the_dtypes_chosen_not_the_stored_one(tmp_path, stored):
+    """transformers 5 loads a checkpoint in the dtype it stores: on a CPU a bf16 base trained in bf16, the run said
+    fp32, and the fp32 export failed (ComplexDouble). fp16 training keeps fp32 master weights for the GradScaler."""
+    import torch
+    from safetensors import safe_open
+
+    from builder.hardware import TRAIN_DTYPES
+    from builder.models import Source, load_classifier
+    from builder.stages import read_meta
+
+    base = make_tiny("llama", tmp_path / "base", dtype=stored)
+    assert json.loads((base / "config.json").read_text())["dtype"] == stored
+    master, _ = load_classifier(Source(str(base)), ["a", "b"], 0, TRAIN_DTYPES["fp16"])
+    assert {p.dtype for p in master.parameters()} == {torch.float32}
+
+    train(TrainConfig(model=str(base), data=str(SAMPLE_TRAIN), epochs=1, lora_r=4), tmp_path / "run")
+    hardware = read_meta(tmp_path / "run", "run")["hardware"]
+    assert (hardware["precision"], hardware["dtype"]) == ("fp32", "float32")
+    merge(tmp_path / "run", tmp_path / "merged")
+    with safe_open(str(next((tmp_path / "merged").glob("*.safetensors"))), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    for precision, bound in (("fp32", 1e-4), ("fp16", 1e-2), ("int8", 5e-2)):
+        export(tmp_path / "merged", tmp_path / precision, precision, rows=24, force=True)
+        drift = json.loads((tmp_path / precision / "mapbuild.json").read_text())["drift"]
+        assert drift["max_abs_logit_diff"] < bound and drift["reference"] == "PyTorch fp32 on cpu", (precision, drift)

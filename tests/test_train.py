@@ -1,5 +1,7 @@
 """Validation figures of a run, without training one."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from runtime.labels import fit_label_space
 from runtime.predict import prior
 
 from .conftest import SAMPLE_TRAIN, input_device
+from .first_step import first_step
 
 
 def test_the_label_prior_scores_its_own_baseline():
@@ -65,45 +68,40 @@ def test_inputs_go_to_the_models_device_and_logits_come_back_to_the_cpu():
     assert logits.shape == (2, 3) and np.isfinite(logits).all()
 
 
-def tiny_trainer(tiny_bert, batch_size, grad_accum, tmp_path):
-    """A CandidateTrainer over 4 rows of the sample at the given batch shape, one optimizer step, no shuffling."""
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
-
-    from builder.train import candidate_trainer
-
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4, lora_dropout=0.0))
-    texts = ["one two three", "four five", "six seven eight nine", "ten"]  # different lengths: padding differs by batch
-    rows = [{"input_ids": tok(t)["input_ids"], "labels": i % 5, "allowed": [True, True, i != 2, True, False]} for i, t in enumerate(texts)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"b{batch_size}a{grad_accum}"), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        max_steps=1, learning_rate=0.1, lr_scheduler_type="constant", optim="sgd", weight_decay=0.0, use_cpu=True,
-        train_sampling_strategy="sequential", remove_unused_columns=False, report_to="none", save_strategy="no", disable_tqdm=True,
-    )
-    trainer = candidate_trainer()(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tok))
-    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    trainer.train()
-    return {k: v.detach().clone() - before[k] for k, v in model.named_parameters() if v.requires_grad}
-
-
 def test_gradient_accumulation_gives_the_same_first_update_as_one_big_batch(tiny_bert, tmp_path):
     """batch 2 x accumulation 2 must step like batch 4 x accumulation 1: a loss that averaged each micro-batch
     while the Trainer skipped its division by the accumulation steps would double the step."""
-    big = tiny_trainer(tiny_bert, 4, 1, tmp_path)
-    accumulated = tiny_trainer(tiny_bert, 2, 2, tmp_path)
-    assert big.keys() == accumulated.keys() and any(bool(step.abs().max() > 1e-4) for step in big.values())
+    big, big_log = first_step(tiny_bert, 4, 1, tmp_path)
+    accumulated, accumulated_log = first_step(tiny_bert, 2, 2, tmp_path)
+    assert big.keys() == accumulated.keys() and any(np.abs(step).max() > 1e-4 for step in big.values())
     for name in big:
-        assert torch_close(big[name], accumulated[name]), name
+        assert np.allclose(big[name], accumulated[name], atol=1e-6, rtol=1e-4), name
+    assert accumulated_log == pytest.approx(big_log, abs=1e-5)
 
 
-def torch_close(a, b) -> bool:
-    import torch
+def test_two_ddp_processes_give_the_first_step_of_one_process_on_the_same_global_batch(tiny_bert, tmp_path):
+    """Under DDP the Trainer counts the rows of every process (num_items_in_batch) and DDP averages the gradients:
+    a loss that is a sum over this process's rows divided by that count must be scaled by the world size, as
+    Trainer.compute_loss does, or each step is halved (loss 0.6 for 1.2, grad norm 0.3 for 0.7)."""
+    import os
+    import socket
+    import subprocess
+    import sys
 
-    return bool(torch.allclose(a, b, atol=1e-6, rtol=1e-4))
+    big, big_log = first_step(tiny_bert, 4, 1, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(Path(__file__).with_name("first_step.py")), str(tiny_bert), str(tmp_path / "ddp.npz"), "--batch-size", "2"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = np.load(tmp_path / "ddp.npz")
+    assert float(ddp["loss"]) == pytest.approx(big_log["loss"], abs=1e-5)
+    assert float(ddp["grad_norm"]) == pytest.approx(big_log["grad_norm"], abs=1e-5)
+    assert {k.removeprefix("update/") for k in ddp.files if k.startswith("update/")} == big.keys()
+    for name, step in big.items():
+        assert np.allclose(ddp[f"update/{name}"], step, atol=1e-6, rtol=1e-4), name
 
 
 class Crash(Exception):
