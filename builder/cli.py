@@ -261,7 +261,8 @@ def plan(bundle_dir: str | None, extra: tuple[str, ...], tokens: float, rows: in
     """Estimate kernel time per member of BUNDLE_DIR (and --add models) on T4s against the 9-hour limit.
 
     FLOPs are 2 x parameters x mean prompt tokens per row; the rate is the T4's peak for the member's precision
-    (fp16 tensor cores 65 TFLOPS, fp32 8.1) times --efficiency."""
+    (fp16 and int4 on tensor cores 65 TFLOPS, fp32 8.1) times --efficiency. What runs on the CPU (TF-IDF, and int8,
+    whose kernels onnxruntime's CUDA provider lacks) is planned at the rows/s it ran at on the build machine."""
     from runtime.manifest import load_manifest
 
     from .models import ALIASES
@@ -273,11 +274,11 @@ def plan(bundle_dir: str | None, extra: tuple[str, ...], tokens: float, rows: in
     if not members:
         raise MapbuildError("plan: give a BUNDLE_DIR or at least one --add ALIAS")
     plan = estimate(members, rows, gpus, efficiency)
-    table = [(e.name, m["precision"], f"{e.params / 1e6:.1f}M", f"{e.mean_tokens:.1f}", f"{e.seconds / 3600:.3f}") for m, e in zip(members, plan)]
+    table = [(e.name, m["precision"], e.device, f"{e.params / 1e6:.1f}M", f"{e.mean_tokens:.1f}", f"{e.seconds / 3600:.3f}") for m, e in zip(members, plan)]
     total = sum(e.seconds for e in plan)
     note = {"ok": "fits", "warn": f"inside the {MARGIN_HOURS:.0f} h safety margin", "over": "OVER the limit"}[verdict(total)]
-    table.append(("total", "", "", "", f"{total / 3600:.3f}"))
-    click.echo(tabulate(table, headers=("member", "precision", "params", "tokens", "hours"), tablefmt="plain", disable_numparse=True))
+    table.append(("total", "", "", "", "", f"{total / 3600:.3f}"))
+    click.echo(tabulate(table, headers=("member", "precision", "runs on", "params", "tokens", "hours"), tablefmt="plain", disable_numparse=True))
     click.echo(f"{rows:,} rows, {gpus}x T4: {note}, limit {LIMIT_HOURS:.0f} h")
 
 

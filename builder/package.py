@@ -17,7 +17,7 @@ import runtime
 from runtime.ensemble import METHODS
 from runtime.errors import MapbuildError
 from runtime.manifest import FORMAT, MANIFEST, hash_tree
-from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, estimate, verdict
+from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, manifest_plan, verdict
 from runtime.preflight import COMPETITION
 
 from .ensemble import fit
@@ -124,20 +124,14 @@ def versions() -> dict[str, str]:
 
 def check_plan(members: list[dict]) -> dict:
     """The kernel-time plan for 2x T4 and 40,000 rows: a warning inside the safety margin, refused past the limit."""
-    plan = estimate(members)
-    total = sum(e.seconds for e in plan)
+    plan = manifest_plan(members)
+    total = plan["t4_total_seconds"]
     hours = f"{total / 3600:.1f} h on 2x T4 for {TEST_ROWS:,} rows"
     if verdict(total) == "over":
         raise MapbuildError(f"package: the plan needs {hours}, past the {LIMIT_HOURS:.0f} h limit; drop or shrink members (see `mapbuild plan`)")
     if verdict(total) == "warn":
         log.warning("package: the plan needs %s, inside the %.0f h safety margin of the %.0f h limit", hours, MARGIN_HOURS, LIMIT_HOURS)
-    return {
-        "rows": TEST_ROWS,
-        "t4_seconds": {e.name: round(e.seconds, 1) for e in plan},
-        "t4_total_seconds": round(total, 1),
-        # measured on the build machine's CPU at export: the plan when the kernel's sessions land on the CPU
-        "cpu_seconds": {m["name"]: round(TEST_ROWS / m["cpu_rows_per_s"], 1) for m in members},
-    }
+    return plan
 
 
 def pool_params(fitted: dict, named: dict[int, str]) -> dict:

@@ -6,7 +6,6 @@ import glob
 import logging
 import multiprocessing as mp
 import os
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing.queues import Queue
@@ -14,6 +13,8 @@ from multiprocessing.queues import Queue
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
+
+from .plan import Pace
 
 log = logging.getLogger("mapbuild")
 Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -57,37 +58,64 @@ def run_batches(
     dedupe: bool = True,
     desc: str = "infer",
     deadline: float | None = None,
+    warmup: int = 1,
 ) -> np.ndarray:
     """Logits of every row in input order; identical sequences (duplicate rows, stock answers) run once.
 
     `forward` is a function of one padded batch, or a `device_pool`: its workers then take whole batches as they
     free up, so each batch, and so each row's logits, are exactly what one device would compute. With a
-    `deadline` (time.monotonic()), the measured pace re-plans after every batch: a run projected to end past it
-    stops with DeadlineError before it wastes the time."""
+    `deadline` (plan.now()), the run's own pace re-plans after every batch once its first `warmup` batches (one
+    per worker, which spends it starting up) are back (plan.Pace): a run projected to end past the deadline stops
+    with DeadlineError before it wastes the time."""
     first: dict[tuple[int, ...], int] = {}
     inverse = np.array([first.setdefault(tuple(s), len(first)) for s in seqs], dtype=np.int64) if dedupe else np.arange(len(seqs))
     todo = list(first) if dedupe else list(seqs)
     order = batches([len(s) for s in todo], batch_size, sort)
-    padded = (pad([todo[i] for i in idx], pad_id) for idx in order)
-    results = forward.map(_pool_forward, padded) if isinstance(forward, Executor) else (forward(*b) for b in padded)
+    padded = [pad([todo[i] for i in idx], pad_id) for idx in order]
+    if isinstance(forward, Executor):  # every batch queued at once, as map() would; a retry queues its halves
+        again: Forward = lambda ids, mask: forward.submit(_pool_forward, (ids, mask)).result()
+        queued = [forward.submit(_pool_forward, b) for b in padded]
+        results = (halving(f.result, again, *b, desc) for f, b in zip(queued, padded))
+    else:
+        results = (halving(lambda b=b: forward(*b), forward, *b, desc) for b in padded)
     # Cost grows with padded tokens, and sorted batches grow longer: pace by tokens, not rows.
-    cost = np.cumsum([len(idx) * max(len(todo[i]) for i in idx) for idx in order])
-    start = time.monotonic()
+    cost = np.cumsum([ids.size for ids, _ in padded])
+    pace = Pace(deadline, float(cost[-1]), warmup, desc) if deadline is not None and len(cost) else None
     out: np.ndarray | None = None
     for k, (idx, logits) in enumerate(tqdm(zip(order, results), total=len(order), desc=desc, unit="batch", mininterval=2)):
         if out is None:
             out = np.empty((len(todo), logits.shape[1]), dtype=np.float32)
         out[idx] = logits
-        now = time.monotonic()
-        if deadline is not None and k + 1 < len(order):
-            left = (now - start) * (cost[-1] / cost[k] - 1)
-            if now + left > deadline:
-                raise DeadlineError(f"{desc}: needs about {left:.0f} s more at the measured pace, {max(deadline - now, 0):.0f} s left")
+        if pace:
+            pace.done(k + 1, float(cost[k]))
     return out[inverse] if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
-class DeadlineError(RuntimeError):
-    """Finishing would overrun the kernel's time limit."""
+# How onnxruntime (CPU: bad_alloc; CUDA: its arena's "Failed to allocate memory", cudaMalloc's "out of memory") and
+# PyTorch ("CUDA out of memory") say a batch did not fit.
+OUT_OF_MEMORY = ("out of memory", "failed to allocate memory", "bad_alloc", "bad allocation")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(m in str(e).lower() for m in OUT_OF_MEMORY)
+
+
+def halving(first: Callable[[], np.ndarray], again: Forward, ids: np.ndarray, mask: np.ndarray, desc: str) -> np.ndarray:
+    """`first()`, the batch's logits; when it runs out of memory, `again` on each half of the batch (cut to its own
+    longest row), halving down to one row. Sorted batches put the longest last: one of them must not cost a member
+    hours into its run."""
+    try:
+        return first()
+    except Exception as e:
+        if len(ids) == 1 or not out_of_memory(e):
+            raise
+    log.warning("%s: out of memory on a batch of %d rows x %d tokens; retrying it in halves", desc, len(ids), ids.shape[1])
+    parts = []
+    for half in (slice(0, len(ids) // 2), slice(len(ids) // 2, None)):
+        width = int(mask[half].sum(1).max())
+        i, m = ids[half, :width], mask[half, :width]
+        parts.append(halving(lambda: again(i, m), again, i, m, desc))
+    return np.concatenate(parts)
 
 
 _worker_forward: Forward | None = None

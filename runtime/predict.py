@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from .external_data import problem as external_problem
 from .knn import check_settings, knn_text, load_table, vote
 from .labels import LabelSpace
 from .manifest import check_files
+from .plan import drop, on_gpu, planned_seconds
 from .prompts import render
 from .tfidf import tfidf_probs
 
@@ -34,7 +34,7 @@ def onnx_outputs(
     refused = external_problem(model, beside)
     if refused:  # onnxruntime would read any path a location names, hashed or not
         raise ValueError(f"{member['files']['model']}: {refused}")
-    run = lambda forward: run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline)
+    run = lambda forward: run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline, warmup=devices)
     if devices <= 1:
         forward = onnx_forward(model)
         return run(forward), getattr(forward, "provider", None)
@@ -84,6 +84,26 @@ def prior(space: LabelSpace, rows: int) -> np.ndarray:
     return np.tile(p / p.sum(), (rows, 1))
 
 
+# A member with more rows of NaN or inf scores than this is numerically broken (fp16 overflow in every long row,
+# say), and its finite rows are not to be trusted either; a few bad rows are bad luck, and cost only those rows.
+MAX_BAD_ROWS = 0.01
+
+
+def checked(p: np.ndarray, rows: int, space: LabelSpace, name: str) -> np.ndarray:
+    """A member's scores with its rows of NaN or inf replaced by the label prior's (one inf logit makes a row's
+    softmax NaN, and a NaN spreads to every label of a geo or pool blend); raises when more than MAX_BAD_ROWS are."""
+    if p.shape != (rows, len(space.labels)):  # a head wider or narrower than the label list ranks wrong labels
+        raise ValueError(f"it gives {p.shape[1]} scores per row for {len(space.labels)} labels")
+    bad = ~np.isfinite(p).all(axis=1)
+    if bad.mean() > MAX_BAD_ROWS:
+        raise ValueError(f"{bad.sum()} of {len(p)} rows have NaN or inf scores (more than {MAX_BAD_ROWS:.0%})")
+    if bad.any():
+        log.error("member %s: %d of %d rows have NaN or inf scores; they get the label prior's", name, bad.sum(), len(p))
+        p = p.copy()
+        p[bad] = prior(space, int(bad.sum()))
+    return p
+
+
 def predict(
     bundle: str | Path,
     manifest: dict,
@@ -95,44 +115,33 @@ def predict(
 ) -> tuple[np.ndarray, list[str]]:
     """The members' combined scores (the manifest's ensemble method), and the names of the members that ran.
 
-    Members run heaviest weight first. With a `deadline` (time.monotonic()), each member's planned time is scaled by
-    how the members so far kept to theirs; one that would overrun is dropped, and a running one stops as soon as
-    its own pace says it would. Once a session lands on the CPU while a GPU is visible, the plan switches from the
-    T4 estimates to the CPU ones measured at export."""
+    Members run heaviest weight first. With a `deadline` (plan.now()), a member whose own plan needs more than the
+    time left is dropped, and a running one stops as soon as its own pace says it would overrun (runtime.plan).
+    The plan is the bundle's T4 one where a GPU is visible, until a GPU member's session lands on the CPU; then,
+    and without a GPU, the CPU one measured at export."""
     bundle = Path(bundle)
     probs, weights, used = [], [], []
     if df.empty:
         log.warning("no test rows: nothing to predict")
         return np.zeros((0, len(space.labels)), dtype=np.float32), used
-    estimate = manifest.get("estimate", {})
-    planned = estimate.get("t4_seconds", {})
-    scale = len(df) / estimate.get("rows", len(df))
-    spent = plan_spent = 0.0
-    gpus, cpu_plan = gpu_count(), False
+    gpus = gpu_count()
+    on_cpu = not gpus
     for m in sorted(manifest["members"], key=lambda m: -m["weight"]):
-        plan = planned.get(m["name"], 0.0) * scale
-        if deadline is not None and plan_spent > 0 and plan > 0:
-            need, left = plan * spent / plan_spent, deadline - time.monotonic()
-            if need > left:
-                log.error("DROPPED member %s (weight %.2f): needs about %.0f s at this kernel's pace, %.0f s left", m["name"], m["weight"], need, left)
-                continue
+        if drop(m["name"], m["weight"], planned_seconds(manifest.get("estimate", {}), m["name"], len(df), on_cpu), deadline):
+            continue
         problems = check_files(bundle, manifest, list(m["files"].values()))
         if problems:
             log.error("SKIPPED member %s: %s", m["name"], "; ".join(problems))
             continue
-        start = time.monotonic()
         try:
             p, provider = SCORERS[m.get("kind", "transformer")](bundle, m, df, space, batch_size, devices, deadline)
-            if p.shape != (len(df), len(space.labels)):  # a head wider or narrower than the label list ranks wrong labels
-                raise ValueError(f"it gives {p.shape[1]} scores per row for {len(space.labels)} labels")
+            p = checked(p, len(df), space, m["name"])
         except Exception as e:  # noqa: BLE001 - any member failure must leave the others and the prior
             log.error("SKIPPED member %s: %s: %s", m["name"], type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             continue
         probs.append(p)
-        spent, plan_spent = spent + time.monotonic() - start, plan_spent + plan
-        if gpus and provider == CPU and not cpu_plan:
-            cpu_plan, planned = True, estimate.get("cpu_seconds", {})
-            spent, plan_spent = time.monotonic() - start, planned.get(m["name"], 0.0) * scale
+        if not on_cpu and provider == CPU and on_gpu(m):
+            on_cpu = True
             log.error("RE-PLANNED at the CPU pace: %d GPU(s) visible, %s ran on the CPU", gpus, m["name"])
         weights.append(m["weight"])
         used.append(m["name"])

@@ -18,7 +18,7 @@ from .errors import BundleError, InputError, MapbuildError
 from .labels import LabelSpace, top3
 from .manifest import FORMAT, MANIFEST, load_manifest
 from .metrics import map_at_3
-from .plan import LIMIT_HOURS, MARGIN_HOURS
+from .plan import LIMIT_HOURS, MARGIN_HOURS, now
 from .predict import predict
 from .preflight import KAGGLE_INPUT, find_test, onnxruntime_providers
 from .submission import write_submission
@@ -59,7 +59,7 @@ def find_bundle(root: str) -> Path:
 
 def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None) -> dict:
     """Write the submission; returns what ran: rows, members, seconds, and MAP@3 when the test rows carry labels.
-    `deadline`: time.monotonic() by which predictions must be done."""
+    `deadline`: the plan.now() by which predictions must be done."""
     manifest = load_manifest(bundle)
     df = read_rows(test)
     dups = duplicate_row_ids(df)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus = gpu_count()
         providers = onnxruntime_providers(load_manifest(bundle), gpus)  # no onnxruntime must never become a prior
         test = args.test or find_test(args.input_root)
-        deadline = time.monotonic() + args.hours * 3600
+        deadline = now() + args.hours * 3600
         devices = args.devices or (max(gpus, 1) if CUDA in providers else 1)
         result.update(run(bundle, test, args.out, args.batch_size, devices, deadline))
     except MapbuildError as e:

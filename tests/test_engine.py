@@ -49,6 +49,53 @@ def test_run_batches_runs_duplicates_once_and_restores_every_row():
     assert len(seen) == len(seqs)
 
 
+class FakeOOM(RuntimeError):
+    """What onnxruntime's CUDA arena raises when a batch does not fit (its message, shortened)."""
+
+
+def fitting(limit: int, seen: list[tuple[int, int]]):
+    """A forward that runs out of memory past `limit` padded tokens per batch, recording each shape it ran."""
+
+    def forward(ids, mask):
+        if ids.size > limit:
+            raise FakeOOM("RUNTIME_EXCEPTION : BFCArena::AllocateRawInternal Failed to allocate memory for requested buffer of size 8388608")
+        seen.append(ids.shape)
+        return np.stack([mask.sum(1), ids.shape[1] * np.ones(len(ids))], 1).astype(np.float32)
+
+    return forward
+
+
+def test_a_batch_out_of_memory_is_retried_in_halves_down_to_one_row(caplog):
+    """Sorted batches put the longest rows last: running out of memory there must cost that batch's speed, not the
+    member after hours of work."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pytest
+
+    import runtime.engine
+
+    seqs = [[1] * n for n in (3, 9, 2, 30, 4, 28, 1, 5)]
+    seen: list[tuple[int, int]] = []
+    with caplog.at_level(logging.WARNING, logger="mapbuild"):
+        got = run_batches(fitting(50, seen), seqs, 0, batch_size=4)
+    assert got[:, 0].tolist() == [3, 9, 2, 30, 4, 28, 1, 5]
+    # the long batch (5, 9, 28, 30 tokens: 4 x 30) runs as 2 x 9, then 1 x 28 and 1 x 30: each half its own width
+    assert seen == [(4, 4), (2, 9), (1, 28), (1, 30)]
+    assert caplog.text.count("out of memory on a batch") == 2
+
+    seen.clear()  # the same through a device pool (threads stand in for the worker processes)
+    runtime.engine._worker_forward = fitting(50, seen)
+    with ThreadPoolExecutor(2) as pool:
+        assert np.array_equal(run_batches(pool, seqs, 0, batch_size=4), got)
+    assert sorted(seen) == sorted([(4, 4), (2, 9), (1, 28), (1, 30)])
+
+    with pytest.raises(FakeOOM):  # a single row that does not fit gives the member up
+        run_batches(fitting(20, []), seqs, 0, batch_size=4)
+    with pytest.raises(ZeroDivisionError):  # and any other error is no reason to retry
+        run_batches(lambda ids, mask: 1 / 0, seqs, 0, batch_size=4)
+
+
 def test_softmax_rows_sum_to_one():
     p = softmax(np.array([[1000.0, 0.0], [1.0, 1.0]], dtype=np.float32))
     assert np.allclose(p.sum(1), 1) and np.allclose(p[1], 0.5)

@@ -69,3 +69,47 @@ def test_a_failing_cuda_provider_moves_inference_to_cpu(tiny_pipeline, monkeypat
     assert used == [manifest["members"][0]["name"]] and probs.shape[0] == len(df)
     assert "CUDA session failed (CUDA failure 100" in caplog.text and "on CPUExecutionProvider" in caplog.text
     assert "CUDA NOT ENGAGED" in caplog.text
+
+
+def inf_logits(monkeypatch, rows: list[int]):
+    """The member's ONNX outputs with an inf logit in `rows`, as fp16 overflow gives."""
+    import runtime.predict
+
+    real = runtime.predict.onnx_outputs
+
+    def overflowing(*args, **kwargs):
+        logits, provider = real(*args, **kwargs)
+        logits[rows, 0] = float("inf")
+        return logits, provider
+
+    monkeypatch.setattr(runtime.predict, "onnx_outputs", overflowing)
+
+
+def test_a_few_rows_of_nan_fall_back_to_the_prior_and_a_member_with_many_is_skipped(tiny_pipeline, monkeypatch, caplog):
+    """One inf logit makes its row's softmax NaN, which a geo or pool blend spreads to every label, and top-3 then
+    falls back to label order; never silently."""
+    import numpy as np
+    import pandas as pd
+
+    from runtime.predict import MAX_BAD_ROWS, predict, prior
+
+    manifest = load_manifest(tiny_pipeline["bundle"])
+    space = LabelSpace.from_json(manifest["label_space"])
+    once = read_rows(SAMPLE_TEST)
+    df = pd.concat([once.assign(row_id=once["row_id"] + f"-{i}") for i in range(10)], ignore_index=True)
+    clean, _ = predict(tiny_pipeline["bundle"], manifest, space, df)
+    assert 1 / len(df) <= MAX_BAD_ROWS < 3 / len(df)
+
+    inf_logits(monkeypatch, [3])
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        probs, used = predict(tiny_pipeline["bundle"], manifest, space, df)
+    assert used == [manifest["members"][0]["name"]] and np.isfinite(probs).all()
+    assert np.allclose(probs[3], prior(space, 1)[0]) and np.allclose(np.delete(probs, 3, 0), np.delete(clean, 3, 0))
+    assert "1 of 160 rows have NaN or inf scores; they get the label prior's" in caplog.text
+
+    caplog.clear()
+    monkeypatch.undo()
+    inf_logits(monkeypatch, [0, 1, 2])
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        probs, used = predict(tiny_pipeline["bundle"], manifest, space, df)
+    assert used == [] and "SKIPPED member" in caplog.text and "3 of 160 rows have NaN or inf scores (more than 1%)" in caplog.text

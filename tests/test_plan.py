@@ -101,10 +101,83 @@ def test_members_that_would_overrun_are_dropped_lowest_weight_first(tiny_pipelin
     light.update(name="light", weight=0.3)
     manifest["members"] = [light, heavy]  # listed light first: the runtime orders by weight
     rows = manifest["estimate"]["rows"]
-    manifest["estimate"]["t4_seconds"] = {"heavy": 1e-3 * rows, "light": 1e6 * rows}
+    for plan in ("t4_seconds", "cpu_seconds"):  # the kernel plans from cpu_seconds where no GPU is visible
+        manifest["estimate"][plan] = {"heavy": 1e-3 * rows, "light": 1e6 * rows}
     df = read_rows(SAMPLE_TEST)
     space = LabelSpace.from_json(manifest["label_space"])
     with caplog.at_level(logging.INFO, logger="mapbuild"):
         probs, used = predict(tiny_pipeline["bundle"], manifest, space, df, deadline=time.monotonic() + 60)
     assert used == ["heavy"] and "DROPPED member light (weight 0.30)" in caplog.text
     assert np.isfinite(probs).all() and probs.shape == (len(df), len(space.labels))
+
+
+def kernel_day(tiny_pipeline, monkeypatch, plans: dict[str, float], hours: float):
+    """A 40,000-row kernel on a fake clock: a light member weighted first, "cpu", planned at 1 s, whose first batch
+    takes 60 s; then "big", whose first batch takes 30 s (session and CUDA start-up) and every row 0.06 s (2,400 s).
+    `plans`: each member's planned seconds. Returns (members run, fake seconds used, big's batches run)."""
+    import pandas as pd
+
+    import runtime.plan
+    import runtime.predict
+    from runtime.predict import predict
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(runtime.plan, "now", lambda: clock[0])
+    real = runtime.predict.onnx_forward
+
+    def timed(path, *args, **kwargs):
+        width = real(path)(*pad_one())[0].shape[0]
+        start, per_row = (60.0, 1e-6) if not calls else (30.0, 0.06)
+        calls.append(0)
+        member = len(calls) - 1
+
+        def forward(ids, mask):
+            clock[0] += (start if not calls[member] else 0.0) + len(ids) * per_row
+            calls[member] += 1
+            return np.zeros((len(ids), width), dtype=np.float32)
+
+        forward.provider = "CPUExecutionProvider"
+        return forward
+
+    monkeypatch.setattr(runtime.predict, "onnx_forward", timed)
+    manifest = copy.deepcopy(load_manifest(tiny_pipeline["bundle"]))
+    first, big = copy.deepcopy(manifest["members"][0]), copy.deepcopy(manifest["members"][0])
+    first.update(name="cpu", weight=0.7)
+    big.update(name="big", weight=0.3)
+    manifest["members"], manifest["ensemble"] = [first, big], {"method": "prob"}
+    manifest["estimate"] = {"rows": 40_000, "t4_seconds": dict(plans), "cpu_seconds": dict(plans)}
+    once = read_rows(SAMPLE_TEST)
+    df = pd.concat([once] * 2_500, ignore_index=True)
+    df["row_id"] = [str(i) for i in range(len(df))]
+    # every row its own tokens, so none is deduplicated (digit by digit: the tiny WordPiece vocabulary has digits)
+    df["StudentExplanation"] = [f"{' '.join(str(i))} {e}" for i, e in enumerate(df["StudentExplanation"])]
+    space = LabelSpace.from_json(manifest["label_space"])
+    _, used = predict(tiny_pipeline["bundle"], manifest, space, df, deadline=hours * 3600)
+    return used, clock[0], calls[1] if len(calls) > 1 else 0
+
+
+def pad_one():
+    return np.ones((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64)
+
+
+def test_a_slow_first_batch_and_a_light_member_that_overran_its_plan_drop_nothing(tiny_pipeline, monkeypatch, caplog):
+    """The first batch's time (session start, worker spawn) was multiplied by every batch after it (about 1,300 at
+    40,000 sorted rows), and the light member's 60 s against its 1 s plan scaled every later plan by 60: each alone
+    dropped the big member with hours to spare."""
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        used, seconds, _ = kernel_day(tiny_pipeline, monkeypatch, {"cpu": 1.0, "big": 2_500.0}, hours=8)
+    assert used == ["cpu", "big"], caplog.text[-2000:]
+    assert 2_000 < seconds < 8 * 3600 and "DROPPED" not in caplog.text and "DeadlineError" not in caplog.text
+
+
+def test_a_deadline_that_is_really_too_short_drops_or_stops_the_member_that_cannot_finish(tiny_pipeline, monkeypatch, caplog):
+    with caplog.at_level(logging.INFO, logger="mapbuild"):  # its own plan says 2,500 s, with about 940 s left
+        used, _, big_batches = kernel_day(tiny_pipeline, monkeypatch, {"cpu": 1.0, "big": 2_500.0}, hours=1_000 / 3600)
+    assert used == ["cpu"] and big_batches == 0
+    assert "DROPPED member big (weight 0.30): its plan needs about 2500 s, 940 s left" in caplog.text
+    caplog.clear()
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="mapbuild"):  # planned too optimistically: its own pace stops it
+        used, seconds, big_batches = kernel_day(tiny_pipeline, monkeypatch, {"cpu": 1.0, "big": 500.0}, hours=1_000 / 3600)
+    assert used == ["cpu"] and 2 <= big_batches < 625 // 10 and seconds < 1_000
+    assert "SKIPPED member big: DeadlineError: big: needs about" in caplog.text
