@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,27 +47,56 @@ def grow(merged: Path, out: Path, params_m: float) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def rss_gib(pid: int) -> float:
+    """A live process's resident memory, from /proc (0 once it has gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 2**20 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+
+
 def timed_export(merged: Path, out: Path, precision: str, rows: int) -> dict:
-    """One `mapbuild export` process: its wall time, peak RSS (wait4, this child alone), exit code and file sizes."""
+    """One `mapbuild export` process: its wall time, peak RSS (wait4, this child alone), the highest RSS sampled
+    (every 0.2 s) in each phase (named by the last line it printed to stderr), exit code and file sizes."""
     cmd = [sys.executable, "-m", "builder", "export", str(merged), "--out", str(out), "--quantize", precision, "--rows", str(rows), "--force"]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    # wait4 reaps the child before communicate() could read its pipe: read stderr first, then reap.
-    stderr = proc.stderr.read()
+    samples: list[tuple[float, float]] = []
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.2):
+            samples.append((time.monotonic(), rss_gib(proc.pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines: list[tuple[float, str]] = []
+    for line in proc.stderr:  # wait4 reaps the child: read its pipe to the end first
+        text = f"{line.split(':')[0].strip()} batches" if "%|" in line else line.strip()  # a progress bar: its name
+        if text and (not lines or lines[-1][1] != text):
+            lines.append((time.monotonic(), text))
     _, status, usage = os.wait4(proc.pid, 0)
+    sampling.set()
+    sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    phase_of = lambda at: next((text for t, text in reversed(lines) if t <= at), "start-up")[:120]
+    phases: dict[str, float] = {}
+    for at, gib in samples:
+        phases[phase_of(at)] = round(max(gib, phases.get(phase_of(at), 0.0)), 2)
     figures = {
         "precision": precision,
         "exit": proc.returncode,
         "seconds": round(time.monotonic() - start, 1),
         "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
+        "phase_peaks_gib": phases,  # sampled: the highest RSS seen while each phase's line was the last one printed
     }
     if proc.returncode:
-        figures["error"] = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        figures["error"] = lines[-1][1] if lines else ""
         return figures
     meta = json.loads((out / "mapbuild.json").read_text())
     figures["files_gib"] = {p.name: round(p.stat().st_size / 2**30, 3) for p in sorted(out.iterdir()) if p.suffix in (".onnx", ".data")}
-    figures["drift"] = {k: meta["drift"][k] for k in ("rows", "max_abs_logit_diff", "masked_top1_agreement")}
+    figures["drift"] = {k: meta["drift"][k] for k in ("rows", "max_abs_logit_diff", "masked_top1_agreement", "reference", "onnx_provider")}
     return figures
 
 

@@ -1,14 +1,18 @@
-"""One prepared check for a CUDA machine: the whole GPU path with SmolLM2 (a pip wheel: no hub needed) on the shared data.
+"""One prepared check for a CUDA machine: the whole GPU path with SmolLM2 (a pip wheel: no hub needed) on the shared data,
+as a T4 runs it.
 
-    python bench/gpu_check.py [--data ../shared/data/map/train.csv] [--out build/gpu_check] [--sample 4000] [--rows 4000]
+    python bench/gpu_check.py [--data ../shared/data/map/train.csv] [--out build/gpu_check] [--sample 0] [--rows 4000]
 
-Trains fold 0 of a stratified sample (a few hundred steps) in the precision the hardware picks, in a `mapbuild train`
-process that is killed after its first checkpoint and finished with `--resume`; merges, exports fp16 and packages, then
-times the bundle's
-runtime (CUDA provider, sorted batches) against PyTorch fp16 (input order, batch 32) on the same held-out rows,
-tokenization included, and records whether the CUDA provider really engaged (the session's provider against the
-ones requested). Prints one JSON object of figures and writes it to OUT/figures.json. Without CUDA it stops at once with a one-line message.
-`--cpu` runs every step on CPU instead (PyTorch in fp32), a smoke test of the script whose figures mean nothing.
+Trains fold 0 (the whole fold by default) with `--precision fp16` forced (autocast with the gradient scaler, what a T4
+runs, even on a GPU with bf16), in a `mapbuild train` process that is killed after its first checkpoint and finished
+with `--resume`; merges, exports fp16 and packages. Then times the bundle's runtime (CUDA provider, sorted batches)
+against PyTorch fp16 (input order, batch 32) on the same held-out rows, tokenization included; runs the kernel again
+with two worker processes sharing the GPU (the 2x T4 path), which must give the same probabilities; counts where each
+node of the session ran (from a profile of its first batch: a node without a CUDA kernel runs on the CPU under a
+session that says CUDA); and exports a random Llama just over 2 GiB (bench/export_memory.py) whose drift check loads it
+on CUDA. Prints one JSON object of figures and writes it to OUT/figures.json. Without CUDA it stops at once with a
+one-line message. `--cpu` runs every step on CPU instead (PyTorch in fp32), a smoke test of the script whose figures
+mean nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--rows", type=int, default=4000, help="rows to time that the model never trained on: its fold's, then inputs outside --sample")
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--sample", type=int, default=4000, help="train on about N rows, stratified by label (0: all)")
+    parser.add_argument("--sample", type=int, default=0, help="train on about N rows, stratified by label (0: the whole fold)")
+    parser.add_argument("--precision", default="fp16", help="training precision (fp16: a T4's; --cpu trains in fp32)")
+    parser.add_argument("--big-params-m", type=float, default=560.0, help="millions of parameters of the over-2 GiB export (0: skip it)")
     parser.add_argument("--save-steps", type=int, default=50, help="checkpoint interval; the first run is killed after one")
     parser.add_argument("--force", action="store_true", help="package the fp16 export even past the drift gate")
     parser.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU")
@@ -72,7 +78,7 @@ def main() -> None:
     from builder.package import package
     from builder.train import checkpoint_dir
     from runtime.data import labels_of
-    from runtime.engine import gpu_count, onnx_forward, requested_providers, run_batches, softmax
+    from runtime.engine import cpu_fallback, gpu_count, onnx_forward, pad, requested_providers, run_batches, softmax
     from runtime.labels import LabelSpace
     from runtime.manifest import load_manifest
     from runtime.metrics import masked_map3
@@ -81,7 +87,8 @@ def main() -> None:
 
     out = args.out
     flags = ["--model", args.model, "--data", str(args.data), "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
-             "--save-steps", str(args.save_steps), "--out", str(out / "run")] + (["--sample", str(args.sample)] if args.sample else [])
+             "--save-steps", str(args.save_steps), "--out", str(out / "run"), "--precision", "fp32" if args.cpu else args.precision]
+    flags += ["--sample", str(args.sample)] if args.sample else []
     killed_at = interrupt(flags, checkpoint_dir(out / "run"))
     resumed = subprocess.run([sys.executable, "-m", "builder", "train", *flags, "--resume"])
     if resumed.returncode:
@@ -112,10 +119,20 @@ def main() -> None:
     start = time.perf_counter()
     probs, used = predict(out / "bundle", manifest, space, rows)
     run_s = time.perf_counter() - start
-    # Did CUDA really engage? The providers asked for against the ones the session got.
+    start = time.perf_counter()
+    two, used_two = predict(out / "bundle", manifest, space, rows, devices=2)  # two workers on the one GPU
+    two_s = time.perf_counter() - start
+    # Did CUDA really engage? The providers asked for against the ones the session got, and where each node ran.
     member = manifest["members"][0]
-    session = onnx_forward(out / "bundle" / member["files"]["model"])
+    session = onnx_forward(out / "bundle" / member["files"]["model"], profile_first=True)
+    session(*pad(ids[:8], meta["pad_token_id"]))
     asked = [p[0] if isinstance(p, tuple) else p for p in requested_providers(ort.get_available_providers(), gpu_count())]
+    big = None
+    if args.big_params_m:
+        cmd = [sys.executable, str(ROOT / "bench" / "export_memory.py"), "--merged", str(out / "merged"), "--out", str(out / "big"),
+               "--params-m", str(args.big_params_m), "--precisions", "fp32", "--rows", "16"]  # fmt: skip
+        done = subprocess.run(cmd)
+        big = json.loads((out / "big" / "figures.json").read_text()) if done.returncode == 0 else {"exit": done.returncode}
     figures = {
         "killed_after": killed_at,
         "resumed_from": metrics["resumed_from"],
@@ -134,6 +151,10 @@ def main() -> None:
         "torch_map3": masked_map3(truth, base, labels, mask),
         "runtime_map3": masked_map3(truth, probs, labels, mask),
         "members_run": used,
+        "two_workers": {"members_run": used_two, "rows_per_s": round(len(rows) / two_s, 1), "max_abs_prob_diff": float(np.abs(two - probs).max())},
+        "node_providers": {p: dict(c) for p, c in session.placement.items()},
+        "cpu_fallback": cpu_fallback(session.placement) if session.provider == "CUDAExecutionProvider" else None,
+        "big_export": big,
         "bundle_mib": round(sum(f.stat().st_size for f in (out / "bundle").rglob("*") if f.is_file()) / 2**20, 1),
     }
     (out / "figures.json").write_text(json.dumps(figures, indent=1))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from runtime.data import labels_of
-from runtime.engine import encode, load_kernel_tokenizer, onnx_forward, run_batches
+from runtime.engine import CPU, encode, load_kernel_tokenizer, onnx_forward, run_batches
 from runtime.errors import MapbuildError
 from runtime.labels import LabelSpace
 from runtime.metrics import masked_map3
@@ -283,10 +283,12 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         start = time.perf_counter()
         got = run_batches(forward, ids, pad_id, 32, desc="onnx")
         seconds = time.perf_counter() - start
+        provider = forward.provider
         del forward  # the session, then the fp32 reference: never both in memory (a CPU session upcasts fp16 weights)
         model, what = reference_model(merged)
         reference = torch_logits(model, ids, pad_id, desc="torch")
-        drift = {**measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels), "reference": what}
+        drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
+        drift |= {"reference": what, "onnx_provider": provider}
         check_drift(drift, quantize, force)
         write_meta(tmp, {
             **meta,
@@ -294,7 +296,8 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
             "merged": str(Path(merged).resolve()),
             "precision": quantize,
             "drift": drift,
-            "cpu_rows_per_s": round(len(ids) / seconds, 1),
+            # the CPU pace is the kernel's plan when its sessions land on the CPU: only a CPU session measures it
+            **({"cpu_rows_per_s": round(len(ids) / seconds, 1)} if provider == CPU else {"cuda_rows_per_s": round(len(ids) / seconds, 1)}),
             "params": sum(p.numel() for p in model.parameters()),
             "mean_tokens": round(float(np.mean([len(i) for i in ids])), 1),
         })

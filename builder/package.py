@@ -17,7 +17,7 @@ import runtime
 from runtime.ensemble import METHODS
 from runtime.errors import MapbuildError
 from runtime.manifest import FORMAT, MANIFEST, hash_tree
-from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, manifest_plan, verdict
+from runtime.plan import CPU_KINDS, LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, manifest_plan, on_gpu, verdict
 from runtime.preflight import COMPETITION
 
 from .ensemble import fit
@@ -41,7 +41,7 @@ SECRET_TEXT = re.compile(
     rb"KAGGLE_KEY\s*[=:]\s*\S{8}|\"key\"\s*:\s*\"[0-9a-f]{32}\"|AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|ghp_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}"
 )
 UNSCANNED = (".whl", ".onnx", ".data")  # PyPI's wheels and the exported weights: binary, and not ours to hold keys
-MEMBER_KEYS = ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "params", "mean_tokens", "knn")
+MEMBER_KEYS = ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "cuda_rows_per_s", "params", "mean_tokens", "knn")
 PACKAGES = ("numpy", "pandas", "tokenizers", "onnxruntime", "onnx", "torch", "transformers", "peft")
 
 
@@ -125,6 +125,12 @@ def versions() -> dict[str, str]:
 def check_plan(members: list[dict]) -> dict:
     """The kernel-time plan for 2x T4 and 40,000 rows: a warning inside the safety margin, refused past the limit."""
     plan = manifest_plan(members)
+    for m in members:
+        if not on_gpu(m) and m.get("kind", "transformer") not in CPU_KINDS:
+            log.warning(
+                "package: member %s is %s, which onnxruntime's CUDA provider has no kernels for: on Kaggle's T4s it runs on "
+                "the CPU, planned at %.0f s; export it with --quantize fp16 for the GPU", m["name"], m["precision"], plan["t4_seconds"][m["name"]],
+            )
     total = plan["t4_total_seconds"]
     hours = f"{total / 3600:.1f} h on 2x T4 for {TEST_ROWS:,} rows"
     if verdict(total) == "over":

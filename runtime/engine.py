@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import multiprocessing as mp
 import os
+import tempfile
+from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from logging.handlers import QueueHandler, QueueListener
 from multiprocessing.queues import Queue
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -50,7 +55,7 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def run_batches(
-    forward: Forward | Executor,
+    forward: Forward,
     seqs: Sequence[Sequence[int]],
     pad_id: int,
     batch_size: int,
@@ -62,7 +67,7 @@ def run_batches(
 ) -> np.ndarray:
     """Logits of every row in input order; identical sequences (duplicate rows, stock answers) run once.
 
-    `forward` is a function of one padded batch, or a `device_pool`: its workers then take whole batches as they
+    `forward` is a function of one padded batch, or a DevicePool: its workers then take whole batches as they
     free up, so each batch, and so each row's logits, are exactly what one device would compute. With a
     `deadline` (plan.now()), the run's own pace re-plans after every batch once its first `warmup` batches (one
     per worker, which spends it starting up) are back (plan.Pace): a run projected to end past the deadline stops
@@ -72,10 +77,9 @@ def run_batches(
     todo = list(first) if dedupe else list(seqs)
     order = batches([len(s) for s in todo], batch_size, sort)
     padded = [pad([todo[i] for i in idx], pad_id) for idx in order]
-    if isinstance(forward, Executor):  # every batch queued at once, as map() would; a retry queues its halves
-        again: Forward = lambda ids, mask: forward.submit(_pool_forward, (ids, mask)).result()
+    if isinstance(forward, DevicePool):  # every batch queued at once, as map() would; a retry queues its halves
         queued = [forward.submit(_pool_forward, b) for b in padded]
-        results = (halving(f.result, again, *b, desc) for f, b in zip(queued, padded))
+        results = (halving(lambda f=f: forward.take(f.result()), forward, *b, desc) for f, b in zip(queued, padded))
     else:
         results = (halving(lambda b=b: forward(*b), forward, *b, desc) for b in padded)
     # Cost grows with padded tokens, and sorted batches grow longer: pace by tokens, not rows.
@@ -121,22 +125,59 @@ def halving(first: Callable[[], np.ndarray], again: Forward, ids: np.ndarray, ma
 _worker_forward: Forward | None = None
 
 
-def _init_worker(path: str, devices: Queue, threads: int) -> None:
+def _init_worker(path: str, devices: Queue, threads: int, records: Queue) -> None:
     global _worker_forward
+    # The worker's log records go to the parent, which logs them as its own: its errors reach the run's faults.
+    worker_log = logging.getLogger("mapbuild")
+    worker_log.addHandler(QueueHandler(records))
+    worker_log.setLevel(logging.INFO)
     _worker_forward = onnx_forward(path, threads, device_id=devices.get())
 
 
-def _pool_forward(batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    return _worker_forward(*batch)
+def _pool_forward(batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, str]:
+    return _worker_forward(*batch), _worker_forward.provider
 
 
-def device_pool(path: str, devices: int, threads: int = 0) -> Executor:
-    """One worker process per device (CUDA device i, or CPU when there is none), each with its own session."""
-    ctx = mp.get_context("spawn")  # CUDA cannot survive fork
-    ids = ctx.Queue()
-    for i in range(devices):
-        ids.put(i)
-    return ProcessPoolExecutor(devices, mp_context=ctx, initializer=_init_worker, initargs=(str(path), ids, threads))
+class _Relay(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+def worker_devices(workers: int, gpus: int) -> list[int]:
+    """The CUDA device of each worker: one per GPU, round robin when there are more workers (0 without a GPU)."""
+    return [i % max(gpus, 1) for i in range(workers)]
+
+
+class DevicePool(ProcessPoolExecutor):
+    """`workers` processes, each with its own session: worker i on CUDA device i modulo the visible GPUs (so more
+    workers than GPUs share them), or the CPU when there is none. Called on a batch it is a Forward; `provider` says
+    where the workers' sessions ran (the CPU if any one did), and their log lines are logged here."""
+
+    def __init__(self, path: str, workers: int, threads: int = 0) -> None:
+        ctx = mp.get_context("spawn")  # CUDA cannot survive fork
+        ids, records = ctx.Queue(), ctx.Queue()
+        for device in worker_devices(workers, gpu_count()):
+            ids.put(device)
+        super().__init__(workers, mp_context=ctx, initializer=_init_worker, initargs=(str(path), ids, threads, records))
+        self.providers: set[str] = set()
+        self.listener = QueueListener(records, _Relay())
+        self.listener.start()
+
+    def take(self, result: tuple[np.ndarray, str]) -> np.ndarray:
+        logits, provider = result
+        self.providers.add(provider)
+        return logits
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.take(self.submit(_pool_forward, (ids, mask)).result())
+
+    @property
+    def provider(self) -> str | None:
+        return CPU if CPU in self.providers else next(iter(self.providers), None)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait, cancel_futures=cancel_futures)
+        self.listener.stop()  # after the workers: their last lines still arrive
 
 
 def gpu_count() -> int:
@@ -171,16 +212,48 @@ def not_engaged(requested: Sequence, got: Sequence[str]) -> str | None:
     return None
 
 
-def onnx_forward(path: str, threads: int = 0, device_id: int = 0) -> Forward:
-    """An onnxruntime session on CUDA device `device_id` when a GPU is visible and usable, else CPU. The function's
-    `provider` attribute says where the session really runs."""
+# The ops that carry a model's compute. The CUDA provider puts shape arithmetic on the CPU on purpose; one of these
+# on the CPU inside a CUDA session means a node without a CUDA kernel, and a round trip through host memory.
+COMPUTE_OPS = ("MatMul", "Gemm", "Attention", "Conv", "LayerNormalization", "Softmax", "Gelu", "QuantizeLinear", "DynamicQuantize")
+
+
+def node_providers(profile: str | os.PathLike) -> dict[str, Counter]:
+    """provider -> op type -> how many nodes ran there, from an onnxruntime profile (a JSON list of trace events)."""
+    placed = {}
+    for event in json.loads(Path(profile).read_text()):
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and "provider" in args and "op_name" in args:
+            placed[event["name"].removesuffix("_kernel_time")] = (args["provider"], args["op_name"])
+    counts: dict[str, Counter] = {}
+    for provider, op in placed.values():
+        counts.setdefault(provider, Counter())[op] += 1
+    return counts
+
+
+def cpu_fallback(counts: dict[str, Counter]) -> str | None:
+    """The loud line for compute nodes of a CUDA session that ran on the CPU, else None."""
+    heavy = Counter({op: n for op, n in counts.get(CPU, Counter()).items() if any(k in op for k in COMPUTE_OPS)})
+    if not heavy:
+        return None
+    ops = ", ".join(f"{op} x{n}" for op, n in heavy.most_common())
+    return f"CPU FALLBACK: {sum(heavy.values())} compute nodes have no CUDA kernel and run on the CPU ({ops}); predictions take CPU time"
+
+
+def onnx_forward(path: str, threads: int = 0, device_id: int = 0, gpu: bool = True, profile_first: bool | None = None) -> Forward:
+    """An onnxruntime session on CUDA device `device_id` when a GPU is visible and usable (and `gpu`), else CPU. The
+    function's `provider` attribute says where the session really runs. `profile_first` (default: on a CUDA
+    session) profiles the first batch only, to count where its nodes ran (`placement`) and log CPU FALLBACK: a
+    session that reports CUDA still runs on the CPU every node the provider has no kernel for."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    providers = requested_providers(ort.get_available_providers(), gpu_count(), device_id)
+    providers = requested_providers(ort.get_available_providers(), gpu_count() if gpu else 0, device_id)
     if providers[0] != CPU and hasattr(ort, "preload_dlls"):  # >= 1.21: the CUDA and cuDNN of the image's torch wheels
         ort.preload_dlls()
+    profiling = profile_first if profile_first is not None else providers[0] != CPU
+    if profiling:
+        opts.enable_profiling, opts.profile_file_prefix = True, os.path.join(tempfile.gettempdir(), f"mapbuild-profile-{os.getpid()}")
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # a broken CUDA install must cost speed, not the submission
@@ -194,7 +267,18 @@ def onnx_forward(path: str, threads: int = 0, device_id: int = 0) -> Forward:
     log.info("%s on %s", path, sess.get_providers()[0])
 
     def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        nonlocal profiling
+        out = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        if profiling:  # ending the profile stops it: one batch's worth of events, then none
+            profiling = False
+            profile = Path(sess.end_profiling())
+            forward.placement = node_providers(profile)
+            profile.unlink(missing_ok=True)
+            line = cpu_fallback(forward.placement) if forward.provider == CUDA else None
+            if line:
+                log.error("%s: %s", path, line)
+        return out
 
     forward.provider = sess.get_providers()[0]
+    forward.placement = None
     return forward

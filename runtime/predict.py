@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .engine import CPU, device_pool, encode, gpu_count, load_kernel_tokenizer, onnx_forward, run_batches, softmax
+from .engine import CPU, DevicePool, encode, gpu_count, load_kernel_tokenizer, onnx_forward, run_batches, softmax
 from .ensemble import combine, pool
 from .external_data import problem as external_problem
 from .knn import check_settings, knn_text, load_table, vote
@@ -25,7 +25,7 @@ def onnx_outputs(
     bundle: Path, member: dict, texts: list[str], batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> tuple[np.ndarray, str | None]:
     """The member's ONNX model over `texts`, on one session or one worker per device: its output rows and the
-    provider its session ran on (None with one worker per device)."""
+    provider its sessions ran on (the CPU if any worker's did)."""
     tok = load_kernel_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
     seqs = encode(tok, texts)
     model = bundle / member["files"]["model"]
@@ -34,14 +34,16 @@ def onnx_outputs(
     refused = external_problem(model, beside)
     if refused:  # onnxruntime would read any path a location names, hashed or not
         raise ValueError(f"{member['files']['model']}: {refused}")
-    run = lambda forward: run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline, warmup=devices)
-    if devices <= 1:
-        forward = onnx_forward(model)
-        return run(forward), getattr(forward, "provider", None)
+    gpu = on_gpu(member)
+    if not gpu and gpu_count():  # on CUDA its nodes would fall back to the CPU one by one, under a session saying CUDA
+        log.warning("%s: %s, which onnxruntime's CUDA provider has no kernels for: it runs on the CPU", member["name"], member.get("precision"))
+    if devices <= 1 or not gpu:
+        forward = onnx_forward(model, gpu=gpu)
+        return run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline), getattr(forward, "provider", None)
     log.info("%s: %d worker processes, one per device", member["name"], devices)
-    pool = device_pool(model, devices)
+    pool = DevicePool(model, devices)
     try:
-        return run(pool), None
+        return run_batches(pool, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline, warmup=devices), pool.provider
     finally:
         pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
@@ -73,7 +75,7 @@ def tfidf_member_probs(
     return tfidf_probs(bundle / member["files"]["model"], bundle / member["files"]["vocab"], df, len(space.labels), desc=member["name"]), None
 
 
-# kind -> its probabilities and the provider its session ran on (None: a CPU member, or one per device). The
+# kind -> its probabilities and the provider its sessions ran on (None: a CPU member). The
 # builder's side of this table is builder.kinds.KINDS.
 SCORERS = {"transformer": transformer_probs, "tfidf": tfidf_member_probs, "knn": knn_member_probs}
 

@@ -24,7 +24,7 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     """Every step of the GPU check but CUDA itself, with a tiny decoder on the sample data."""
     base = make_tiny("llama", tmp_path / "base")
     args = ["--cpu", "--model", str(base), "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "check"), "--rows", "40", "--force",
-            "--epochs", "3", "--save-steps", "2"]
+            "--epochs", "3", "--save-steps", "2", "--big-params-m", "40"]
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads((tmp_path / "check" / "figures.json").read_text())
@@ -36,6 +36,11 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     assert int(figures["resumed_from"].split("-")[1]) >= int(figures["killed_after"].split("-")[1]) >= 2
     assert figures["fp16_drift"]["rows"] > 0 and (tmp_path / "check" / "bundle" / "manifest.json").is_file()
     assert abs(figures["runtime_map3"] - figures["torch_map3"]) < 0.1  # fp16 ONNX against fp32 PyTorch, same rows
+    two = figures["two_workers"]
+    assert two["members_run"] == figures["members_run"] and two["max_abs_prob_diff"] == 0.0 and two["rows_per_s"] > 0
+    assert sum(figures["node_providers"]["CPUExecutionProvider"].values()) > 10 and figures["cpu_fallback"] is None
+    [big] = figures["big_export"]["exports"]
+    assert big["exit"] == 0 and big["drift"]["onnx_provider"] == "CPUExecutionProvider", big
 
 
 def test_refit_then_pool_transfer_run_through_on_the_sample(tmp_path):

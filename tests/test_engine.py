@@ -69,11 +69,8 @@ def test_a_batch_out_of_memory_is_retried_in_halves_down_to_one_row(caplog):
     """Sorted batches put the longest rows last: running out of memory there must cost that batch's speed, not the
     member after hours of work."""
     import logging
-    from concurrent.futures import ThreadPoolExecutor
 
     import pytest
-
-    import runtime.engine
 
     seqs = [[1] * n for n in (3, 9, 2, 30, 4, 28, 1, 5)]
     seen: list[tuple[int, int]] = []
@@ -83,12 +80,6 @@ def test_a_batch_out_of_memory_is_retried_in_halves_down_to_one_row(caplog):
     # the long batch (5, 9, 28, 30 tokens: 4 x 30) runs as 2 x 9, then 1 x 28 and 1 x 30: each half its own width
     assert seen == [(4, 4), (2, 9), (1, 28), (1, 30)]
     assert caplog.text.count("out of memory on a batch") == 2
-
-    seen.clear()  # the same through a device pool (threads stand in for the worker processes)
-    runtime.engine._worker_forward = fitting(50, seen)
-    with ThreadPoolExecutor(2) as pool:
-        assert np.array_equal(run_batches(pool, seqs, 0, batch_size=4), got)
-    assert sorted(seen) == sorted([(4, 4), (2, 9), (1, 28), (1, 30)])
 
     with pytest.raises(FakeOOM):  # a single row that does not fit gives the member up
         run_batches(fitting(20, []), seqs, 0, batch_size=4)
@@ -114,6 +105,33 @@ def test_two_worker_processes_give_exactly_the_single_device_result(tiny_pipelin
     assert np.array_equal(one, two)
 
 
+def test_two_workers_report_where_they_ran_and_their_log_lines_reach_the_parent(tiny_pipeline, caplog):
+    """With one worker per GPU (Kaggle's two T4s) the provider came back as None, so a worker whose session fell
+    back to the CPU never switched the plan, and the workers' error lines went to their own stderr only."""
+    import logging
+
+    from runtime.engine import CPU, DevicePool
+
+    model = tiny_pipeline["bundle"] / load_manifest(tiny_pipeline["bundle"])["members"][0]["files"]["model"]
+    seqs = [[2, 5 + i % 7, 3] + [9] * (i % 5) for i in range(64)]
+    pool = DevicePool(str(model), 2)
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        try:
+            run_batches(pool, seqs, 0, batch_size=8)
+        finally:
+            pool.shutdown()
+    assert pool.provider == CPU and pool.providers == {CPU}
+    assert caplog.text.count(f"{model} on {CPU}") == 2  # each worker's own line, logged by the parent
+
+
+def test_workers_share_the_visible_gpus_round_robin():
+    """Two workers on one GPU (bench/gpu_check.py's two-worker run) must both ask for device 0, not 0 and 1."""
+    from runtime.engine import worker_devices
+
+    assert worker_devices(2, 2) == [0, 1] and worker_devices(2, 1) == [0, 0] and worker_devices(4, 2) == [0, 1, 0, 1]
+    assert worker_devices(2, 0) == [0, 0]
+
+
 def test_gpu_count_reads_cuda_visible_devices(monkeypatch):
     from runtime.engine import gpu_count
 
@@ -121,3 +139,27 @@ def test_gpu_count_reads_cuda_visible_devices(monkeypatch):
     assert gpu_count() == 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert gpu_count() == 0
+
+
+def test_the_first_batch_is_profiled_once_to_count_where_each_node_ran(tiny_pipeline, tmp_path, monkeypatch):
+    """A CUDA session runs every node without a CUDA kernel on the CPU and still reports CUDA: the first batch's
+    profile counts nodes per provider, and compute nodes on the CPU are the loud CPU FALLBACK line."""
+    import tempfile
+    from collections import Counter
+
+    from runtime.engine import CPU, CUDA, cpu_fallback, onnx_forward
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tiny_pipeline["onnx-int8"] / "model.onnx"
+    forward = onnx_forward(model, profile_first=True)
+    seqs = [[2, 5, 6, 3], [2, 7, 3]]
+    first = forward(*pad(seqs, 0))
+    placed = forward.placement[CPU]
+    assert {"QAttention", "DynamicQuantizeMatMul"} <= set(placed) and not list(tmp_path.iterdir()), placed
+    assert np.array_equal(forward(*pad(seqs, 0)), first) and forward.placement[CPU] == placed
+    del forward  # a session still profiling writes its profile when it closes
+    assert not list(tmp_path.iterdir())
+    line = cpu_fallback({CUDA: Counter({"Shape": 3}), CPU: Counter({"Shape": 2, "MatMulInteger": 12, "QAttention": 2, "Gather": 1})})
+    assert line.startswith("CPU FALLBACK: 14 compute nodes") and "MatMulInteger x12, QAttention x2" in line
+    assert cpu_fallback({CUDA: Counter({"MatMul": 12}), CPU: Counter({"Shape": 4, "Gather": 2})}) is None
+    assert onnx_forward(model).placement is None  # a CPU session is not profiled

@@ -113,3 +113,29 @@ def test_a_few_rows_of_nan_fall_back_to_the_prior_and_a_member_with_many_is_skip
     with caplog.at_level(logging.INFO, logger="mapbuild"):
         probs, used = predict(tiny_pipeline["bundle"], manifest, space, df)
     assert used == [] and "SKIPPED member" in caplog.text and "3 of 160 rows have NaN or inf scores (more than 1%)" in caplog.text
+
+
+def test_an_int8_member_runs_on_a_cpu_session_where_a_gpu_is_visible(tiny_pipeline, monkeypatch, caplog):
+    """onnxruntime's CUDA provider has no kernels for int8's uint8 nodes (MatMulInteger, DynamicQuantizeLinear): a
+    CUDA session ran them on the CPU node by node while saying CUDA. It gets a CPU session, and says so."""
+    import onnxruntime as ort
+
+    from runtime.predict import onnx_outputs
+
+    real, asked = ort.InferenceSession, []
+
+    def recorded(path, opts=None, providers=None, **kw):
+        asked.append([p[0] if isinstance(p, tuple) else p for p in providers])
+        return real(path, opts, providers=["CPUExecutionProvider"], **kw)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", recorded)
+    member = load_manifest(tiny_pipeline["bundle"])["members"][0]
+    texts = read_rows(SAMPLE_TEST)["StudentExplanation"].tolist()
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        onnx_outputs(tiny_pipeline["bundle"], {**member, "precision": "int8"}, texts, 8, devices=2)
+    assert asked == [["CPUExecutionProvider"]] and "int8, which onnxruntime's CUDA provider has no kernels for" in caplog.text
+    asked.clear()
+    onnx_outputs(tiny_pipeline["bundle"], {**member, "precision": "fp16"}, texts, 8, devices=1)
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]

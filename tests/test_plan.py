@@ -27,6 +27,22 @@ def test_estimate_is_forward_flops_over_the_t4_rate():
     assert [verdict(h * 3600) for h in (7.9, 8.5, 9.1)] == ["ok", "warn", "over"]
 
 
+def test_what_runs_on_the_cpu_is_planned_at_its_measured_cpu_pace_not_at_t4_flops():
+    """TF-IDF was planned at about 0 s from FLOPs and took seconds, and int8 at the fp16 peak while its uint8 nodes
+    have no CUDA kernels; a member exported on a GPU has no CPU pace of its own, and gets a FLOPs estimate."""
+    from runtime.plan import KAGGLE_CPU_FLOPS, manifest_plan
+
+    tfidf = {"name": "tfidf", "kind": "tfidf", "precision": "fp32", "params": 10**6, "mean_tokens": 1.0, "cpu_rows_per_s": 2_000.0}
+    int8 = {"name": "minilm", "precision": "int8", "params": 22 * 10**6, "mean_tokens": 60.0, "cpu_rows_per_s": 100.0}
+    fp16 = {"name": "qwen", "precision": "fp16", "params": 8 * 10**9, "mean_tokens": 100.0, "cuda_rows_per_s": 50.0}
+    plans = {e.name: e for e in estimate([tfidf, int8, fp16], rows=40_000)}
+    assert (plans["tfidf"].device, plans["tfidf"].seconds) == ("CPU", 20.0)
+    assert (plans["minilm"].device, plans["minilm"].seconds) == ("CPU", 400.0)
+    assert plans["qwen"].device == "T4" and plans["qwen"].seconds == pytest.approx(2 * 8e9 * 100 * 40_000 / (65e12 * 0.25 * 2))
+    cpu = manifest_plan([tfidf, int8, fp16])["cpu_seconds"]
+    assert cpu == {"tfidf": 20.0, "minilm": 400.0, "qwen": pytest.approx(2 * 8e9 * 100 * 40_000 / KAGGLE_CPU_FLOPS)}
+
+
 def test_plan_command_prints_a_table_for_the_bundle(tiny_pipeline):
     result = CliRunner().invoke(cli, ["plan", str(tiny_pipeline["bundle"]), "--rows", "40000"])
     assert result.exit_code == 0, result.output
