@@ -47,22 +47,26 @@ def grow(merged: Path, out: Path, params_m: float) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def rss_gib(pid: int) -> float:
-    """A live process's resident memory, from /proc (0 once it has gone)."""
+def rss_gib(pid: int) -> tuple[float, float]:
+    """A live process's resident memory and the anonymous part of it, from /proc ((0, 0) once it has gone). The rest
+    is file pages (safetensors and .data files are memory-mapped): the kernel can drop them, so anonymous memory is
+    what a machine must really have."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return 0.0
-    return next((int(line.split()[1]) / 2**20 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+        return 0.0, 0.0
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith(("VmRSS:", "RssAnon:"))}
+    return kib.get("VmRSS", 0) / 2**20, kib.get("RssAnon", 0) / 2**20
 
 
 def timed_export(merged: Path, out: Path, precision: str, rows: int) -> dict:
-    """One `mapbuild export` process: its wall time, peak RSS (wait4, this child alone), the highest RSS sampled
-    (every 0.2 s) in each phase (named by the last line it printed to stderr), exit code and file sizes."""
+    """One `mapbuild export` process: its wall time, peak RSS (wait4, this child alone), the highest RSS and
+    anonymous memory sampled (every 0.2 s) overall and in each phase (named by the last line it printed to stderr),
+    exit code and file sizes."""
     cmd = [sys.executable, "-m", "builder", "export", str(merged), "--out", str(out), "--quantize", precision, "--rows", str(rows), "--force"]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, tuple[float, float]]] = []
     sampling = threading.Event()
 
     def sample() -> None:
@@ -81,15 +85,17 @@ def timed_export(merged: Path, out: Path, precision: str, rows: int) -> dict:
     sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     phase_of = lambda at: next((text for t, text in reversed(lines) if t <= at), "start-up")[:120]
-    phases: dict[str, float] = {}
-    for at, gib in samples:
-        phases[phase_of(at)] = round(max(gib, phases.get(phase_of(at), 0.0)), 2)
+    phases: dict[str, list[float]] = {}
+    for at, (rss, anon) in samples:
+        high = phases.setdefault(phase_of(at), [0.0, 0.0])
+        high[:] = [round(max(rss, high[0]), 2), round(max(anon, high[1]), 2)]
     figures = {
         "precision": precision,
         "exit": proc.returncode,
         "seconds": round(time.monotonic() - start, 1),
         "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
-        "phase_peaks_gib": phases,  # sampled: the highest RSS seen while each phase's line was the last one printed
+        "peak_anon_gib": round(max((anon for _, (_, anon) in samples), default=0.0), 2),
+        "phase_peaks_gib": phases,  # sampled: [RSS, anonymous] at their highest while each phase's line was the last
     }
     if proc.returncode:
         figures["error"] = lines[-1][1] if lines else ""

@@ -16,6 +16,7 @@ import pandas as pd
 from runtime.data import labels_of
 from runtime.engine import CPU, encode, load_kernel_tokenizer, onnx_forward, run_batches
 from runtime.errors import MapbuildError
+from runtime.external_data import locations
 from runtime.labels import LabelSpace
 from runtime.metrics import masked_map3
 from runtime.prompts import render
@@ -139,24 +140,25 @@ def keep_fp32(proto, ops: tuple[str, ...] = FRAGILE_OPS) -> int:
     return pinned
 
 
-def int8_weights(proto, scratch: Path):
+def int8_weights(model: Path, scratch: Path):
     """Dynamic int8: uint8 weights per channel (fewer top-1 flips than per-tensor on AVX2's u8s8 kernels, which
-    saturate). Shape inference cannot type the fused com.microsoft ops' outputs; they are all float."""
+    saturate). Shape inference cannot type the fused com.microsoft ops' outputs; they are all float. From a file:
+    handed a proto, quantize_dynamic deep-copies it and saves and reloads it (17 bytes a parameter at the peak)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
-        proto, scratch / "int8.onnx", weight_type=QuantType.QUInt8, per_channel=True,
+        model, scratch / "int8.onnx", weight_type=QuantType.QUInt8, per_channel=True, use_external_data_format=True,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return onnx.load(str(scratch / "int8.onnx"))
 
 
-def int4_weights(proto, scratch: Path):
+def int4_weights(model: Path, scratch: Path):
     """Weight-only 4-bit MatMuls (MatMulNBits), blocks of 32: models too big for a T4 in fp16."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=32, is_symmetric=True)
+    quantizer = MatMulNBitsQuantizer(str(model), bits=4, block_size=32, is_symmetric=True)
     quantizer.process()
     return quantizer.model.model
 
@@ -166,7 +168,7 @@ class Precision:
     """How a model is exported at one precision."""
 
     half: bool  # load and export in fp16: a 2-3B model never sits in RAM in fp32; fragile ops stay fp32 (keep_fp32)
-    quantize: Callable | None = None  # (proto, scratch folder) -> quantized proto
+    quantize: Callable | None = None  # (model file, scratch folder) -> quantized proto
 
     @property
     def fuses(self) -> bool:
@@ -198,20 +200,33 @@ def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: st
     config = model.config
     # Exporters may write a file per large tensor: export into scratch, keep one model file (+ one .data).
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        to_onnx(model, Path(scratch) / "model.onnx", dynamo=how.half, pooled=pooled)
+        src = Path(scratch) / path.name
+        to_onnx(model, src, dynamo=how.half, pooled=pooled)
         del model
-        proto = onnx.load(str(Path(scratch) / "model.onnx"))
-    if how.half:
-        keep_fp32(proto)
-    if fusion:
-        from onnxruntime.transformers.optimizer import optimize_model
+        data = src.with_name(f"{src.name}.data")
+        # Weights past the limit that the exporter wrote to one data file stay in it: only the graph is loaded and
+        # edited (loading them too cost 2 bytes a parameter more in fp16). Fusions read the weights: small encoders.
+        in_place = not fusion and data.is_file() and data.stat().st_size > EXTERNAL_DATA_BYTES and locations(src) == {data.name}
+        proto = onnx.load(str(src), load_external_data=not in_place)
+        if how.half:
+            keep_fp32(proto)
+        if fusion:
+            from onnxruntime.transformers.optimizer import optimize_model
 
-        # Attention, SkipLayerNormalization and BiasGelu: faster on CPU in fp32, and int8 then quantizes attention.
-        proto = optimize_model(proto, model_type=fusion, num_heads=config.num_attention_heads, hidden_size=config.hidden_size).model
-    if how.quantize:
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-            proto = how.quantize(proto, Path(scratch))
-    save(proto, path)
+            # Attention, SkipLayerNormalization and BiasGelu: faster on CPU in fp32, and int8 then quantizes attention.
+            proto = optimize_model(proto, model_type=fusion, num_heads=config.num_attention_heads, hidden_size=config.hidden_size).model
+        if how.quantize:  # from a file, with this proto freed first: the quantizer loads its own copy
+            work = Path(scratch) / "quantize"
+            work.mkdir()
+            source = src if in_place else work / path.name
+            onnx.save_model(proto, str(source), **({} if in_place else {"save_as_external_data": True, "location": f"{path.name}.data"}))
+            del proto
+            save(how.quantize(source, work), path)
+        elif in_place:
+            onnx.save_model(proto, str(path))  # the edited graph, naming the data file it moves beside it
+            os.replace(data, path.with_name(data.name))
+        else:
+            save(proto, path)
 
 
 # A quantized model may cost at most this much MAP@3 on the held-out rows. int8 MiniLM moves about 1% of the

@@ -139,8 +139,12 @@ def _pool_forward(batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, str
 
 
 class _Relay(logging.Handler):
+    """Logs a worker's record here, as if this process had logged it (its level as this process's logger says)."""
+
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger(record.name).handle(record)
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
 
 def worker_devices(workers: int, gpus: int) -> list[int]:
@@ -271,10 +275,13 @@ def onnx_forward(path: str, threads: int = 0, device_id: int = 0, gpu: bool = Tr
         out = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
         if profiling:  # ending the profile stops it: one batch's worth of events, then none
             profiling = False
-            profile = Path(sess.end_profiling())
-            forward.placement = node_providers(profile)
-            profile.unlink(missing_ok=True)
-            line = cpu_fallback(forward.placement) if forward.provider == CUDA else None
+            try:
+                profile = Path(sess.end_profiling())
+                forward.placement = node_providers(profile)
+                profile.unlink(missing_ok=True)
+            except Exception as e:  # noqa: BLE001 - a diagnostic must never cost the member
+                log.warning("%s: node placement not counted (%s)", path, e)
+            line = cpu_fallback(forward.placement) if forward.provider == CUDA and forward.placement else None
             if line:
                 log.error("%s: %s", path, line)
         return out

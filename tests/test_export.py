@@ -138,6 +138,12 @@ def test_external_data_fp16_model_ships_and_runs_in_the_kernel(tiny_pipeline, tm
     monkeypatch.setattr(builder.export, "EXTERNAL_DATA_BYTES", 0)
     builder.export.export(tiny_pipeline["merged"], tmp_path / "onnx", "fp16", rows=16, force=True)
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["mapbuild.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
+    # Past the limit the exporter's data file is kept as it is and only the graph is edited: fp32 islands included.
+    drift = json.loads((tmp_path / "onnx" / "mapbuild.json").read_text())["drift"]
+    assert drift["max_abs_logit_diff"] < 1e-2 and drift["masked_top1_agreement"] == 1.0, drift
+    builder.export.export(tiny_pipeline["merged"], tmp_path / "int4", "int4", rows=16, force=True)  # quantized from that file
+    assert json.loads((tmp_path / "int4" / "mapbuild.json").read_text())["drift"]["max_abs_logit_diff"] < 1e-2
+    assert sorted(p.name for p in (tmp_path / "int4").iterdir()) == ["mapbuild.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
     import onnx
 
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
