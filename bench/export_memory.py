@@ -2,9 +2,9 @@
 
     python bench/export_memory.py --merged MERGED_DIR [--params-m 560] [--precisions fp32,int8,fp16,int4] [--rows 8]
 
-MERGED_DIR is any merged Llama-family folder (`mapbuild merge` of a smollm2 or tiny llama run): its tokenizer, labels
-and metadata are kept, and its weights are replaced by a random LlamaForSequenceClassification of about --params-m
-million parameters (hidden 2048, 16 heads, 4 KV heads, MLP 5632, as many layers as the size needs). Each precision
+MERGED_DIR is any merged Llama-family folder (`mapbuild merge` of a smollm2 or tiny llama run), left as it is: OUT/grown
+gets its tokenizer, labels and metadata, with a random LlamaForSequenceClassification of about --params-m million
+parameters for weights (hidden 2048, 16 heads, 4 KV heads, MLP 5632, as many layers as the size needs). Each precision
 is exported in its own `mapbuild export --force` process; its peak RSS comes from wait4, so no figure mixes two
 exports. Prints one JSON object and writes it to OUT/figures.json. A random model's drift means little: these
 figures are about memory, time and size.
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MARK = "GROWN_BY_EXPORT_MEMORY"  # the grown folder's mark: only a marked folder is ever replaced
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128}
 
 
@@ -39,8 +40,11 @@ def grow(merged: Path, out: Path, params_m: float) -> int:
     h, kv = SHAPE["hidden_size"], SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * SHAPE["intermediate_size"] + 2 * h
     config.num_hidden_layers = max(1, math.ceil((params_m * 1e6 - config.vocab_size * h) / per_layer))
+    if out.exists() and not (out / MARK).is_file():  # never a folder this script did not grow: it may be the user's
+        sys.exit(f"export_memory: {out} exists and was not grown by this script; give another --out")
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(merged, out, ignore=shutil.ignore_patterns("*.safetensors*", "config.json"))
+    (out / MARK).write_text("grown by bench/export_memory.py: random weights\n")
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
@@ -119,10 +123,10 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    params = grow(args.merged, args.out / "merged", args.params_m)
+    params = grow(args.merged, args.out / "grown", args.params_m)
     figures = {"params": params, "fp32_gib": round(params * 4 / 2**30, 2), "grow_seconds": round(time.monotonic() - start, 1), "exports": []}
     for precision in args.precisions.split(","):
-        figures["exports"].append(timed_export(args.out / "merged", args.out / f"onnx-{precision}", precision, args.rows))
+        figures["exports"].append(timed_export(args.out / "grown", args.out / f"onnx-{precision}", precision, args.rows))
         shutil.rmtree(args.out / f"onnx-{precision}", ignore_errors=True)  # GiBs each: keep the figures, not the files
     (args.out / "figures.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures, indent=1))

@@ -76,6 +76,10 @@ def test_a_model_over_2_gib_exports_with_its_weights_in_one_data_file(tmp_path):
     base = make_tiny("llama", tmp_path / "base")
     train(TrainConfig(model=str(base), data=str(SAMPLE_TRAIN), epochs=0.2, lora_r=4), tmp_path / "run")
     merge(tmp_path / "run", tmp_path / "merged")
+    (tmp_path / "theirs" / "grown").mkdir(parents=True)  # a folder the script did not grow is never replaced
+    args = ["--merged", str(tmp_path / "merged"), "--out", str(tmp_path / "theirs"), "--params-m", "560", "--precisions", "fp32"]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "export_memory.py"), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "was not grown by this script" in done.stderr and (tmp_path / "theirs" / "grown").is_dir()
     args = ["--merged", str(tmp_path / "merged"), "--out", str(tmp_path / "bench"), "--params-m", "560", "--precisions", "fp32", "--rows", "4"]
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "export_memory.py"), *args], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
