@@ -8,6 +8,7 @@ import logging
 import multiprocessing as mp
 import os
 import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -257,7 +258,8 @@ def onnx_forward(path: str, threads: int = 0, device_id: int = 0, gpu: bool = Tr
         ort.preload_dlls()
     profiling = profile_first if profile_first is not None else providers[0] != CPU
     if profiling:
-        opts.enable_profiling, opts.profile_file_prefix = True, os.path.join(tempfile.gettempdir(), f"mapbuild-profile-{os.getpid()}")
+        # onnxruntime adds only a timestamp in seconds: two sessions of one process in one second would share a file
+        opts.enable_profiling, opts.profile_file_prefix = True, os.path.join(tempfile.gettempdir(), f"mapbuild-profile-{uuid.uuid4().hex}")
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # a broken CUDA install must cost speed, not the submission
