@@ -13,7 +13,7 @@ from runtime.data import labels_of, read_rows
 from runtime.labels import fit_label_space
 
 from .dataset import conflicts, exact_duplicates, with_correctness
-from .stages import atomic_dir
+from .stages import REPORT, atomic_dir
 
 
 def _pyplot():
@@ -184,7 +184,7 @@ def analyze(train_csv: str | os.PathLike, out: str | os.PathLike, test_csv: str 
     train = read_rows(train_csv, labelled=True)
     test = read_rows(test_csv) if test_csv else None
     f = figures(train, test)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, REPORT) as tmp:
         bar_plot(pd.Series(f["category"]), "Category", tmp / "categories.png")
         bar_plot(pd.Series(f["misconception"]), "Misconception", tmp / "misconceptions.png")
         bar_plot(pd.Series(f["label"]), "Category:Misconception", tmp / "labels.png")

@@ -20,7 +20,7 @@ from runtime.prompts import TEMPLATES
 from .export import EXPORT_PRECISIONS, MAX_MAP3_DROP
 from .knn import KnnConfig
 from .options import config_options
-from .stages import remove_pending
+from .stages import disk_full, remove_pending
 from .tfidf import TfidfConfig
 from .train import TrainConfig
 from .twin import DEFAULT_IMAGE, IMAGES
@@ -28,13 +28,18 @@ from .wheels import CUDA, ORT_GPU, PYTHONS
 
 
 class Group(click.Group):
-    """Every command's MapbuildError becomes a one-line ClickException here, once."""
+    """Every command's MapbuildError becomes a one-line ClickException here, once; so does a full disk that no stage
+    folder's writer named (stages.disk_full)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MapbuildError as e:
             raise click.ClickException(str(e)) from None
+        except Exception as e:
+            if (full := disk_full(e, None)) is None:
+                raise
+            raise click.ClickException(str(full)) from None
 
 
 def kaggle_ready(manifest: dict) -> str:
@@ -87,7 +92,8 @@ def cli(verbose: bool, quiet: bool) -> None:
 def train(out: str, resume: bool, **kwargs) -> None:
     """Fine-tune MODEL as a LoRA classifier on one fold (or, with --full, all rows) and save the run folder.
 
-    Checkpoints every --save-steps go to OUT.checkpoints, so a crash or timeout costs at most that many steps.
+    Checkpoints every --save-steps go to OUT.checkpoints, so a crash or timeout costs at most that many steps; a
+    rerun continues them with --resume, and without it stops rather than delete them.
     Runs unchanged under `torchrun --nproc_per_node N -m builder train ...` or `accelerate launch -m builder train ...`
     (DDP); rank 0 validates and writes the run folder."""
     from .train import train as run

@@ -17,6 +17,7 @@ import numpy as np
 
 from runtime.data import labels_of
 from runtime.errors import MapbuildError
+from runtime.files import atomic_write
 from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
@@ -49,9 +50,8 @@ def union_oof(root: Path, member: Member, folds: list[int]) -> Path:
     """The recipe's out-of-fold probabilities over every finished fold, written to <name>/oof.npz."""
     parts = [np.load(Path(read_meta(fold_dir(root, member.name, k) / "onnx", "onnx")["run"]) / "oof.npz") for k in folds]
     path = root / member.name / "oof.npz"
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, row_id=np.concatenate([z["row_id"] for z in parts]), probs=np.concatenate([z["probs"] for z in parts]))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, row_id=np.concatenate([z["row_id"] for z in parts]), probs=np.concatenate([z["probs"] for z in parts]))
     return path
 
 
@@ -127,7 +127,6 @@ def cv(config: str | os.PathLike, out: str | None = None, folds: list[int] | Non
             spec = dataclasses.replace(m.config, full=True, oof=str(root / m.name / "oof.npz"))
             if not done(dest, spec):
                 build_member(m._replace(config=spec), dest)
-    tmp = root / f".{REPORT}.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, root / REPORT)
+    with atomic_write(root / REPORT) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
     return report

@@ -289,7 +289,7 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
     sample = held_out_rows(meta, rows)
     space = LabelSpace.from_json(meta["label_space"])
     texts = render(sample, meta["template"], space, meta.get("chat"))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "onnx") as tmp:
         shutil.copy(Path(merged) / "tokenizer.json", tmp / FILES["tokenizer"])
         ids = kernel_ids(tmp / FILES["tokenizer"], merged, texts, meta["max_length"])
         write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[meta["model_type"]].ort_fusion)

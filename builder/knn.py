@@ -76,7 +76,7 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
     tr, labels = split.train, split.labels
     encoder, _ = reference_model(source.path, pooled=True)  # the drift reference, and its pad id and size
     pad_id = encoder.config.pad_token_id or 0
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "onnx") as tmp:
         shutil.copy(Path(source.path) / "tokenizer.json", tmp / FILES["tokenizer"])
         check = check_rows(split)
         ids = kernel_ids(tmp / FILES["tokenizer"], source.path, knn_text(check.head(DRIFT_ROWS)), cfg.max_length)

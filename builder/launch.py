@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,9 @@ def launch(bundle: str | os.PathLike, *args: str, python: str | os.PathLike = sy
     bundle = Path(bundle).resolve()
     base = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONPATH"}
     with tempfile.TemporaryDirectory(prefix="mapbuild-code-") as code:
-        os.symlink(bundle / "runtime", Path(code) / "runtime")
+        (Path(code) / "runtime").mkdir()  # copies of the sources alone: a __pycache__ beside them would run instead
+        for source in (bundle / "runtime").glob("*.py"):
+            shutil.copy(source, Path(code) / "runtime" / source.name)
         result = Path(code) / "result.json"
         base.update(PYTHONPATH=os.pathsep.join([*map(str, path), code]), PYTHONDONTWRITEBYTECODE="1")
         done = subprocess.run(

@@ -31,9 +31,9 @@ def load_trained_model(run: str | os.PathLike):
 
 def merge(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     meta = read_meta(run, "run")
-    model = load_trained_model(run)
-    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "merged") as tmp:  # OUT is checked before the model loads
+        model = load_trained_model(run)
+        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(Path(run) / "tokenizer", tmp, dirs_exist_ok=True)
         write_meta(tmp, {**meta, "stage": "merged", "run": str(Path(run).resolve())})

@@ -11,19 +11,21 @@ import shutil
 import string
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Iterable
 from pathlib import Path
 
 import runtime
 from runtime.ensemble import METHODS
 from runtime.errors import MapbuildError
-from runtime.manifest import FORMAT, MANIFEST, hash_tree
+from runtime.cards import CARD, card
+from runtime.manifest import FORMAT, MANIFEST, hash_tree, sha256_file
 from runtime.plan import CPU_KINDS, LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, manifest_plan, on_gpu, verdict
 from runtime.preflight import COMPETITION
 
 from .ensemble import fit
 from .kinds import KINDS
 from .options import one_of
-from .stages import atomic_dir, read_meta
+from .stages import BUNDLE, atomic_dir, read_meta
 from .wheels import CUDA, PYTHONS, fetch
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
@@ -73,17 +75,30 @@ def check_dataset_id(dataset_id: str) -> tuple[str, str]:
     return owner, slug
 
 
-def exposure(root: Path, files: dict[str, str]) -> str | None:
-    """The first file of the bundle that is or holds a credential, or sits in a hidden folder."""
+def exposure(root: Path, files: Iterable[str]) -> str | None:
+    """The first file of the bundle that is or holds a credential, or sits in a hidden folder. An ONNX file's
+    metadata and doc strings are scanned; its weights are not."""
     for rel in files:
         path = root / rel
         if any(part.startswith(".") for part in Path(rel).parts[:-1]):
             return f"{rel} is in a hidden folder"
         if SECRET.fullmatch(path.name):
             return f"{rel} looks like a credential"
+        if rel.endswith(".onnx") and SECRET_TEXT.search(onnx_text(path)):
+            return f"{rel} holds what looks like a credential in its metadata"
         if not rel.endswith(UNSCANNED) and SECRET_TEXT.search(path.read_bytes()):
             return f"{rel} holds what looks like a credential"
     return None
+
+
+def onnx_text(path: Path) -> bytes:
+    """An ONNX model's free text (metadata_props, doc strings, producer), without its weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    texts = [model.doc_string, model.graph.doc_string, model.producer_name, model.producer_version, model.domain]
+    texts += [t for prop in model.metadata_props for t in (prop.key, prop.value)]
+    return "\n".join(texts).encode()
 
 
 def public(path: str | os.PathLike) -> str:
@@ -176,7 +191,7 @@ def package(
     title = title or f"mapbuild {slug}"[:50]
     if not 6 <= len(title) <= 50:
         raise MapbuildError(f"--title {title!r}: Kaggle needs a dataset title of 6-50 characters")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, BUNDLE) as tmp:
         members, dropped, named = [], [], {}
         for i, (d, m, weight, oof_map3) in enumerate(zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"])):
             if weight == 0:
@@ -201,6 +216,11 @@ def package(
             })
             if "base_model" in m:
                 members[-1]["base_model"] = public(m["base_model"])
+            tokenizer = tmp / members[-1]["files"]["tokenizer"] if "tokenizer" in files else None
+            members[-1]["files"]["card"] = f"models/{name}/{CARD}"
+            (tmp / members[-1]["files"]["card"]).write_text(
+                json.dumps(card(members[-1], m["label_space"], tokenizer and sha256_file(tokenizer)), indent=1, ensure_ascii=False)
+            )
         wheel_entries = fetch(tmp / "wheels", pythons, cuda, find_links) if wheels else []
         (tmp / "runtime").mkdir()
         for f in sorted(RUNTIME_DIR.glob("*.py")) + [RUNTIME_DIR / "requirements.txt"]:  # the code, nothing else
@@ -222,8 +242,8 @@ def package(
             "estimate": check_plan(members),
             "files": hash_tree(tmp),
         }
-        problem = exposure(tmp, manifest["files"])
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        problem = exposure(tmp, [*manifest["files"], MANIFEST])  # last, over what is written: the manifest quotes members' base models and chat wrappers
         if problem:
             raise MapbuildError(f"package: {problem}; a bundle is uploaded as a dataset, remove it and package again")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
     return manifest

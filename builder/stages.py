@@ -1,7 +1,8 @@
-"""Stage folders: each stage reads one folder and writes the next, never half-written."""
+"""Stage folders: each stage reads one folder and writes the next, never half-written, never over another's."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -11,10 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from runtime.errors import MapbuildError
+from runtime.manifest import FORMAT, MANIFEST
 
 META = "mapbuild.json"
 ADAPTER, FULL = "adapter", "model"  # a run folder keeps a LoRA adapter, or the fully fine-tuned weights (--lora-r 0)
+BUNDLE, REPORT = "bundle", "report"  # package's and analyze's folders, marked by their own files rather than META
 _PENDING: set[Path] = set()  # temporary folders being written, for the signal handler
+# How a full disk (or quota) reads: OSError's errno, or the text of writers that do not raise OSError: torch.save
+# ("PytorchStreamWriter failed writing file ...: file write failed", "unexpected pos") and safetensors ("os error 28").
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("file write failed", "PytorchStreamWriter failed", "unexpected pos", *map(os.strerror, _FULL), *(f"os error {n}" for n in _FULL))
 
 
 def remove_pending() -> None:
@@ -39,18 +46,94 @@ def write_meta(folder: Path, meta: dict) -> None:
     (folder / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
 
 
-@contextmanager
-def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; it replaces `out` only when the block succeeds."""
+def _json(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def stage_of(folder: Path) -> str | None:
+    """The stage that wrote `folder`, or None for a folder mapbuild did not write."""
+    if (folder / META).is_file():
+        return _json(folder / META).get("stage")
+    if str(_json(folder / MANIFEST).get("format", "")).startswith(FORMAT.rpartition("/")[0] + "/"):  # any bundle version
+        return BUNDLE
+    if (folder / "report.md").is_file() and (folder / "summary.json").is_file():  # what analyze writes
+        return REPORT
+    return None
+
+
+def check_out(out: str | os.PathLike, stage: str | None) -> None:
+    """Refuse an --out that writing a `stage` folder would destroy: only a missing or empty folder, or one the same
+    stage wrote, may be replaced (None: a writer that marks nothing, which replaces nothing)."""
     out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MapbuildError(f"--out {out}: is a file, not a folder; choose another --out")
+    found, held = stage_of(out), sorted(p.name for p in out.iterdir())
+    if not held or (found is not None and found == stage):
+        return
+    what = f"a '{found}' folder" if found else f"files mapbuild did not write ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
+    by = f"a '{stage}' folder" if stage else "a new one"
+    raise MapbuildError(f"--out {out}: holds {what}, which writing {by} there would delete; choose another --out")
+
+
+def size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _existing(path: Path) -> Path:
+    return next((p for p in (path, *path.resolve().parents) if p.exists()), Path("/"))
+
+
+def disk_full(e: BaseException, folder: Path | None, written: int = 0) -> MapbuildError | None:
+    """The one line for an error that means the disk (or quota) is full, naming the folder being written (or the
+    failing file's folder when that lies on another disk) and what is free; None for any other error. `written`:
+    bytes the write took before it failed (and since removed), a floor on what it needs."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 8:  # a wrapper's cause (onnx, accelerate) may hold the OSError
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    full = lambda x: x.errno in _FULL if isinstance(x, OSError) else any(t in str(x) for t in _FULL_TEXT)
+    hit = next((x for x in chain if full(x)), None)
+    if hit is None:
+        return None
+    name = getattr(hit, "filename", None)
+    if name and (folder is None or os.stat(_existing(Path(name))).st_dev != os.stat(_existing(folder)).st_dev):
+        folder, written = Path(name).parent, 0
+    if folder is None:
+        return MapbuildError("no space left on the disk; free some space and run again")
+    need = f", over {_bytes(written)} needed" if written else ""
+    return MapbuildError(f"{folder}: no space left on the disk ({_bytes(shutil.disk_usage(_existing(folder)).free)} free{need}); free some space or choose another --out")
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, stage: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; it replaces `out` only when the block succeeds, and only where `out` is
+    missing, empty or a `stage` folder (check_out: checked before the block and again before replacing). `stage`
+    defaults to the one the block's folder turns out to be (stage_of). A full disk is a one-line MapbuildError."""
+    out = Path(out)
+    if stage is not None:
+        check_out(out, stage)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     tmp.chmod(0o755)
     _PENDING.add(tmp)
     try:
         yield tmp
-    except BaseException:
+        check_out(out, stage or stage_of(tmp))  # `out` may have appeared while the block ran
+    except BaseException as e:
+        written = size_of(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if (full := disk_full(e, out, written)) is not None:
+            raise full from None
         raise
     finally:
         _PENDING.discard(tmp)

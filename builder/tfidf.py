@@ -136,7 +136,7 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
     fitted = {str(q): fit_question(rows, y[tr["QuestionId"].to_numpy() == q], cfg) for q, rows in tr.groupby("QuestionId")}
     seconds = time.perf_counter() - start
     model, vocab = scorer(fitted)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "onnx") as tmp:
         (tmp / FILES["model"]).write_bytes(model)
         (tmp / FILES["vocab"]).write_text(json.dumps(vocab, ensure_ascii=False))
         check = check_rows(split)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from runtime.data import has_labels
 from runtime.engine import batches
+from runtime.files import atomic_write
 from runtime.labels import LabelSpace, fit_label_space
 from runtime.prompts import render
 
@@ -74,7 +75,6 @@ def histogram(lengths: np.ndarray, report: dict, title: str, path: Path) -> None
     ax.set(title=title, xlabel="tokens per prompt", ylabel="rows")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=90, format="png")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -24,9 +24,10 @@ from .folds import SplitConfig, absolute, validate
 from .hardware import TRAIN_DTYPES, TRAIN_PRECISIONS, choose_precision, detect
 from .models import family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
 from .options import one_of, require
-from .stages import ADAPTER, FULL, atomic_dir, write_meta
+from .stages import ADAPTER, FULL, atomic_dir, check_out, disk_full, size_of, write_meta
 
 log = logging.getLogger("mapbuild")
+STATE = "trainer_state.json"  # the last file of a checkpoint the Trainer writes: one without it is partial
 
 
 @dataclass
@@ -135,8 +136,8 @@ def checkpoint_dir(out: str | os.PathLike) -> Path:
 
 
 def last_checkpoint(ckpt: Path) -> str | None:
-    """The newest whole checkpoint: the Trainer writes trainer_state.json last, so a kill mid-save leaves no match."""
-    whole = [p.parent for p in ckpt.glob("checkpoint-*/trainer_state.json")]
+    """The newest whole checkpoint: the Trainer writes STATE last, so a kill mid-save leaves no match."""
+    whole = [p.parent for p in ckpt.glob(f"checkpoint-*/{STATE}")]
     return str(max(whole, key=lambda p: int(p.name.split("-")[1]))) if whole else None
 
 
@@ -151,7 +152,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     """Train, validate and save a run folder; returns its metrics (None on DDP ranks other than 0).
 
     Checkpoints go to OUT.checkpoints every `save_steps` and at the end, before validation; `resume` continues from
-    the last one (a finished training only validates again). They are removed once the run folder is written."""
+    the last one (a finished training only validates again). They are removed once the run folder is written, and
+    never without it: a whole checkpoint there stops a run without `resume`."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorWithPadding, TrainingArguments
@@ -164,12 +166,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     ckpt = checkpoint_dir(out)
     recipe = ckpt / "config.json"
     last = last_checkpoint(ckpt)
+    check_out(out, "run")  # before the hours of training, not after
     if resume and not can_resume(cfg, out):
-        why = f"no checkpoint in {ckpt}; train without --resume" if last is None else f"{recipe} was written for other options; resume with the same ones or train afresh"
+        why = f"no checkpoint in {ckpt}; train without --resume" if last is None else f"{recipe} was written for other options; resume with the same ones, or remove {ckpt} to train afresh"
         raise MapbuildError(f"--resume: {why}")
+    if not resume and last is not None:  # hours of training: never deleted unasked
+        how = "add --resume to continue it" if can_resume(cfg, out) else f"its {recipe.name} holds other options: resume with those"
+        raise MapbuildError(f"{ckpt}: holds {Path(last).name} of an earlier run; {how}, or remove the folder to train afresh")
     if os.environ.get("RANK", "0") == "0":  # under DDP, one process prepares the folder
         if not resume and ckpt.exists():
-            shutil.rmtree(ckpt)  # an earlier run's checkpoints must not leak into this one
+            shutil.rmtree(ckpt)  # an earlier crash's partial checkpoints and options must not leak into this run
         ckpt.mkdir(parents=True, exist_ok=True)
         recipe.write_text(json.dumps(asdict(cfg), indent=1))
     source = resolve(cfg.model)
@@ -233,7 +239,15 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     )
     trainer = CandidateTrainer(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tok))
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=last if resume else None)
+    except Exception as e:
+        partial = [p for p in ckpt.glob("checkpoint-*") if not (p / STATE).is_file()]
+        if (full := disk_full(e, ckpt, sum(map(size_of, partial)))) is None:
+            raise
+        for p in partial:  # the checkpoint the disk cut short; the last whole one stays for --resume
+            shutil.rmtree(p, ignore_errors=True)
+        raise full from None
     seconds = time.perf_counter() - start
     if not trainer.is_world_process_zero():  # under torchrun / accelerate, rank 0 alone validates and writes
         return None
@@ -253,7 +267,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         metrics.update(validate(probs, va, space_tr, unmasked=not cfg.candidate_loss))
         if warning := learned_little(metrics):
             log.warning(warning)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "run") as tmp:
         model.save_pretrained(tmp / (ADAPTER if cfg.lora_r else FULL))
         tok.save_pretrained(tmp / "tokenizer")
         np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs.astype(np.float32))

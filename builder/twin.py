@@ -125,7 +125,7 @@ def run_notebook(bundle: str | os.PathLike, test: str | os.PathLike, root: Path,
     nested = layout == "datasets"
     attached = roots["INPUT"] / ("datasets/" + dataset_id if nested else dataset_id.split("/")[1])
     competition = roots["INPUT"] / ("competitions/" if nested else "") / COMPETITION
-    shutil.copytree(bundle, attached, copy_function=link_or_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(bundle, attached, copy_function=link_or_copy)  # as uploaded: a __pycache__ in it too
     competition.mkdir(parents=True)
     shutil.copy(test, competition / "test.csv")
     roots["WORKING"].mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import logging
@@ -22,13 +23,29 @@ log = logging.getLogger("mapbuild")
 
 
 
+BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def decoded(path: Path, data: bytes) -> str:
+    """The file's text in the encoding its bytes declare: UTF-16 or UTF-8 by their byte-order mark, else UTF-8.
+    Never a guess and never a replaced character: one cp1252 byte read as U+FFFD changes what a model sees."""
+    encoding = next((name for bom, name in BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].decode(encoding, errors="replace").count("\n") + 1
+        raise InputError(
+            f"{path}: line {line} is not valid {encoding.removesuffix('-sig').upper()} (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
 def records(path: Path) -> list[list[str]]:
     """The file's CSV records, blank lines dropped. Strict quoting: an unclosed quote or text after a closing one
     is an error, not rows silently merged."""
     if path.is_dir():
         raise InputError(f"{path}: is a folder; pass the CSV file itself")
     try:
-        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+        text = decoded(path, path.read_bytes())
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except OSError as e:
@@ -43,23 +60,35 @@ def records(path: Path) -> list[list[str]]:
 
 def read_rows(path: str | os.PathLike, labelled: bool = False) -> pd.DataFrame:
     """Read a MAP CSV as strings, every record with exactly the header's fields; "NA" stays a label, question ids
-    that are integers in another spelling become plain integers, and text fields are cut at MAX_TEXT characters."""
+    that are integers in another spelling become plain integers, and text fields are cut at MAX_TEXT characters.
+    Records of blank fields only are dropped as blank lines are; a repeated header, a merged row or a row without
+    row_id is an error."""
     path = Path(path)
     found = records(path)
     if not found:
         raise InputError(f"{path}: empty file; expected a header {', '.join(TEST_COLUMNS)} and rows")
-    header, rows = found[0], found[1:]
-    for n, r in enumerate(rows, start=2):
-        if len(r) != len(header):
-            raise InputError(f"{path}: record {n} (row_id {r[0]!r}) has {len(r)} fields, the header {len(header)}; fix that row or its quotes")
+    header = [h.lstrip("\ufeff") for h in found[0]]
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise InputError(f"{path}: column {', '.join(map(repr, twice))} appears more than once in the header; keep one")
     required = TEST_COLUMNS + (LABEL_COLUMNS if labelled else ())
     missing = [c for c in required if c not in header]
     if missing:
         raise InputError(f"{path}: missing column {', '.join(missing)}; expected {', '.join(required)}")
-    questions = {question_id(r[header.index("QuestionId")]) for r in rows}
-    for n, r in enumerate(rows, start=2):
+    numbered = [(n, r) for n, r in enumerate(found[1:], start=2) if any(f.strip() for f in r)]
+    at_id, at_q = header.index("row_id"), header.index("QuestionId")
+    for n, r in numbered:
+        if len(r) != len(header):
+            raise InputError(f"{path}: record {n} (row_id {r[0]!r}) has {len(r)} fields, the header {len(header)}; fix that row or its quotes")
+        if sum(f.strip().lstrip("\ufeff") == h for f, h in zip(r, header)) >= len(header) - 1:  # one may carry a mangled BOM
+            raise InputError(f"{path}: record {n} repeats the header (two files joined?); remove it")
+        if not r[at_id].strip():
+            raise InputError(f"{path}: record {n} has no row_id; give every row one")
+    rows = [r for _, r in numbered]
+    questions = {question_id(r[at_q]) for r in rows}
+    for n, r in numbered:
         if swallowed(r, header, questions):
-            raise InputError(f"{path}: record {n} (row_id {r[header.index('row_id')]!r}) holds another row inside a quoted field; fix its quotes")
+            raise InputError(f"{path}: record {n} (row_id {r[at_id]!r}) holds another row inside a quoted field; fix its quotes")
     df = pd.DataFrame(rows, columns=header, dtype=str)
     for c in TEXT_COLUMNS:
         df[c] = df[c].str.strip()
@@ -79,14 +108,17 @@ def question_id(text: str) -> str:
 
 
 def swallowed(record: list[str], header: list[str], questions: set[str]) -> bool:
-    """Whether a field holds, past a line break, a whole row of the file (the header's fields or more, one of its question
-    ids): an opening quote that found its closing one only at the end of a later row. No multi-line answer in
-    train.csv reads as one."""
+    """Whether a quote that opened in one row found its closing one only in a later row: a one-line field (row_id,
+    QuestionId, MC_Answer) holds a line break, or a field holds, past a line break, the start of a row of the file
+    (a row_id, then one of its question ids where the header has them). No multi-line answer in train.csv reads
+    as one."""
     at = header.index("QuestionId")
+    if any("\n" in record[header.index(c)] or "\r" in record[header.index(c)] for c in ("row_id", "QuestionId", "MC_Answer")):
+        return True
     for field in record:
         for line in field.splitlines()[1:]:
             f = next(csv.reader([line]), [])
-            if len(f) >= len(header) and question_id(f[at]) in questions:
+            if len(f) > at and question_id(f[at]) in questions:
                 return True
     return False
 

@@ -7,6 +7,8 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
+import sys
 import tempfile
 import uuid
 from collections import Counter
@@ -18,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm.auto import tqdm
 
 from .plan import Pace
+from .progress import progress
 
 log = logging.getLogger("mapbuild")
 Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -87,7 +89,7 @@ def run_batches(
     cost = np.cumsum([ids.size for ids, _ in padded])
     pace = Pace(deadline, float(cost[-1]), warmup, desc) if deadline is not None and len(cost) else None
     out: np.ndarray | None = None
-    for k, (idx, logits) in enumerate(tqdm(zip(order, results), total=len(order), desc=desc, unit="batch", mininterval=2)):
+    for k, (idx, logits) in enumerate(progress(zip(order, results), desc, len(order))):
         if out is None:
             out = np.empty((len(todo), logits.shape[1]), dtype=np.float32)
         out[idx] = logits
@@ -126,8 +128,25 @@ def halving(first: Callable[[], np.ndarray], again: Forward, ids: np.ndarray, ma
 _worker_forward: Forward | None = None
 
 
-def _init_worker(path: str, devices: Queue, threads: int, records: Queue) -> None:
+def die_with(parent: int) -> None:
+    """On Linux, have the kernel SIGKILL this process when `parent` dies, even by SIGKILL, which no handler of the
+    parent's can see: a worker left behind waits forever on a queue it holds both ends of, keeps the caller's stdout
+    and stderr open (a caller reading them hangs), and keeps the resource tracker alive by its copy of the tracker's
+    pipe. Elsewhere nothing. The signal comes when the parent's thread that started this process ends: with spawn,
+    the one that submitted to the pool."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # linux/prctl.h
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the prctl: no signal will ever come
+        os._exit(1)
+
+
+def _init_worker(parent: int, path: str, devices: Queue, threads: int, records: Queue) -> None:
     global _worker_forward
+    die_with(parent)
     # The worker's log records go to the parent, which logs them as its own: its errors reach the run's faults.
     worker_log = logging.getLogger("mapbuild")
     worker_log.addHandler(QueueHandler(records))
@@ -163,7 +182,7 @@ class DevicePool(ProcessPoolExecutor):
         ids, records = ctx.Queue(), ctx.Queue()
         for device in worker_devices(workers, gpu_count()):
             ids.put(device)
-        super().__init__(workers, mp_context=ctx, initializer=_init_worker, initargs=(str(path), ids, threads, records))
+        super().__init__(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), str(path), ids, threads, records))
         self.providers: set[str] = set()
         self.listener = QueueListener(records, _Relay())
         self.listener.start()

@@ -32,7 +32,7 @@ def combine(probs: Sequence[np.ndarray], weights: Sequence[float], method: str =
     if method not in METHODS[:3]:
         raise ValueError(f"unknown ensemble method {method!r}; choose one of prob, rank, geo (pool: use pool())")
     w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
+    w = w / w.max() / (w / w.max()).sum()  # by the largest first: weights near 1e308 sum to inf, and every w/inf to 0
     mean = sum(float(wi) * parts(p, method) for wi, p in zip(w, probs))
     if method == "geo":
         mean = np.exp(mean - mean.max(axis=1, keepdims=True))  # shifted so exp never underflows to an all-zero row

@@ -12,7 +12,7 @@ from pathlib import Path
 from .errors import BundleError
 
 MANIFEST = "manifest.json"
-FORMAT = "mapbuild-bundle/1"
+FORMAT = "mapbuild-bundle/2"  # 2: every member carries its card (runtime.cards)
 LABEL = re.compile(r"[^\s:]+:[^\s:]+")  # Category:Misconception, as the submission writes it
 
 
@@ -38,8 +38,12 @@ def load_manifest(bundle: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise BundleError(f"{path}: no manifest; pass --bundle a folder written by `mapbuild package`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: unreadable manifest ({e})") from None
+    except IsADirectoryError:
+        raise BundleError(f"{path}: is a folder, not the bundle's manifest; package the bundle again") from None
+    except OSError as e:
+        raise BundleError(f"{path}: cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, and nesting past Python's stack
+        raise BundleError(f"{path}: unreadable manifest ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{path}: format {found!r}, this runtime reads {FORMAT!r}")
@@ -63,16 +67,28 @@ def schema_problem(m: dict) -> str | None:
     bad = next((x for x in labels if not isinstance(x, str) or not LABEL.fullmatch(x)), None)
     if bad is not None:
         return f"label {bad!r} is not Category:Misconception without whitespace"
-    if not all(isinstance(space.get(k), dict) for k in ("correct", "answers", "misconceptions")) or len(space.get("counts") or []) != len(labels):
-        return "label_space needs correct, answers and misconceptions objects and one count per label"
+    if not all(isinstance(space.get(k), dict) for k in ("correct", "answers", "misconceptions")) or not is_list(space.get("counts"), int, len(labels)):
+        return "label_space needs correct, answers and misconceptions objects and one integer count per label"
+    for q, answer in space["correct"].items():
+        if not isinstance(answer, str) or not is_list(space["answers"].get(q), str) or not is_list(space["misconceptions"].get(q), str):
+            return f"label_space: question {q} needs its correct answer, and lists of its answers and misconceptions"
     for member in members:
         if not isinstance(member, dict) or not isinstance(member.get("name"), str) or not isinstance(member.get("files"), dict):
             return "every member needs a name and files"
+        if not isinstance(member["files"].get("card"), str) or not all(isinstance(f, str) for f in member["files"].values()):
+            return f"member {member['name']}: files must be paths, its card (files.card) among them"
         if member.get("kind", "transformer") not in SCORERS:
             return f"member {member['name']}: kind {member['kind']!r} is not one of {', '.join(SCORERS)}"
         weight = member.get("weight")
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             return f"member {member['name']}: weight {weight!r} must be a finite number above 0"
+    for key in ("ensemble", "estimate"):
+        if not isinstance(m.get(key, {}), dict):
+            return f"{key} must be an object"
+    plan = m.get("estimate", {})
+    for key in ("t4_seconds", "cpu_seconds"):
+        if not isinstance(plan.get(key, {}), dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in plan.get(key, {}).values()):
+            return f"estimate.{key} must map member names to seconds"
     if m.get("ensemble", {}).get("method", "prob") not in METHODS:
         return f"ensemble method {m['ensemble']['method']!r} is not one of {', '.join(METHODS)}"
     if m.get("ensemble", {}).get("method") == "pool":
@@ -83,6 +99,10 @@ def schema_problem(m: dict) -> str | None:
     if not isinstance(rows, int) or rows < 1:
         return f"estimate.rows {rows!r} must be a positive integer"
     return None
+
+
+def is_list(x: object, of: type, n: int | None = None) -> bool:
+    return isinstance(x, list) and all(isinstance(v, of) and not isinstance(v, bool) for v in x) and (n is None or len(x) == n)
 
 
 def pool_problem(questions: object, names: list[str], n_labels: int) -> str | None:
@@ -104,7 +124,12 @@ def check_files(bundle: str | os.PathLike, manifest: dict, paths: list[str]) -> 
     root = Path(bundle).resolve()
     problems = []
     for rel in paths:
-        path = (root / rel).resolve()
+        try:
+            path = (root / rel).resolve()
+            path.is_file()
+        except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13, OSError after
+            problems.append(f"{rel}: cannot be opened ({e})")
+            continue
         expected = manifest["files"].get(rel)
         if not path.is_relative_to(root):
             problems.append(f"{rel}: path escapes the bundle")

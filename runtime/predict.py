@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cards import check_card
 from .engine import CPU, DevicePool, encode, gpu_count, load_kernel_tokenizer, onnx_forward, run_batches, softmax
 from .ensemble import combine, pool
 from .external_data import problem as external_problem
@@ -126,6 +127,9 @@ def predict(
     if df.empty:
         log.warning("no test rows: nothing to predict")
         return np.zeros((0, len(space.labels)), dtype=np.float32), used
+    for m in manifest["members"]:  # before any member runs: a manifest that disagrees with an intact card stops the run
+        if not check_files(bundle, manifest, [m["files"]["card"]]):
+            check_card(bundle, manifest, m)
     gpus = gpu_count()
     on_cpu = not gpus
     for m in sorted(manifest["members"], key=lambda m: -m["weight"]):

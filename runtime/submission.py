@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 
 from .errors import BundleError
+from .files import atomic_write
 
 COLUMNS = ["row_id", "Category:Misconception"]
 
 
 def write_submission(path: str | os.PathLike, row_ids: Sequence[str], predictions: Sequence[Sequence[str]]) -> None:
-    """Write atomically and only a valid file: a crash or an invalid result leaves the previous file or none."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write atomically and only a valid file: a crash, a full disk or an invalid result leaves the previous file or
+    none, and a concurrent run's file is never mixed with this one's."""
     df = pd.DataFrame({COLUMNS[0]: list(row_ids), COLUMNS[1]: [" ".join(p) for p in predictions]})
-    df.to_csv(tmp, index=False)
-    problems = check_submission(tmp, row_ids)
-    if problems:
-        tmp.unlink()
-        raise BundleError(f"{path}: not written, the predictions are invalid: {problems[0]}")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        df.to_csv(tmp, index=False)
+        problems = check_submission(tmp, row_ids)
+        if problems:
+            raise BundleError(f"{path}: not written, the predictions are invalid: {problems[0]}")
 
 
 def check_submission(path: str | os.PathLike, row_ids: Sequence[str]) -> list[str]:

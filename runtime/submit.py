@@ -15,6 +15,7 @@ import numpy as np
 from .data import duplicate_row_ids, has_labels, labels_of, read_rows
 from .engine import CUDA, gpu_count
 from .errors import BundleError, InputError, MapbuildError
+from .files import atomic_write
 from .labels import LabelSpace, top3
 from .manifest import FORMAT, MANIFEST, load_manifest
 from .metrics import map_at_3
@@ -25,36 +26,50 @@ from .submission import write_submission
 
 log = logging.getLogger("mapbuild")
 UNSEEN_OK = 5  # a handful of rows outside the training data is normal; more suggests mangled ids
+UNSEEN_MAX = 0.5  # past this share of unseen rows, the bundle is not for this data: stop, do not submit the prior
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Every argument checked before any work, in one line naming the flag."""
-    out = args.out
-    problems = [
-        (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-        (args.devices is not None and args.devices < 1, f"--devices must be at least 1, got {args.devices}"),
-        (not args.hours > 0, f"--hours must be positive, got {args.hours}"),
-        (not str(out).strip() or out.is_dir(), f"--out {str(out)!r}: give a file path such as /kaggle/working/submission.csv"),
-        (not out.parent.is_dir(), f"--out {out}: folder {out.parent} does not exist"),
-        (out.parent.is_dir() and not os.access(out.parent, os.W_OK), f"--out {out}: folder {out.parent} is not writable"),
-        (args.test is not None and not args.test.is_file(), f"--test {args.test}: not a file; pass the test CSV"),
-        (args.result is not None and not Path(args.result).parent.is_dir(), f"--result {args.result}: folder {Path(args.result or '.').parent} does not exist"),
-    ]
+    out, result = args.out, args.result
+    folder = Path(result or ".").parent  # the messages below are built whether or not they apply
+    try:  # a folder the process may not search raises here, not False
+        problems = [
+            (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+            (args.devices is not None and args.devices < 1, f"--devices must be at least 1, got {args.devices}"),
+            (not args.hours > 0, f"--hours must be positive, got {args.hours}"),
+            (not str(out).strip() or out.is_dir(), f"--out {str(out)!r}: give a file path such as /kaggle/working/submission.csv"),
+            (not out.parent.is_dir(), f"--out {out}: folder {out.parent} does not exist"),
+            (out.parent.is_dir() and not os.access(out.parent, os.W_OK), f"--out {out}: folder {out.parent} is not writable"),
+            (args.test is not None and not args.test.is_file(), f"--test {args.test}: not a file; pass the test CSV"),
+            (result is not None and result.is_dir(), f"--result {result}: is a folder; give a file path such as mapbuild_result.json"),
+            (result is not None and not result.parent.is_dir(), f"--result {result}: folder {folder} does not exist"),
+            (result is not None and result.parent.is_dir() and not os.access(result.parent, os.W_OK), f"--result {result}: folder {folder} is not writable"),
+            (result is not None and os.path.realpath(result) == os.path.realpath(out), f"--result {result} is --out too; give the result JSON its own file"),
+        ]
+    except OSError as e:
+        raise InputError(f"{e.filename}: cannot be looked at ({e.strerror}); check the permissions of its folders") from None
     for bad, message in problems:
         if bad:
             raise InputError(message)
 
 
 def find_bundle(root: str) -> Path:
-    """The folder under root holding a mapbuild manifest (Kaggle's mount layout has changed over time)."""
+    """The one folder under root holding a mapbuild manifest (Kaggle's mount layout has changed over time). Two
+    bundles (an old version attached beside a new one) are refused: sort order must not pick the models."""
+    found = []
     for path in sorted(Path(root).rglob(MANIFEST)):
         try:
             manifest = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
-            return path.parent
-    raise BundleError(f"no mapbuild bundle under {root}; attach the bundle dataset or pass --bundle")
+            found.append(path.parent)
+    if len(found) > 1:
+        raise BundleError(f"{len(found)} mapbuild bundles under {root} ({found[0]} and {found[1]}); detach one or pass --bundle")
+    if not found:
+        raise BundleError(f"no mapbuild bundle under {root}; attach the bundle dataset or pass --bundle")
+    return found[0]
 
 
 def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None) -> dict:
@@ -67,6 +82,10 @@ def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, 
         log.warning("%s: %d duplicate row_id values (e.g. %s); every row is kept", test, len(dups), ", ".join(dups[:5]))
     space = LabelSpace.from_json(manifest["label_space"])
     unseen = [q not in space.answers or a not in space.answers[q] for q, a in zip(df["QuestionId"], df["MC_Answer"])]
+    if sum(unseen) > UNSEEN_MAX * len(df):
+        raise InputError(
+            f"{test}: {sum(unseen)} of {len(df)} rows have a question or answer the bundle never saw; is {bundle} the bundle for this data?"
+        )
     if sum(unseen) > UNSEEN_OK:
         log.warning("%s: %d of %d rows have a question or answer the bundle never saw; they keep all labels", test, sum(unseen), len(df))
     start = time.perf_counter()
@@ -94,9 +113,28 @@ class Faults(logging.Handler):
 
 def write_result(path: Path, result: dict) -> None:
     """The run's JSON result, written whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+
+
+def say(line: str, stream: str = "stderr") -> None:
+    """A line on stderr or stdout, which may be closed or a pipe nobody reads: that must not turn an answer into a
+    traceback (print to a stream of None would write to stdout instead)."""
+    try:
+        if getattr(sys, stream) is not None:
+            print(line, file=getattr(sys, stream))
+    except (OSError, ValueError):
+        pass
+
+
+def fill_standard_fds() -> None:
+    """Open /dev/null on a closed fd 0-2. Else the next file this process opens takes that number, and onnxruntime's
+    C++ log lines, written straight to fd 2, would land in it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         help="time budget for predictions from now; members that would overrun are dropped (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    fill_standard_fds()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     faults = Faults()
     log.addHandler(faults)
@@ -128,16 +167,21 @@ def main(argv: list[str] | None = None) -> int:
         devices = args.devices or (max(gpus, 1) if CUDA in providers else 1)
         result.update(run(bundle, test, args.out, args.batch_size, devices, deadline))
     except MapbuildError as e:
-        print(f"error: {e}", file=sys.stderr)
         result["error"] = str(e)
+    except Exception as e:  # noqa: BLE001 - the last guard: a bug is one line too, never a traceback
+        result["error"] = f"internal error, {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}; please report it with the bundle's manifest"
     finally:
         log.removeHandler(faults)
-    if args.result and args.result.parent.is_dir():
-        write_result(args.result, result | {"faults": faults.lines, "seconds": round(time.perf_counter() - start, 3)})
+    if args.result and os.path.realpath(args.result) != os.path.realpath(args.out):  # never over the submission
+        try:
+            write_result(args.result, result | {"faults": faults.lines, "seconds": round(time.perf_counter() - start, 3)})
+        except MapbuildError as e:
+            result["error"] = result["error"] or str(e)
     if result["error"]:
+        say(f"error: {result['error']}")
         return 2
     if result["map3"] is not None:
-        print(f"MAP@3 on labelled rows: {result['map3']:.4f}")
+        say(f"MAP@3 on labelled rows: {result['map3']:.4f}", "stdout")
     return 0
 
 if __name__ == "__main__":

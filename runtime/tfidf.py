@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from .engine import softmax
+from .progress import progress
 
 WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern
 
@@ -65,7 +65,7 @@ def tfidf_probs(
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])  # a gather and a sum: no GPU needed
     pad_col = spec["pad_column"]
     order = seen[np.argsort([len(feats[i][0]) for i in seen], kind="stable")]
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=2):
+    for start in progress(range(0, len(order), batch_size), desc):
         idx = order[start : start + batch_size]
         width = max(1, max(len(feats[i][0]) for i in idx))
         cols = np.full((len(idx), width), pad_col, dtype=np.int64)

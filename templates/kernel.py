@@ -13,7 +13,7 @@ def manifest_of(path):
             m = json.load(f)
     except (OSError, ValueError):
         return None
-    ours = isinstance(m, dict) and m.get("format") == "mapbuild-bundle/1" and m.get("dataset_id") == DATASET_ID
+    ours = isinstance(m, dict) and m.get("format") == "mapbuild-bundle/2" and m.get("dataset_id") == DATASET_ID
     return m if ours else None
 
 
@@ -21,16 +21,22 @@ def manifest_of(path):
 found = [(p, m) for p in sorted(glob.glob(f"{INPUT}/**/manifest.json", recursive=True)) for m in [manifest_of(p)] if m]
 if not found:
     raise SystemExit(f"mapbuild: dataset {DATASET_ID} is not attached: add it to this notebook's inputs")
+if len(found) > 1:  # two versions attached: sort order must not pick the models
+    raise SystemExit(f"mapbuild: dataset {DATASET_ID} is attached {len(found)} times ({found[0][0]} and {found[1][0]}): keep one in this notebook's inputs")
 bundle, manifest = os.path.dirname(found[0][0]), found[0][1]
-for name, digest in manifest["files"].items():
-    if name.startswith("runtime/"):
-        with open(os.path.join(bundle, name), "rb") as f:
-            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-                raise SystemExit(f"mapbuild: {name} differs from the manifest's sha256; package the bundle again")
 # Python imports the runtime from a folder that holds nothing else (-P keeps the working folder off sys.path too),
-# so no file at the bundle's root can shadow an installed module.
+# so no file at the bundle's root can shadow an installed module. It holds copies of the bytes checked here, and
+# no __pycache__: a .pyc in the bundle, which no hash covers, would run instead of its checked source.
 code = tempfile.mkdtemp(prefix="mapbuild-")
-os.symlink(os.path.join(bundle, "runtime"), os.path.join(code, "runtime"))
+os.mkdir(os.path.join(code, "runtime"))
+for name, digest in manifest["files"].items():
+    if name.startswith("runtime/") and name.endswith(".py") and "/" not in name[len("runtime/"):]:
+        with open(os.path.join(bundle, name), "rb") as f:
+            source = f.read()
+        if hashlib.sha256(source).hexdigest() != digest:
+            raise SystemExit(f"mapbuild: {name} differs from the manifest's sha256; package the bundle again")
+        with open(os.path.join(code, name), "wb") as f:
+            f.write(source)
 env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
 python = f"{sys.version_info.major}.{sys.version_info.minor}"
 

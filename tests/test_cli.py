@@ -1,6 +1,8 @@
 """User mistakes end in one line naming the file, column or flag: never a traceback."""
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -241,3 +243,89 @@ def test_other_packages_warnings_and_root_logs_are_hidden_and_ours_shown(monkeyp
         finally:
             root.filters[:] = before
     assert [str(w.message) for w in shown] == ["ours"] and os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+
+
+def assert_handled(result, *needles: str) -> None:
+    """One `Error:` line, the last of stderr, from the CLI's own handler: not an exception that escaped it. A progress
+    bar cut short may share its line."""
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, repr(result.exception)
+    assert "Traceback" not in result.output and result.output.count("Error: ") == 1, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    error = last[last.index("Error: "):]
+    for n in needles:
+        assert n in error, result.output
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_package_and_merge_never_replace_another_stages_or_a_users_folder(tmp_path, tiny_pipeline):
+    import shutil
+
+    onnx = shutil.copytree(tiny_pipeline["onnx"], tmp_path / "onnx")
+    package = lambda out: invoke("package", str(onnx), "--out", str(out), "--dataset-id", "me/abcdef", "--no-wheels")
+    assert_handled(package(onnx), f"--out {onnx}: holds a 'onnx' folder", "choose another --out")
+    assert (onnx / "mapbuild.json").is_file() and (onnx / "model.onnx").is_file()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    assert_handled(package(notes), "(notes.txt)")
+    assert_handled(invoke("merge", str(tiny_pipeline["run"]), "--out", str(notes)), "(notes.txt)")
+    assert (notes / "notes.txt").read_text() == "mine"
+    for _ in range(2):  # an earlier bundle is package's own: replaced
+        assert package(tmp_path / "bundle").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "notes", "onnx"]
+
+
+def test_a_full_disk_in_package_is_one_line_and_leaves_nothing(tmp_path, tiny_pipeline, monkeypatch):
+    import shutil
+
+    def half_copy(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"\0" * 3 * 2**20)  # what got onto the disk before it filled
+        no_space()
+
+    monkeypatch.setattr(shutil, "copy", half_copy)
+    out = tmp_path / "bundle"
+    result = invoke("package", str(tiny_pipeline["onnx"]), "--out", str(out), "--dataset-id", "me/abcdef", "--no-wheels")
+    assert_handled(result, f"{out}: no space left on the disk (", " free, over 3.0 MiB needed); free some space or choose another --out")
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temporary folder
+
+
+def test_a_full_disk_in_export_is_one_line_and_leaves_nothing(tmp_path, tiny_pipeline, monkeypatch):
+    import onnx
+
+    def half_save(proto, path, *args, **kwargs):
+        Path(path).write_bytes(b"\0" * 3 * 2**20)
+        no_space()
+
+    monkeypatch.setattr(onnx, "save_model", half_save)
+    out = tmp_path / "onnx"
+    result = invoke("export", str(tiny_pipeline["merged"]), "--out", str(out), "--quantize", "fp32", "--rows", "8")
+    assert_handled(result, f"{out}: no space left on the disk (", "over 3.0 MiB needed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_in_train_is_one_line_keeps_the_last_whole_checkpoint_and_resume_finishes(tmp_path, tiny_bert, monkeypatch):
+    import torch
+
+    real_save = torch.save
+
+    def full_at_step_8(obj, f, *args, **kwargs):
+        if "checkpoint-8" in str(f):  # torch's own words for a failed write: no errno, no word of disk space
+            Path(f).write_bytes(b"\0" * 3 * 2**20)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_at_step_8)
+    out, ckpt = tmp_path / "run", tmp_path / "run.checkpoints"
+    flags = ["train", "--model", str(tiny_bert), "--data", str(SAMPLE_TRAIN), "--folds", "3", "--epochs", "1", "--lora-r", "2", "--save-steps", "4", "--out", str(out)]
+    assert_handled(invoke(*flags), f"{ckpt}: no space left on the disk (", " MiB needed); free some space")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-4", "config.json"]  # the cut-short checkpoint-8 went
+    assert (ckpt / "checkpoint-4" / "trainer_state.json").is_file() and not out.exists()
+    monkeypatch.undo()
+    assert_handled(invoke(*flags), f"{ckpt}: holds checkpoint-4 of an earlier run; add --resume to continue it, or remove the folder")
+    assert (ckpt / "checkpoint-4" / "trainer_state.json").is_file()
+    result = invoke(*flags, "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == "checkpoint-4" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -1,3 +1,4 @@
+import codecs
 import random
 import re
 
@@ -79,20 +80,24 @@ def test_a_folder_is_refused(tmp_path):
 
 
 ID_SPELLINGS = ["31772", "31772.0", " 31772 ", "+31772", "031772", "31772.00"]
-ENCODINGS = ["utf-8", "utf-8-sig", "latin-1", "cp1252"]
+ENCODINGS = ["utf-8", "utf-8", "utf-8-sig", "utf-16", "latin-1", "cp1252"]  # utf-16 writes its byte-order mark
+SAFE = ["", "because 1/2 > 1/3", "é ü ß", "NaN", "half of it"]  # no quote, comma or line break
 
 
 def generated(rng: random.Random, path) -> tuple[list[str], list[str], bool]:
     """One random CSV: its intended row_ids and explanations, and whether it was written valid. Faults: an extra or a
-    missing field, a trailing comma, a stray quote, a quote closed a row late, a header field dropped; valid variety: quoting, embedded
-    newlines, doubled quotes, CRLF, blank lines, encodings, id spellings."""
+    missing field, a trailing comma, a stray quote, a quote opened in one row's field and closed at the end of the
+    same field of the next (the rows merge with the header's field count), a header field dropped, a header repeated
+    mid-file (two files joined, with or without a BOM), text in an 8-bit encoding; valid variety: quoting, embedded
+    newlines, doubled quotes, CRLF, blank lines, records of commas or spaces only, UTF-8 with or without BOM, UTF-16
+    with BOM, id spellings."""
     n = rng.randint(1, 12)
     ids = [str(rng.choice([rng.randint(1, 40_000), rng.randint(1, 9)])) + rng.choice(["", "", "a"]) for _ in range(n)]
-    texts = [rng.choice(["", "because 1/2 > 1/3", 'she said "half"', "line one\nline two", "a, b and c", "é ü ß", "NaN"]) for _ in range(n)]
+    texts = [rng.choice(SAFE + ['she said "half"', "line one\nline two", "a, b and c"]) for _ in range(n)]
     quote = lambda t: '"' + t.replace('"', '""') + '"' if rng.random() < 0.5 or any(c in t for c in ',"\n') else t
     rows = [[i, rng.choice(ID_SPELLINGS), quote("Which is larger?"), quote("\\( \\frac{1}{2} \\)"), quote(t)] for i, t in zip(ids, texts)]
     header = HEADER.split(",")
-    fault = rng.choice(["none"] * 6 + ["extra", "missing", "trailing", "stray", "header"] + ["unclosed"] * (n > 1))
+    fault = rng.choice(["none"] * 7 + ["extra", "missing", "trailing", "stray", "header"] + ["merged", "joined"] * (n > 1))
     at = rng.randrange(n)
     if fault == "extra":
         rows[at].append("oops")
@@ -103,24 +108,30 @@ def generated(rng: random.Random, path) -> tuple[list[str], list[str], bool]:
     elif fault == "stray":
         field = rng.randrange(5)
         rows[at][field] = '"' + rows[at][field]
-    elif fault == "unclosed":  # a quote opened in one row closes at the end of the next: the rows merge
-        at = rng.randrange(n - 1)
-        rows[at][4] = '"' + texts[at].replace('"', '""')
-        rows[at + 1][2:] = ["Which is larger?", "\\( \\frac{1}{2} \\)", texts[at + 1].replace('"', '""') + '"']
+    elif fault == "merged":  # field k of row `at` opens a quote that closes at the end of field k of the next row
+        at, k = rng.randrange(n - 1), rng.randrange(5)
+        texts[at], texts[at + 1] = rng.choice(SAFE), rng.choice(SAFE)
+        for r, t, i in ((rows[at], texts[at], ids[at]), (rows[at + 1], texts[at + 1], ids[at + 1])):
+            r[:] = [i, "31772", "Which is larger?", "half", t]
+        rows[at][k], rows[at + 1][k] = '"' + rows[at][k], rows[at + 1][k] + '"'
     elif fault == "header":
         header = header[:-1]
     newline = rng.choice(["\n", "\r\n"])
     lines = [",".join(header)] + [",".join(r) for r in rows]
-    if rng.random() < 0.3:
-        lines.insert(rng.randint(1, len(lines)), "")
+    if fault == "joined":
+        lines.insert(rng.randint(2, len(lines)), rng.choice(["", "\ufeff"]) + ",".join(header))
+    for _ in range(rng.choice([0, 0, 1, 2])):  # blank lines and blank records are not rows
+        lines.insert(rng.randint(1, len(lines)), rng.choice(["", ",,,,", " , , , , ", "   "]))
     encoding = rng.choice(ENCODINGS)
-    path.write_bytes(newline.join(lines).encode(encoding, errors="replace") + newline.encode())
-    return ids, texts, fault == "none"
+    path.write_bytes(newline.join(lines).encode(encoding, errors="replace") + newline.encode(encoding)[-len(newline.encode("utf-8")) * (2 if encoding == "utf-16" else 1):])
+    eight_bit = encoding in ("latin-1", "cp1252") and not all(t.isascii() for t in texts)
+    return ids, texts, fault == "none" and not eight_bit
 
 
 def test_generated_files_give_their_rows_in_order_or_one_line(tmp_path):
     """Over 600 generated files: either a one-line InputError naming the file, or exactly the intended row_ids in
-    order, the one question id, and each explanation unshifted. A file written valid must read."""
+    order, the one question id, and each explanation exactly as written. A file written valid must read. Before:
+    8-bit text read with replaced characters, merged rows, repeated headers and blank records read as rows."""
     rng = random.Random(7)
     outcomes = {"read": 0, "refused": 0}
     for k in range(600):
@@ -135,7 +146,83 @@ def test_generated_files_give_their_rows_in_order_or_one_line(tmp_path):
             continue
         assert df["row_id"].tolist() == ids, path.read_bytes()[:400]
         assert set(df["QuestionId"]) == {"31772"}
-        ascii_only = [(got, want.strip()) for got, want in zip(df["StudentExplanation"], texts) if want.isascii()]  # other encodings decode the rest differently
-        assert all(got == want for got, want in ascii_only), path.read_bytes()[:400]
+        assert df["StudentExplanation"].tolist() == [t.strip() for t in texts], path.read_bytes()[:400]
         outcomes["read"] += 1
     assert outcomes["read"] > 250 and outcomes["refused"] > 150, outcomes
+
+
+def real_rows(shared_train, n: int = 40) -> pd.DataFrame:
+    """n real rows, some of them with text outside ASCII that cp1252 can still encode (’, ¬, é)."""
+    df = pd.read_csv(shared_train, dtype=str, keep_default_na=False)
+    odd = df[~df["StudentExplanation"].map(str.isascii)]
+    odd = odd[odd["StudentExplanation"].map(lambda t: t.encode("cp1252", errors="ignore").decode("cp1252") == t)]
+    return pd.concat([df.head(n - 10), odd.head(10)])[list(HEADER.split(","))]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le"])
+def test_unicode_files_read_exactly_as_written(shared_train, tmp_path, encoding):
+    rows = real_rows(shared_train)
+    path = tmp_path / "test.csv"
+    text = rows.to_csv(index=False)
+    path.write_bytes((codecs.BOM_UTF16_LE if encoding == "utf-16-le" else b"") + text.encode(encoding))  # utf-16: BOM written
+    got = read_rows(path)
+    assert got["StudentExplanation"].tolist() == rows["StudentExplanation"].str.strip().tolist()
+
+
+@pytest.mark.parametrize("how", ["cp1252 file", "one cp1252 character"])
+def test_text_that_is_not_utf8_is_refused_naming_its_line(shared_train, tmp_path, how):
+    """Before: decoded with errors="replace" and predicted on U+FFFD, with no warning."""
+    rows = real_rows(shared_train)
+    path = tmp_path / "test.csv"
+    text = rows.to_csv(index=False)
+    if how == "cp1252 file":
+        path.write_bytes(text.encode("cp1252"))
+    else:
+        lines = text.encode("utf-8").split(b"\n")
+        lines[5] = lines[5].replace(b"e", b"\xe9", 1)
+        path.write_bytes(b"\n".join(lines))
+    first_bad = next(i for i, line in enumerate(path.read_bytes().split(b"\n"), 1) if not is_utf8(line))
+    with pytest.raises(InputError, match=rf"line {first_bad} is not valid UTF-8 \(byte 0x[0-9a-f]{{2}}\); save the file as UTF-8") as e:
+        read_rows(path)
+    assert str(path) in str(e.value)
+
+
+def is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("extra, error", [
+    ("\ufeff" + HEADER, "record 4 repeats the header (two files joined?)"),
+    (HEADER, "record 4 repeats the header"),
+    (",,q,a,text", "record 4 has no row_id"),
+])
+def test_joined_files_and_rows_without_id_are_refused(tmp_path, extra, error):
+    """Before: the repeated header became a row predicted as row_id 'row_id', and an id-less row was predicted."""
+    path = write(tmp_path, HEADER, "1,31772,q,a,x", "2,31772,q,a,y", extra, "3,31772,q,a,z")
+    with pytest.raises(InputError, match=re.escape(error)):
+        read_rows(path)
+
+
+def test_records_of_commas_or_spaces_are_blank_lines(tmp_path):
+    path = write(tmp_path, HEADER, "1,31772,q,a,x", ",,,,", " , , , , ", "2,31772,q,a,y")
+    assert read_rows(path)["row_id"].tolist() == ["1", "2"]
+
+
+def test_a_duplicated_header_column_is_one_line(tmp_path):
+    path = write(tmp_path, HEADER + ",MC_Answer", "1,31772,q,a,x,b")
+    with pytest.raises(InputError, match="column 'MC_Answer' appears more than once"):
+        read_rows(path)
+
+
+@pytest.mark.parametrize("k", range(5))
+def test_a_quote_closed_in_the_same_field_of_the_next_row_is_refused(tmp_path, k):
+    """The merged record has the header's field count, so only its content shows the merge."""
+    a, b = ["1", "31772", "q", "a", "x"], ["2", "31772", "q", "a", "y"]
+    a[k], b[k] = '"' + a[k], b[k] + '"'
+    path = write(tmp_path, HEADER, ",".join(a), ",".join(b), "3,31772,q,a,z")
+    with pytest.raises(InputError, match="holds another row inside a quoted field"):
+        read_rows(path)

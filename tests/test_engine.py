@@ -1,6 +1,10 @@
 
+import io
+import sys
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from runtime.data import read_rows
 from runtime.engine import batches, pad, run_batches, softmax
@@ -163,3 +167,32 @@ def test_the_first_batch_is_profiled_once_to_count_where_each_node_ran(tiny_pipe
     assert line.startswith("CPU FALLBACK: 14 compute nodes") and "MatMulInteger x12, QAttention x2" in line
     assert cpu_fallback({CUDA: Counter({"MatMul": 12}), CPU: Counter({"Shape": 4, "Gather": 2})}) is None
     assert onnx_forward(model).placement is None  # a CPU session is not profiled
+
+
+class Unwritable(io.StringIO):
+    """A stderr whose reader is gone: every write and flush is EPIPE."""
+
+    def write(self, s):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def closed() -> io.StringIO:
+    s = io.StringIO()
+    s.close()
+    return s
+
+
+@pytest.mark.parametrize("stderr", [Unwritable, closed, lambda: None], ids=["broken", "closed", "none"])
+def test_a_progress_bar_that_cannot_write_costs_no_batch(monkeypatch, stderr):
+    """Before, the bar's first write raised out of run_batches (tqdm itself survives only a closed file), and the
+    member was skipped for the label prior."""
+    seqs = [[1] * n for n in (4, 1, 6, 2, 5)]
+    forward = lambda ids, mask: mask.sum(1, keepdims=True).astype(np.float32)
+    monkeypatch.setattr(sys, "stderr", stderr())
+    assert run_batches(forward, seqs, 0, batch_size=2)[:, 0].tolist() == [4, 1, 6, 2, 5]
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    run_batches(forward, seqs, 0, batch_size=2, desc="counted")
+    assert "counted: 100%" in sys.stderr.getvalue()  # a writable stderr still gets the bar

@@ -189,3 +189,11 @@ def test_two_run_bundle_reports_weights_and_runs_in_the_kernel(tiny_pipeline, ti
     if method == "pool":  # parameters for questions of the sample, each for every member the bundle kept
         assert e["questions"] and set(e["questions"]) <= set(read_rows(SAMPLE_TRAIN, labelled=True)["QuestionId"])
         assert all(set(prm["scales"]) == {m["name"] for m in members} for prm in e["questions"].values())
+
+
+@pytest.mark.parametrize("method", ["prob", "rank", "geo"])
+def test_weights_near_the_float_limit_blend_as_their_ratio(method):
+    """Before: 1e308 + 1e308 summed to inf, every weight became 0, and the blend went uniform (or NaN)."""
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet(np.ones(6), size=20).astype(np.float32) for _ in range(2)]
+    np.testing.assert_allclose(combine(probs, [1e308, 5e307], method), combine(probs, [2, 1], method), rtol=1e-6)

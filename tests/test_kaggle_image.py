@@ -3,6 +3,7 @@
 import copy
 import logging
 import shutil
+import subprocess
 import sys
 import time
 import zipfile
@@ -227,6 +228,43 @@ def test_the_notebook_refuses_edited_runtime_code(kaggle_bundle, tmp_path):
     run = run_notebook(bundle, SAMPLE_TEST, tmp_path / "twin", "kaggle-2026")
     assert run.returncode == 1 and run.submission is None
     assert run.last_line.startswith("mapbuild: runtime/labels.py differs from the manifest's sha256")
+
+
+PLANTED = """
+import importlib._bootstrap_external as bx, os, sys
+source = sys.argv[1]
+st = os.stat(source)
+code = compile("raise SystemExit('the planted .pyc ran')", source, "exec")
+pyc = bx.cache_from_source(source)
+os.makedirs(os.path.dirname(pyc), exist_ok=True)
+open(pyc, "wb").write(bx._code_to_timestamp_pyc(code, st.st_mtime, st.st_size))
+"""
+
+
+@pytest.mark.slow
+def test_the_notebook_runs_the_checked_sources_not_a_pyc_beside_them(kaggle_bundle, tmp_path):
+    """A __pycache__ no hash covers, valid for the source's mtime and size (what running the runtime inside the
+    bundle before upload leaves): before, Python imported it in place of runtime/labels.py."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(kaggle_bundle, bundle)
+    planted = tmp_path / "plant.py"
+    planted.write_text(PLANTED)
+    python = image_env("kaggle-2026") / "bin" / "python"
+    subprocess.run([str(python), str(planted), str(bundle / "runtime" / "labels.py")], check=True)
+    assert list((bundle / "runtime" / "__pycache__").glob("labels.cpython-312.pyc"))
+    run = run_notebook(bundle, SAMPLE_TEST, tmp_path / "twin", "kaggle-2026")
+    assert_model_submission(run, SAMPLE_TEST)
+    assert "planted" not in run.output
+
+
+@pytest.mark.slow
+def test_two_attached_versions_of_the_bundle_stop_the_notebook_naming_both(kaggle_bundle, tmp_path):
+    """Before: sort order picked one."""
+    twin = tmp_path / "twin"
+    shutil.copytree(kaggle_bundle, twin / "input" / "aaa-old-version")
+    run = run_notebook(kaggle_bundle, SAMPLE_TEST, twin, "kaggle-2026")
+    assert run.returncode == 1 and run.submission is None
+    assert run.last_line.startswith("mapbuild: dataset tester/tiny-bundle is attached 2 times (") and "aaa-old-version" in run.last_line
 
 
 @pytest.mark.slow

@@ -106,11 +106,12 @@ def test_bundle_with_a_knn_member_runs_in_the_kaggle_twin(member, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.result["members_run"] == [manifest["members"][0]["name"]] and not done.result["faults"]
     assert check_submission(out, read_rows(SAMPLE_TEST)["row_id"]) == []
-    # A manifest whose vote settings were edited skips the member loudly, and the prior still writes a file.
+    # A manifest whose vote settings were edited disagrees with the member's card: refused in one line.
     manifest["members"][0]["knn"]["k"] = 0
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+    out.unlink()
     done = run_kernel(bundle, "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(out))
-    assert done.returncode == 0 and any("SKIPPED member" in f and "knn.k" in f for f in done.result["faults"])
+    assert done.returncode == 2 and "knn differs from models/" in done.stderr and not out.exists()
 
 
 def test_two_worker_processes_give_exactly_the_single_device_votes(member, tmp_path):

@@ -16,7 +16,7 @@ def test_bundle_describes_itself(tiny_pipeline):
     assert sorted(manifest["files"]) == on_disk
     assert check_files(bundle, manifest, on_disk) == []
     member = manifest["members"][0]
-    assert {"model", "tokenizer"} == set(member["files"]) and member["template"] == "compact"
+    assert {"model", "tokenizer", "card"} == set(member["files"]) and member["template"] == "compact"
     assert {"onnxruntime", "tokenizers", "numpy", "torch"} <= set(manifest["versions"])
     assert manifest["estimate"]["rows"] == 40_000 and manifest["estimate"]["cpu_seconds"][member["name"]] > 0
     assert manifest["estimate"]["t4_seconds"][member["name"]] > 0 and member["params"] > 0 and member["mean_tokens"] > 0
@@ -87,5 +87,35 @@ def test_package_refuses_a_member_file_that_is_a_symlink(tiny_pipeline, tmp_path
     (member / "tokenizer.json").unlink()
     (member / "tokenizer.json").symlink_to(tmp_path / "kaggle.json")
     with pytest.raises(MapbuildError, match="tokenizer.json is a symlink"):
+        package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize("where", ["onnx metadata", "base_model", "chat prefix"])
+def test_package_refuses_a_credential_in_what_it_writes_last(tiny_pipeline, tmp_path, where):
+    """Before: .onnx files were never scanned, and base_model and the chat wrapper reached manifest.json after the
+    scan."""
+    import json
+
+    import onnx
+
+    from builder.package import package
+    from builder.stages import META
+    from runtime.cards import CARD
+    from runtime.errors import MapbuildError
+
+    member = tmp_path / "onnx"
+    shutil.copytree(tiny_pipeline["onnx"], member)
+    if where == "onnx metadata":
+        model = onnx.load(str(member / "model.onnx"))
+        onnx.helper.set_model_props(model, {"note": KEYS["hugging face"]})
+        onnx.save(model, str(member / "model.onnx"))
+    else:
+        meta = json.loads((member / META).read_text())
+        meta |= {"base_model": "org/" + KEYS["hugging face"]} if where == "base_model" else {"chat": {"prefix": KEYS["github"], "suffix": ""}}
+        (member / META).write_text(json.dumps(meta))
+    expected = {"onnx metadata": "model.onnx holds what looks like a credential in its metadata", "base_model": "manifest.json holds",
+                "chat prefix": f"m0-bert-fp32/{CARD} holds"}[where]
+    with pytest.raises(MapbuildError, match=expected):
         package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
     assert not (tmp_path / "bundle").exists()

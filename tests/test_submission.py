@@ -64,7 +64,9 @@ def test_question_ids_spelled_as_floats_keep_their_rules_and_unseen_ones_are_cou
     with caplog.at_level("WARNING", logger="mapbuild"):
         run(tiny_pipeline["bundle"], tmp_path / "floats.csv", tmp_path / "floats-sub.csv", batch_size=8)
     assert (tmp_path / "floats-sub.csv").read_text() == (tmp_path / "plain.csv").read_text() and "never saw" not in caplog.text
-    rows.assign(QuestionId="777").to_csv(tmp_path / "unseen.csv", index=False)
+    unseen = rows.copy()
+    unseen.loc[unseen.index[:6], "QuestionId"] = "777"  # past the handful that is normal, short of half
+    unseen.to_csv(tmp_path / "unseen.csv", index=False)
     with caplog.at_level("WARNING", logger="mapbuild"):
         run(tiny_pipeline["bundle"], tmp_path / "unseen.csv", tmp_path / "unseen-sub.csv", batch_size=8)
-    assert f"{len(read_rows(SAMPLE_TEST))} of {len(rows)} rows have a question or answer the bundle never saw" in caplog.text
+    assert f"6 of {len(read_rows(SAMPLE_TEST))} rows have a question or answer the bundle never saw" in caplog.text

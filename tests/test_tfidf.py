@@ -81,7 +81,7 @@ def test_odd_rows_still_score_and_unseen_questions_stay_uniform(member):
 def test_bundle_with_a_tfidf_member_runs_in_the_kernel(tiny_pipeline, member, tmp_path):
     manifest = package([str(tiny_pipeline["onnx"]), str(member)], tmp_path / "bundle", "tester/tfidf-ensemble", wheels=False)
     kept = {m["kind"]: m for m in manifest["members"]}
-    assert "tfidf" in kept and set(kept["tfidf"]["files"]) == {"model", "vocab"}
+    assert "tfidf" in kept and set(kept["tfidf"]["files"]) == {"model", "vocab", "card"}
     assert all(f in manifest["files"] for f in kept["tfidf"]["files"].values())
     assert manifest["ensemble"]["map3"] >= kept["tfidf"]["oof_map3"] - 1e-9
     out = tmp_path / "submission.csv"

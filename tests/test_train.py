@@ -177,3 +177,31 @@ def test_sample_is_stratified_seeded_and_paths_are_stored_absolute(tmp_path, mon
     assert set(labels_of(full)) == set(labels_of(picked))  # every label keeps at least one row
     monkeypatch.chdir(shared_train.parent)
     assert TrainConfig(data="train.csv").data == str(shared_train.resolve())
+
+
+def test_a_rerun_keeps_an_earlier_runs_checkpoints_and_a_foreign_out_is_refused_before_training(tiny_bert, tmp_path, monkeypatch):
+    import json
+    from dataclasses import asdict
+
+    import transformers
+
+    from builder.train import TrainConfig, checkpoint_dir, train
+    from runtime.errors import MapbuildError
+
+    monkeypatch.setattr(transformers.Trainer, "train", lambda *a, **k: pytest.fail("trained"))  # every refusal comes first
+    cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, lora_r=2)
+    ckpt = checkpoint_dir(tmp_path / "run")
+    (ckpt / "checkpoint-4").mkdir(parents=True)
+    (ckpt / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (ckpt / "config.json").write_text(json.dumps(asdict(cfg)))
+    with pytest.raises(MapbuildError, match=r"run\.checkpoints: holds checkpoint-4 of an earlier run; add --resume to continue it"):
+        train(cfg, tmp_path / "run")
+    with pytest.raises(MapbuildError, match=r"holds checkpoint-4 of an earlier run; its config\.json holds other options: resume with those, or remove the folder"):
+        train(TrainConfig(**{**cfg.__dict__, "lora_r": 4}), tmp_path / "run")
+    assert (ckpt / "checkpoint-4" / "trainer_state.json").is_file() and json.loads((ckpt / "config.json").read_text()) == asdict(cfg)
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    (onnx / "mapbuild.json").write_text('{"stage": "onnx"}')
+    with pytest.raises(MapbuildError, match=r"--out .*onnx: holds a 'onnx' folder, which writing a 'run' folder there would delete"):
+        train(cfg, onnx)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "run.checkpoints"]
