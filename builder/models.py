@@ -21,7 +21,7 @@ class Family:
     modules_to_save: tuple[str, ...] = ()
     max_length: int = 256
     template: str = "detailed"
-    ort_fusion: str = ""  # onnxruntime.transformers optimizer model_type; fuses attention, which int8 then quantizes
+    ort_fusion: str = ""  # onnxruntime.transformers optimizer model_type; fuses attention (int8 keeps its QKV weights fp32)
 
 
 FAMILIES: dict[str, Family] = {

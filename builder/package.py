@@ -143,8 +143,8 @@ def check_plan(members: list[dict]) -> dict:
     for m in members:
         if not on_gpu(m) and m.get("kind", "transformer") not in CPU_KINDS:
             log.warning(
-                "package: member %s is %s, which onnxruntime's CUDA provider has no kernels for: on Kaggle's T4s it runs on "
-                "the CPU, planned at %.0f s; export it with --quantize fp16 for the GPU", m["name"], m["precision"], plan["t4_seconds"][m["name"]],
+                "package: member %s is %s, a CPU precision: beside Kaggle's T4s it runs on the CPU, planned at %.0f s; "
+                "export it with --quantize fp16 for the GPU", m["name"], m["precision"], plan["t4_seconds"][m["name"]],
             )
     total = plan["t4_total_seconds"]
     hours = f"{total / 3600:.1f} h on 2x T4 for {TEST_ROWS:,} rows"

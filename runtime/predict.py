@@ -36,8 +36,8 @@ def onnx_outputs(
     if refused:  # onnxruntime would read any path a location names, hashed or not
         raise ValueError(f"{member['files']['model']}: {refused}")
     gpu = on_gpu(member)
-    if not gpu and gpu_count():  # on CUDA its nodes would fall back to the CPU one by one, under a session saying CUDA
-        log.warning("%s: %s, which onnxruntime's CUDA provider has no kernels for: it runs on the CPU", member["name"], member.get("precision"))
+    if not gpu and gpu_count():  # a CPU precision: on CUDA, nodes without kernels there would fall back one by one
+        log.warning("%s: %s, a CPU precision: it runs on a CPU session, at the pace measured at export", member["name"], member.get("precision"))
     if devices <= 1 or not gpu:
         forward = onnx_forward(model, gpu=gpu)
         return run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline), getattr(forward, "provider", None)

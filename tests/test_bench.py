@@ -88,3 +88,24 @@ def test_a_model_over_2_gib_exports_with_its_weights_in_one_data_file(tmp_path):
     assert figures["fp32_gib"] > 2.0 and fp32["exit"] == 0, fp32
     assert fp32["files_gib"]["model.onnx.data"] > 2.0 and fp32["files_gib"]["model.onnx"] < 0.01
     assert fp32["drift"]["max_abs_logit_diff"] < 1e-4 and fp32["peak_rss_gib"] > 2.0
+
+
+@pytest.mark.slow
+def test_batch_independence_finds_fp32_scores_independent_of_the_batch(shared_train, tmp_path):
+    """bench/batch_independence.py on 64 held-out rows and a 600-row neighbour table: each option's flips between
+    batch 1 and the default batch, its speed and MAP@3; fp32 and the int8 export must score every row alike at both
+    sizes."""
+    args = ["--data", str(shared_train), "--out", str(tmp_path / "bi"), "--rows", "64", "--table-rows", "600", "--options", "int8-dynamic,int8-per-row", "--repeats", "1"]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "batch_independence.py"), *args], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads((tmp_path / "bi" / "figures.json").read_text())
+    assert figures["rows"] == 64 and 0 < figures["table_rows"] <= 600 and figures["batch"] == 64
+    assert set(figures["options"]) == {"fp32", "int8-dynamic", "int8-per-row"}
+    for o in figures["options"].values():
+        assert 0 <= o["top1_flips"] <= o["top3_flips"] <= 64 and o["rows_per_s_default"] > 0 and o["rows_per_s_batch1"] > 0
+        assert 0 < o["map3_default"] <= 1 and 0 < o["map3_batch1"] <= 1
+    fp32, export_int8 = figures["options"]["fp32"], figures["options"]["int8-per-row"]
+    assert fp32["top3_flips"] == 0 and fp32["max_abs_embedding_diff"] < 1e-5 and fp32["speed_vs_fp32_default"] == 1.0
+    assert export_int8["top3_flips"] == 0 and export_int8["max_abs_embedding_diff"] < 1e-5
+    assert fp32["map3_default"] == fp32["map3_batch1"]
+    assert (tmp_path / "bi" / "figures.png").stat().st_size > 10_000
