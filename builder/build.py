@@ -17,7 +17,7 @@ from .export import EXPORT_PRECISIONS
 from .folds import SplitConfig
 from .kinds import KINDS
 from .launch import launch
-from .options import check_types, one_of
+from .options import check_types, known_keys, one_of
 from .package import check_dataset_id, package
 from .wheels import CUDA, ORT_GPU, PYTHONS, cp_tag
 
@@ -74,9 +74,7 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise MapbuildError(f"{path}: {e}") from None
     here = path.resolve().parent
-    unknown = set(raw) - {f.name for f in fields(BuildConfig)}
-    if unknown:
-        raise MapbuildError(f"{path}: unknown key {', '.join(sorted(unknown))}")
+    known_keys(raw, (f.name for f in fields(BuildConfig)), str(path))
     check_types(BuildConfig, raw, str(path))
     raw["out"] = str(here / raw.get("out", "build"))
     for key in ("test", "find_links"):
@@ -102,9 +100,7 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
         except MapbuildError as e:
             raise MapbuildError(f"{where}: {e}") from None
         config = KINDS[kind].config
-        allowed = {f.name for f in fields(config)}
-        if set(m) - allowed:
-            raise MapbuildError(f"{where}: unknown key {', '.join(sorted(set(m) - allowed))}")
+        known_keys(m, (f.name for f in fields(config)), where)
         check_types(config, m, where)
         if "data" not in m:
             raise MapbuildError(f"{where}: set `data` to a labelled train.csv")

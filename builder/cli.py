@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import signal
 import warnings
 from pathlib import Path
@@ -36,6 +37,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except MapbuildError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:  # click's own handling says "Aborted!" and exits 1; the convention is 128 + SIGINT
+            click.echo("Interrupted: no half-written folder is left; `train --resume` continues a run from its last checkpoint.", err=True)
+            ctx.exit(130)
         except Exception as e:
             if (full := disk_full(e, None)) is None:
                 raise
@@ -502,6 +506,25 @@ def demo(out: str) -> None:
     bundle = run(DEMO, out=out)
     click.echo(f"\nbundle:     {bundle}\nsubmission: {Path(out) / 'submission.csv'}")
     click.echo(kaggle_ready(json.loads((bundle / "manifest.json").read_text())))
+
+
+@cli.command()
+def env() -> None:
+    """Versions of Python, mapbuild and its stack, the GPUs and the cache folders: paste them into a bug report."""
+    import onnxruntime
+    import torch
+
+    from .hardware import detect
+    from .package import versions
+    from .wheels import cache_dir
+
+    hw = detect()
+    rows = [("platform", platform.platform()), *versions().items()]
+    rows += [("torch CUDA", torch.version.cuda or "none"), ("onnxruntime providers", ", ".join(onnxruntime.get_available_providers()))]
+    capability = f", compute capability {hw.capability[0]}.{hw.capability[1]}" if hw.capability else ""
+    rows += [("training device", f"{hw.count} x {hw.name}{capability}" if hw.device == "cuda" else hw.device)]
+    rows += [("mapbuild cache", str(cache_dir())), ("Hugging Face cache", os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface")))]
+    click.echo("\n".join(f"- {k}: {v}" for k, v in rows))
 
 
 @cli.command()

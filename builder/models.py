@@ -9,6 +9,8 @@ from pathlib import Path
 
 from runtime.errors import MapbuildError
 
+from .options import did_you_mean
+
 T4_GIB = 15.0
 
 
@@ -105,6 +107,9 @@ def resolve(model: str) -> Source:
     """A local folder for a wheel-backed alias or a path, the hub id for other aliases, else the string itself."""
     alias = ALIASES.get(model)
     if alias is None:
+        hint = did_you_mean(model, ALIASES, cutoff=0.8)  # strict: a hub id that merely resembles an alias must pass
+        if hint and "/" not in model and not Path(model).exists():  # a typo, not a folder or an owner/name hub id:
+            raise MapbuildError(f"--model {model}: not an alias or a folder{hint}")  # before 29 s of hub retries
         return Source(model)
     if not alias.wheel:
         return Source(alias.hub_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import difflib
 import typing
 from collections.abc import Callable
 
@@ -24,6 +25,20 @@ def one_of(value: object, choices: typing.Iterable, name: str) -> None:
     choices = list(choices)
     if value not in choices:
         raise MapbuildError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str], cutoff: float = 0.6) -> str:
+    """' (did you mean sample?)' for a near miss among `choices` (difflib's ratio at least `cutoff`), else ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def known_keys(given: typing.Iterable[str], allowed: typing.Iterable[str], where: str) -> None:
+    """A one-line error naming the first unknown key of a TOML table, and the key it most likely meant."""
+    allowed = set(allowed)
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise MapbuildError(f"{where}: unknown key {', '.join(unknown)}{did_you_mean(unknown[0], allowed)}")
 
 
 NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}

@@ -28,7 +28,7 @@ def assert_one_line_error(result, *needles: str) -> None:
 def test_help_lists_every_stage():
     assert set(cli.commands) == {
         "train", "tfidf", "knn", "merge", "export", "package", "build", "demo", "cv", "plan", "verify", "upload", "kernel", "models",
-        "analyze", "tokens", "prompts", "generate", "explain",
+        "analyze", "tokens", "prompts", "generate", "explain", "env",
     }
     listed = invoke("-h").output.split("Commands:")[1]
     assert [line.split()[0] for line in listed.strip().splitlines()] == sorted(cli.commands)
@@ -329,3 +329,45 @@ def test_a_full_disk_in_train_is_one_line_keeps_the_last_whole_checkpoint_and_re
     result = invoke(*flags, "--resume")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.json").read_text())["resumed_from"] == "checkpoint-4" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_mistyped_alias_is_one_line_naming_the_nearest_before_any_hub_call(monkeypatch):
+    """Before: 29 s and 24 lines of hub retries for `--model minilmm`."""
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    result = invoke("train", "--model", "minilmm", "--data", str(SAMPLE_TRAIN), "--out", "unused")
+    assert_one_line_error(result, "--model minilmm: not an alias or a folder (did you mean minilm?)")
+
+
+@pytest.mark.parametrize("table, key, meant", [("top", "uot", "out"), ("model", "sampel", "sample")])
+def test_a_mistyped_toml_key_names_the_key_it_meant(tmp_path, table, key, meant):
+    config = tmp_path / "c.toml"
+    model = f'[[models]]\nname = "m"\nmodel = "minilm"\ndata = "x.csv"\n'
+    config.write_text(f'dataset_id = "you/abcdef"\n{key + " = 1" if table == "top" else ""}\n{model}{key + " = 3" if table == "model" else ""}\n')
+    assert_one_line_error(invoke("build", str(config)), f"unknown key {key} (did you mean {meant}?)")
+
+
+def test_an_interrupt_exits_130_and_says_what_continues(monkeypatch):
+    """Before: click's "Aborted!" and exit 1."""
+    import builder.package
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builder.package, "versions", interrupted)
+    result = invoke("env")
+    assert result.exit_code == 130 and "Interrupted" in result.output and "--resume" in result.output, result.output
+
+
+def test_env_names_the_versions_a_bug_report_needs():
+    from importlib.metadata import version
+
+    result = invoke("env")
+    assert result.exit_code == 0, result.output
+    lines = dict(line[2:].split(": ", 1) for line in result.output.strip().splitlines())
+    assert lines["torch"] == version("torch") and lines["onnxruntime"] == version("onnxruntime") and lines["peft"] == version("peft")
+    assert {"python", "platform", "torch CUDA", "onnxruntime providers", "training device", "mapbuild cache", "Hugging Face cache"} <= set(lines)
