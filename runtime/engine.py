@@ -25,7 +25,7 @@ from .plan import Pace
 from .progress import progress
 
 log = logging.getLogger("mapbuild")
-Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Forward = Callable[..., np.ndarray]  # a batch's input arrays, in the model's input order -> its outputs
 
 
 def load_kernel_tokenizer(path: str, max_length: int) -> Tokenizer:
@@ -80,22 +80,38 @@ def run_batches(
     todo = list(first) if dedupe else list(seqs)
     order = batches([len(s) for s in todo], batch_size, sort)
     padded = [pad([todo[i] for i in idx], pad_id) for idx in order]
+    return run_feeds(forward, padded, order, len(todo), desc, deadline, warmup)[inverse]
+
+
+def run_feeds(
+    forward: Forward,
+    feeds: list[tuple[np.ndarray, ...]],
+    rows: list[np.ndarray],
+    n_rows: int,
+    desc: str,
+    deadline: float | None = None,
+    warmup: int = 1,
+    take: Callable[[int, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """The outputs of `n_rows` rows: batch k's inputs are `feeds[k]` (the session's inputs in order, input_ids first),
+    its outputs, through `take(k, out)` where given, are the rows `rows[k]` (run_batches, runtime.packing)."""
     if isinstance(forward, DevicePool):  # every batch queued at once, as map() would; a retry queues its halves
-        queued = [forward.submit(_pool_forward, b) for b in padded]
-        results = (halving(lambda f=f: forward.take(f.result()), forward, *b, desc) for f, b in zip(queued, padded))
+        queued = [forward.submit(_pool_forward, b) for b in feeds]
+        results = (halving(lambda f=f: forward.take(f.result()), forward, b, desc) for f, b in zip(queued, feeds))
     else:
-        results = (halving(lambda b=b: forward(*b), forward, *b, desc) for b in padded)
-    # Cost grows with padded tokens, and sorted batches grow longer: pace by tokens, not rows.
-    cost = np.cumsum([ids.size for ids, _ in padded])
+        results = (halving(lambda b=b: forward(*b), forward, b, desc) for b in feeds)
+    # Cost grows with the tokens of a batch, and sorted batches grow longer: pace by tokens, not rows.
+    cost = np.cumsum([b[0].size for b in feeds])
     pace = Pace(deadline, float(cost[-1]), warmup, desc) if deadline is not None and len(cost) else None
     out: np.ndarray | None = None
-    for k, (idx, logits) in enumerate(progress(zip(order, results), desc, len(order))):
+    for k, (idx, logits) in enumerate(progress(zip(rows, results), desc, len(rows))):
+        logits = take(k, logits) if take else logits
         if out is None:
-            out = np.empty((len(todo), logits.shape[1]), dtype=np.float32)
+            out = np.empty((n_rows, logits.shape[1]), dtype=np.float32)
         out[idx] = logits
         if pace:
             pace.done(k + 1, float(cost[k]))
-    return out[inverse] if out is not None else np.empty((0, 0), dtype=np.float32)
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
 # How onnxruntime (CPU: bad_alloc; CUDA: its arena's "Failed to allocate memory", cudaMalloc's "out of memory") and
@@ -107,22 +123,29 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or any(m in str(e).lower() for m in OUT_OF_MEMORY)
 
 
-def halving(first: Callable[[], np.ndarray], again: Forward, ids: np.ndarray, mask: np.ndarray, desc: str) -> np.ndarray:
-    """`first()`, the batch's logits; when it runs out of memory, `again` on each half of the batch (cut to its own
-    longest row), halving down to one row. Sorted batches put the longest last: one of them must not cost a member
-    hours into its run."""
+def halves(feed: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, ...]]:
+    """A batch cut in two along its rows; a padded batch (input_ids, attention_mask) also to each half's longest row."""
+    parts = []
+    for half in (slice(0, len(feed[0]) // 2), slice(len(feed[0]) // 2, None)):
+        part = tuple(a[half] for a in feed)
+        if len(part) == 2:
+            width = int(part[1].sum(1).max())
+            part = (part[0][:, :width], part[1][:, :width])
+        parts.append(part)
+    return parts
+
+
+def halving(first: Callable[[], np.ndarray], again: Forward, feed: tuple[np.ndarray, ...], desc: str) -> np.ndarray:
+    """`first()`, the batch's outputs; when it runs out of memory, `again` on each half of the batch (`halves`),
+    halving down to one row or pack. Sorted batches put the longest last: one of them must not cost a member hours
+    into its run."""
     try:
         return first()
     except Exception as e:
-        if len(ids) == 1 or not out_of_memory(e):
+        if len(feed[0]) == 1 or not out_of_memory(e):
             raise
-    log.warning("%s: out of memory on a batch of %d rows x %d tokens; retrying it in halves", desc, len(ids), ids.shape[1])
-    parts = []
-    for half in (slice(0, len(ids) // 2), slice(len(ids) // 2, None)):
-        width = int(mask[half].sum(1).max())
-        i, m = ids[half, :width], mask[half, :width]
-        parts.append(halving(lambda: again(i, m), again, i, m, desc))
-    return np.concatenate(parts)
+    log.warning("%s: out of memory on a batch of %d x %d tokens; retrying it in halves", desc, *feed[0].shape)
+    return np.concatenate([halving(lambda p=p: again(*p), again, p, desc) for p in halves(feed)])
 
 
 _worker_forward: Forward | None = None
@@ -154,7 +177,7 @@ def _init_worker(parent: int, path: str, devices: Queue, threads: int, records: 
     _worker_forward = onnx_forward(path, threads, device_id=devices.get())
 
 
-def _pool_forward(batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, str]:
+def _pool_forward(batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, str]:
     return _worker_forward(*batch), _worker_forward.provider
 
 
@@ -192,8 +215,8 @@ class DevicePool(ProcessPoolExecutor):
         self.providers.add(provider)
         return logits
 
-    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.take(self.submit(_pool_forward, (ids, mask)).result())
+    def __call__(self, *feed: np.ndarray) -> np.ndarray:
+        return self.take(self.submit(_pool_forward, feed).result())
 
     @property
     def provider(self) -> str | None:
@@ -291,9 +314,11 @@ def onnx_forward(path: str, threads: int = 0, device_id: int = 0, gpu: bool = Tr
         log.error("%s: %s", path, loud)
     log.info("%s on %s", path, sess.get_providers()[0])
 
-    def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    names = [i.name for i in sess.get_inputs()]
+
+    def forward(*feed: np.ndarray) -> np.ndarray:
         nonlocal profiling
-        out = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        out = sess.run(["logits"], dict(zip(names, feed)))[0]  # the inputs in the order they were exported
         if profiling:  # ending the profile stops it: one batch's worth of events, then none
             profiling = False
             try:

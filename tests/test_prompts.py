@@ -2,7 +2,7 @@ import pytest
 
 from runtime.data import read_rows
 from runtime.labels import fit_label_space
-from runtime.prompts import TEMPLATES, render
+from runtime.prompts import TEMPLATES, Question, render, render_parts
 
 from .conftest import SAMPLE_TRAIN
 
@@ -35,7 +35,8 @@ def test_unknown_template_is_refused():
 @pytest.mark.parametrize("template", ["math_question", "comparison", "fraction", "step_by_step"])
 def test_gemma_style_templates_wrap_a_bare_question(template):
     blank = {"QuestionId": "", "QuestionText": "Which is bigger, 6 or 6.2?", "MC_Answer": "", "StudentExplanation": ""}
-    text = TEMPLATES[template](blank, None, "")
+    q = Question(blank["QuestionId"], blank["QuestionText"], "", (), ())
+    text = TEMPLATES[template].head(q) + TEMPLATES[template].tail(blank, "unknown", q)
     assert "6.2?" in text and "unknown" not in text and "()" not in text
     assert all(line.strip() for line in text.splitlines())  # empty fields leave no empty lines
 
@@ -90,3 +91,23 @@ def test_prompts_cli_lists_and_shows(tmp_path):
     assert shown.exit_code == 0 and df.loc[7, "StudentExplanation"] in shown.output
     bad = CliRunner().invoke(cli, ["prompts", "show", "--template", "basic", "--row", str(len(df))])
     assert bad.exit_code == 1 and f"--row {len(df)}" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_a_head_depends_on_the_question_alone(template):
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    space = fit_label_space(df)
+    heads: dict[str, set] = {}
+    for q, (head, tail) in zip(df["QuestionId"], render_parts(df, template, space, {"prefix": "<u>", "suffix": "</u>"})):
+        heads.setdefault(q, set()).add(head)
+        assert head.startswith("<u>") and tail.endswith("</u>")
+    assert all(len(h) == 1 for h in heads.values()) and len(heads) == df["QuestionId"].nunique()
+
+
+def test_the_context_template_puts_the_questions_facts_in_its_head():
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    space = fit_label_space(df)
+    (head, tail), row = render_parts(df.head(1), "context", space)[0], df.iloc[0]
+    q = row["QuestionId"]
+    assert row["QuestionText"] in head and space.correct[q] in head and all(a in head for a in space.answers[q])
+    assert all(m in head for m in space.misconceptions[q]) and row["StudentExplanation"] in tail and row["StudentExplanation"] not in head

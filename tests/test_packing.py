@@ -1,0 +1,90 @@
+"""Shared-prefix packing is exact for every decoder family: packed logits equal unpacked ones, in PyTorch and in
+the exported ONNX graph, at several pack sizes, with rows of different lengths and packs of one row."""
+
+import numpy as np
+import pytest
+
+from builder.chat import chat_parts
+from builder.infer import torch_logits
+from builder.models import FAMILIES, load_hf_tokenizer
+from builder.packed import PackedClassifier, example_inputs, torch_packed_logits
+from runtime.data import read_rows
+from runtime.engine import load_kernel_tokenizer, onnx_forward
+from runtime.labels import fit_label_space
+from runtime.packing import PACKED_INPUTS, kernel_encoder, make_packs, pack_feed, run_packs, split_ids
+from runtime.prompts import render_parts
+
+from .conftest import SAMPLE_TRAIN, make_tiny
+
+DECODERS = sorted(t for t, f in FAMILIES.items() if f.kind == "decoder")
+PACK_SIZES = (0, 96, 256, 4096)  # 0: every row alone; 4096: every question's rows in one pack
+
+
+def hf_encoder(tok):
+    return lambda texts, special: tok(list(texts), add_special_tokens=special)["input_ids"]
+
+
+def test_packs_group_rows_by_head_and_respect_the_budget():
+    rows = [([1, 2], [3] * n) for n in (5, 1, 9, 2)] + [([7], [8, 8])]
+    packs = make_packs(rows, 10)
+    assert sorted(i for _, m in packs for i in m) == list(range(5))
+    assert all(len(h) + sum(len(rows[i][1]) for i in m) <= 10 or len(m) == 1 for h, m in packs)
+    assert {h for h, _ in packs} == {(1, 2), (7,)} and all(len(m) == 1 for _, m in make_packs(rows, 0))
+
+
+def test_a_packed_row_sees_the_head_and_itself_only():
+    rows = [([1, 2], [3, 4]), ([1, 2], [5])]
+    ids, pos, mask, last = pack_feed(rows, [((1, 2), [0, 1])], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 4, 5]] and pos.tolist() == [[0, 1, 2, 3, 2]] and last.tolist() == [[3, 4]]
+    assert mask[0, 0, 4].tolist() == [True, True, False, False, True]  # row 2 sees the head, not row 1
+    assert mask[0, 0, 1].tolist() == [True, True, False, False, False]  # causal
+
+
+@pytest.fixture(scope="module")
+def family_model(tmp_path_factory):
+    built = {}
+
+    def get(model_type):
+        if model_type not in built:
+            import torch
+            from transformers import AutoModelForSequenceClassification
+
+            folder = make_tiny(model_type, tmp_path_factory.mktemp(model_type))
+            torch.manual_seed(0)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=7).eval()
+            tok = load_hf_tokenizer(str(folder))
+            model.config.pad_token_id = tok.pad_token_id
+            built[model_type] = folder, model, tok
+        return built[model_type]
+
+    return get
+
+
+def sample_rows(tok, encode, n=40, max_length=250):
+    df = read_rows(SAMPLE_TRAIN, labelled=True).head(n)
+    return split_ids(encode, render_parts(df, "basic", fit_label_space(df), chat_parts(tok)), max_length)
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_packed_logits_equal_unpacked_in_pytorch_and_onnx(family_model, model_type, tmp_path):
+    import torch
+
+    folder, model, tok = family_model(model_type)
+    rows = sample_rows(tok, hf_encoder(tok))
+    assert len({len(t) for _, t in rows}) > 5  # rows of different lengths
+    pad = tok.pad_token_id
+    unpacked = torch_logits(model, [h + t for h, t in rows], pad, batch_size=8)
+    for size in PACK_SIZES:
+        assert np.abs(torch_packed_logits(model, rows, pad, size, batch_rows=16) - unpacked).max() < 1e-4, size
+
+    path = tmp_path / "packed.onnx"
+    axes = {"input_ids": {0: "packs", 1: "tokens"}, "position_ids": {0: "packs", 1: "tokens"},
+            "attention_mask": {0: "packs", 2: "tokens", 3: "tokens"}, "last": {0: "packs", 1: "rows"}, "logits": {0: "packs", 1: "rows"}}
+    torch.onnx.export(PackedClassifier(model).eval(), example_inputs(), str(path), dynamo=False, opset_version=17,
+                      input_names=list(PACKED_INPUTS), output_names=["logits"], dynamic_axes=axes)
+    forward = onnx_forward(path)
+    tok.save_pretrained(tmp_path / "tok")
+    kernel_rows = sample_rows(tok, kernel_encoder(load_kernel_tokenizer(tmp_path / "tok" / "tokenizer.json", 250)))
+    assert kernel_rows == rows  # the kernel's tokenizer splits exactly as training's
+    for size in PACK_SIZES:
+        assert np.abs(run_packs(forward, rows, pad, size, 16) - unpacked).max() < 1e-4, size
