@@ -330,19 +330,47 @@ def analyze(train_csv: str, test: str | None, out: str, samples: int) -> None:
 @click.option("--no-chat-template", "chat", flag_value=False, default=True, help="Do not wrap prompts in the tokenizer's chat template.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for the padding figures.")
 @click.option("--plot", type=click.Path(dir_okay=False), default="token_lengths.png", show_default=True, help="Histogram PNG to write.")
-def tokens(data_csv: str, model: str, template: str, chat: bool, batch_size: int, plot: str) -> None:
-    """Token lengths of DATA_CSV's prompts: percentiles, truncation per max_length, a recommendation, padding waste."""
-    from .tokens import histogram, token_lengths, token_report
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the text lines.")
+def tokens(data_csv: str, model: str, template: str, chat: bool, batch_size: int, plot: str, as_json: bool) -> None:
+    """Token lengths of DATA_CSV's prompts: percentiles, truncation per max_length, a recommendation, padding waste.
 
-    lengths = token_lengths(read_data(data_csv), model, template, chat)
+    For a decoder, also the tokens and attention per row that shared-prefix packing computes at each --pack-tokens
+    size: the rows of a question share their head once per pack, but attention grows with the square of a pack's
+    length, so the table shows which pack size pays."""
+    from .models import family_of, resolve
+    from .tokens import histogram, pack_report, split_rows, token_lengths, token_report
+
+    df = read_data(data_csv)
+    lengths = token_lengths(df, model, template, chat)
     r = token_report(lengths, batch_size)
+    # Packing is exact for causal decoders only: an encoder's head would see the tails (runtime/packing.py).
+    decoder = family_of(resolve(model))[1].kind == "decoder"
+    r["packing"] = pack_report(split_rows(df, model, template, chat)) if decoder else None
+    histogram(lengths, r, f"{Path(data_csv).name}: {model}, {template}", Path(plot))
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
     click.echo(f"{r['rows']} prompts ({model}, {template}): p50 {r['p50']:.0f}, p95 {r['p95']:.0f}, p99 {r['p99']:.0f}, max {r['max']}")
     click.echo("truncated at max_length " + ", ".join(f"{n}: {share:.2%}" for n, share in r["truncated"].items()))
     click.echo(f"recommended --max-length {r['recommended_max_length']} (covers 99.5% of rows)")
     w = r["padding_waste"]
     click.echo(f"padding waste at batch {batch_size}: random {w['random']:.1%}, length-sorted {w['sorted']:.1%}")
-    histogram(lengths, r, f"{Path(data_csv).name}: {model}, {template}", Path(plot))
     click.echo(f"histogram -> {plot}")
+    if r["packing"] is None:
+        click.echo("packing: does not apply to encoders (their head would see the tails); rows run unpacked")
+        return
+    echo_packing(r["packing"])
+
+
+def echo_packing(p: dict) -> None:
+    """The packing table: per --pack-tokens size, what a packed run computes per row against the unpacked run."""
+    click.echo(f"shared-prefix packing (rows split head + tail, untruncated): unpacked {p['tokens_per_row']:.1f} tokens/row, attention {p['attention_per_row']:,.0f}/row")
+    table = [
+        (s["pack_tokens"], s["packs"], f"{s['tokens_per_row']:.1f}", f"{s['token_ratio']:.2f}x", f"{s['attention_per_row']:,.0f}", f"{s['attention_ratio']:.2f}x")
+        for s in p["packed"]
+    ]
+    headers = ("--pack-tokens", "packs", "tokens/row", "fewer tokens", "attention/row", "attention vs unpacked")
+    click.echo(tabulate(table, headers=headers, tablefmt="plain", disable_numparse=True))
 
 
 @cli.group()

@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 
 from runtime.data import labels_of
-from runtime.engine import CPU, encode, load_kernel_tokenizer, onnx_forward, run_batches
+from runtime.engine import CPU, onnx_forward
 from runtime.errors import MapbuildError
 from runtime.external_data import locations
+from runtime.packing import PACK_TOKENS, PACKED, PACKED_INPUTS, packed_tokens
 from runtime.labels import LabelSpace
 from runtime.metrics import masked_map3
-from runtime.prompts import render
+from runtime.predict import kernel_rows, prompts, run_rows
 
 from .folds import input_key, load_labelled, split_fold
 from .models import FAMILIES, load_hf_tokenizer
@@ -69,25 +70,34 @@ def wrapped(model, pooled: bool = False):
     return Head(model).eval()
 
 
-def to_onnx(model, path: Path, dynamo: bool = False, pooled: bool = False) -> None:
-    """Export `wrapped(model, pooled)` with dynamic batch and sequence axes; inputs input_ids and attention_mask,
-    output "logits".
+def to_onnx(model, path: Path, dynamo: bool = False, pooled: bool = False, packed: bool = False) -> None:
+    """Export `wrapped(model, pooled)` with dynamic batch and sequence axes (inputs input_ids and attention_mask), or,
+    `packed`, a decoder's packed forward (runtime.packing.PACKED_INPUTS, with dynamic packs, tokens and rows); the
+    output is "logits".
 
     TorchScript for fp32 (onnxruntime's fusions match its graphs); the dynamo exporter for fp16, where TorchScript
     writes LayerNormalization nodes with mixed input types that onnxruntime rejects."""
     import torch
 
-    wrapper = wrapped(model, pooled)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, 5:] = 0  # trace the padded path too
-    args = (torch.ones(2, 8, dtype=torch.long), mask)
-    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]}
+    from .packed import PackedClassifier, example_inputs
+
+    if packed:
+        wrapper, args, inputs = PackedClassifier(model).eval(), example_inputs(), list(PACKED_INPUTS)
+        # one name per axis: the mask's two token axes and the ids' are one length, or the graph cannot be fed
+        axes = {"input_ids": {0: "packs", 1: "tokens"}, "position_ids": {0: "packs", 1: "tokens"},
+                "attention_mask": {0: "packs", 2: "tokens", 3: "tokens"}, "last": {0: "packs", 1: "rows"}, "logits": {0: "packs", 1: "rows"}}
+    else:
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 5:] = 0  # trace the padded path too
+        wrapper, args, inputs = wrapped(model, pooled), (torch.ones(2, 8, dtype=torch.long), mask), ["input_ids", "attention_mask"]
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+    names = {"input_names": inputs, "output_names": ["logits"]}
     if dynamo:
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+        dims: dict[str, torch.export.Dim] = {}
+        dim = lambda name: dims.setdefault(name, torch.export.Dim(name))
+        shapes = {k: {i: dim(n) for i, n in v.items()} for k, v in axes.items() if k in inputs}
         torch.onnx.export(wrapper, args, str(path), dynamo=True, opset_version=18, dynamic_shapes=shapes, **names)
     else:
-        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
         torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17, dynamic_axes=axes, **names)
 
 
@@ -183,9 +193,10 @@ EXPORT_PRECISIONS = {
 }
 
 
-def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: str, pooled: bool = False) -> None:
+def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: str, pooled: bool = False, packed: bool = False) -> None:
     """model.onnx at `precision` (EXPORT_PRECISIONS): exported, fused where the family has a fusion, quantized.
-    `pooled`: a bare encoder's sentence embedding instead of a classifier's logits (to_onnx)."""
+    `pooled`: a bare encoder's sentence embedding instead of a classifier's logits; `packed`: a decoder's packed
+    forward (to_onnx)."""
     import onnx
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
@@ -200,7 +211,7 @@ def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: st
     # Exporters may write a file per large tensor: export into scratch, keep one model file (+ one .data).
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         src = Path(scratch) / path.name
-        to_onnx(model, src, dynamo=how.half, pooled=pooled)
+        to_onnx(model, src, dynamo=how.half, pooled=pooled, packed=packed)
         del model
         data = src.with_name(f"{src.name}.data")
         # Weights past the limit that the exporter wrote to one data file stay in it: only the graph is loaded and
@@ -268,38 +279,43 @@ def check_drift(drift: dict, precision: str, force: bool, max_drop: float = MAX_
         )
 
 
-def kernel_ids(tokenizer_json: Path, model_dir: str | os.PathLike, texts: list[str], max_length: int) -> list[list[int]]:
-    """The kernel's token ids for `texts`, refused unless they equal those of the model folder's training tokenizer."""
-    from .infer import training_ids
+def checked_kernel_rows(tokenizer_json: Path, model_dir: str | os.PathLike, meta: dict, texts: list) -> list:
+    """The kernel's token ids of `texts` (runtime.predict.kernel_rows), refused unless they equal those of the model
+    folder's training tokenizer."""
+    from .infer import training_rows
 
-    ids = encode(load_kernel_tokenizer(tokenizer_json, max_length), texts)
-    mismatched = sum(a != b for a, b in zip(ids, training_ids(load_hf_tokenizer(str(model_dir)), texts, max_length)))
+    rows = kernel_rows(tokenizer_json, meta, texts)
+    mismatched = sum(a != b for a, b in zip(rows, training_rows(load_hf_tokenizer(str(model_dir)), meta, texts)))
     if mismatched:
-        raise MapbuildError(f"{model_dir}/tokenizer.json: runtime tokenizer disagrees with the training tokenizer on {mismatched} of {len(ids)} rows")
-    return ids
+        raise MapbuildError(f"{model_dir}/tokenizer.json: runtime tokenizer disagrees with the training tokenizer on {mismatched} of {len(rows)} rows")
+    return rows
 
 
 def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 1024, force: bool = False) -> dict:
     """Write ONNX_DIR with model.onnx, tokenizer.json and the drift against PyTorch fp32 on held-out rows."""
-    from .infer import torch_logits
+    from .infer import torch_logits, whole
 
     one_of(quantize, EXPORT_PRECISIONS, "--quantize")
     meta = read_meta(merged, "merged")
+    packed = meta.get("inputs") == PACKED
+    if packed:
+        meta = {**meta, "pack_tokens": meta.get("pack_tokens", PACK_TOKENS)}  # the kernel's pack size, and its pace's
     sample = held_out_rows(meta, rows)
     space = LabelSpace.from_json(meta["label_space"])
-    texts = render(sample, meta["template"], space, meta.get("chat"))
     with atomic_dir(out, "onnx") as tmp:
         shutil.copy(Path(merged) / "tokenizer.json", tmp / FILES["tokenizer"])
-        ids = kernel_ids(tmp / FILES["tokenizer"], merged, texts, meta["max_length"])
-        write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[meta["model_type"]].ort_fusion)
+        kernel = checked_kernel_rows(tmp / FILES["tokenizer"], merged, meta, prompts(meta, sample, space))
+        write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[meta["model_type"]].ort_fusion, packed=packed)
         pad_id = meta["pad_token_id"]
         forward = onnx_forward(tmp / FILES["model"])
         start = time.perf_counter()
-        got = run_batches(forward, ids, pad_id, 32, desc="onnx")
+        got = run_rows(forward, {**meta, "name": "onnx"}, kernel, 32)  # packed as the kernel packs
         seconds = time.perf_counter() - start
         provider = forward.provider
         del forward  # the session, then the fp32 reference: never both in memory (a CPU session upcasts fp16 weights)
         model, what = reference_model(merged)
+        ids = whole(meta, kernel)
+        # unpacked: so the drift of a packed graph includes any error of packing itself
         reference = torch_logits(model, ids, pad_id, desc="torch")
         drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
         drift |= {"reference": what, "onnx_provider": provider}
@@ -313,6 +329,7 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
             # the CPU pace is the kernel's plan when its sessions land on the CPU: only a CPU session measures it
             **({"cpu_rows_per_s": round(len(ids) / seconds, 1)} if provider == CPU else {"cuda_rows_per_s": round(len(ids) / seconds, 1)}),
             "params": sum(p.numel() for p in model.parameters()),
-            "mean_tokens": round(float(np.mean([len(i) for i in ids])), 1),
+            # what a row costs the kernel: its share of the packs where packed
+            "mean_tokens": round((packed_tokens(kernel, meta["pack_tokens"]) if packed else sum(map(len, ids))) / len(ids), 1),
         })
     return drift

@@ -8,11 +8,30 @@ import numpy as np
 import torch
 
 from runtime.engine import run_batches
+from runtime.packing import PACKED, Encode, Row, split_ids
 
 
 def training_ids(tok, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids as training sees them: the transformers tokenizer, truncated at `max_length`, unpadded."""
     return tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def hf_encoder(tok) -> Encode:
+    """`Encode` of a transformers tokenizer: training's, where the kernel has runtime.packing.kernel_encoder."""
+    return lambda texts, special: tok(list(texts), add_special_tokens=special)["input_ids"]
+
+
+def training_rows(tok, member: dict, texts: Sequence) -> list[list[int]] | list[Row]:
+    """The training tokenizer's twin of runtime.predict.kernel_rows: one list a row, or (head ids, tail ids) for a
+    packed member (`member`: a run's metadata, or the kernel's member entry)."""
+    if member.get("inputs") == PACKED:
+        return split_ids(hf_encoder(tok), texts, member["max_length"])
+    return training_ids(tok, texts, member["max_length"])
+
+
+def whole(member: dict, rows: list) -> list[list[int]]:
+    """Each row's ids as one sequence, head then tail for a packed member: what an unpacked forward takes."""
+    return [h + t for h, t in rows] if member.get("inputs") == PACKED else rows
 
 
 def torch_logits(

@@ -20,7 +20,7 @@ from runtime.knn import SETTINGS, bad_setting, knn_text
 from runtime.labels import fit_label_space
 from runtime.predict import knn_member_probs, onnx_outputs
 
-from .export import EXPORT_PRECISIONS, kernel_ids, reference_model, write_onnx
+from .export import EXPORT_PRECISIONS, checked_kernel_rows, reference_model, write_onnx
 from .folds import SplitConfig, check_rows, record_validation
 from .models import family_of, resolve
 from .options import one_of, require
@@ -79,7 +79,7 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
     with atomic_dir(out, "onnx") as tmp:
         shutil.copy(Path(source.path) / "tokenizer.json", tmp / FILES["tokenizer"])
         check = check_rows(split)
-        ids = kernel_ids(tmp / FILES["tokenizer"], source.path, knn_text(check.head(DRIFT_ROWS)), cfg.max_length)
+        ids = checked_kernel_rows(tmp / FILES["tokenizer"], source.path, {"max_length": cfg.max_length}, knn_text(check.head(DRIFT_ROWS)))
         write_onnx(source.path, tmp / FILES["model"], quantize, family.ort_fusion, pooled=True)
         member = {"name": "knn", "files": FILES, "max_length": cfg.max_length, "pad_token_id": pad_id,
                   "knn": cfg.settings()}  # fmt: skip

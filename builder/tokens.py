@@ -1,4 +1,5 @@
-"""`mapbuild tokens`: prompt token lengths for a model and template, and what they mean for max_length and padding."""
+"""`mapbuild tokens`: prompt token lengths for a model and template, and what they mean for max_length, padding and
+shared-prefix packing (runtime/packing.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ from runtime.data import has_labels
 from runtime.engine import batches
 from runtime.files import atomic_write
 from runtime.labels import LabelSpace, fit_label_space
-from runtime.prompts import render
+from runtime.packing import Row, make_packs, pack_length, split_ids
+from runtime.prompts import render, render_parts
 
 from .chat import chat_parts
 from .models import load_hf_tokenizer, resolve
 
 CANDIDATES = (64, 96, 128, 192, 256, 384, 512)
+# --pack-tokens values the packing table compares; 0 packs every row alone, so its row is the unpacked run.
+PACK_SIZES = (0, 256, 512, 1024, 2048, 4096)
+# split_ids' max_length when counting: long enough that no row is cut, so the counts are the prompts' own.
+UNCUT = 10**6
 
 
 def label_space_for(df: pd.DataFrame) -> LabelSpace:
@@ -40,6 +46,35 @@ def token_lengths(df: pd.DataFrame, model: str, template: str, chat: bool = True
     tok = load_hf_tokenizer(resolve(model))
     texts = render(df, template, label_space_for(df), chat_parts(tok) if chat else None)
     return np.array([len(ids) for ids in tok(texts)["input_ids"]])
+
+
+def split_rows(df: pd.DataFrame, model: str, template: str, chat: bool = True) -> list[Row]:
+    """Each row's (head ids, tail ids), untruncated, split as training and the kernel split a packed member's rows."""
+    from .infer import hf_encoder  # imports torch: only for this count
+
+    tok = load_hf_tokenizer(resolve(model))
+    parts = render_parts(df, template, label_space_for(df), chat_parts(tok) if chat else None)
+    return split_ids(hf_encoder(tok), parts, UNCUT)
+
+
+def pack_report(rows: list[Row], sizes: tuple[int, ...] = PACK_SIZES) -> dict:
+    """Tokens and attention per row, unpacked and at each pack size. Packing computes a question's head once per
+    pack instead of once per row, but attention costs T^2 per pack of T tokens, and in a long pack most of those
+    pairs are masked (rows never see each other): the table shows where larger packs stop paying."""
+    lengths = np.array([len(h) + len(t) for h, t in rows], dtype=np.int64)
+    tokens, attention = int(lengths.sum()), int((lengths**2).sum())
+    packed = []
+    for size in sizes:
+        t = np.array([pack_length(rows, p) for p in make_packs(rows, size)], dtype=np.int64)
+        packed.append({
+            "pack_tokens": size,
+            "packs": len(t),
+            "tokens_per_row": float(t.sum() / len(rows)),
+            "token_ratio": float(tokens / t.sum()),  # unpacked / packed: the saving in tokens computed
+            "attention_per_row": float((t**2).sum() / len(rows)),
+            "attention_ratio": float((t**2).sum() / attention),  # packed / unpacked: above 1, packing costs attention
+        })
+    return {"rows": len(rows), "tokens_per_row": float(tokens / len(rows)), "attention_per_row": float(attention / len(rows)), "packed": packed}
 
 
 def token_report(lengths: np.ndarray, batch_size: int = 32) -> dict:

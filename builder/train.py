@@ -17,7 +17,9 @@ from runtime.data import labels_of
 from runtime.engine import softmax
 from runtime.errors import MapbuildError
 from runtime.labels import fit_label_space
-from runtime.prompts import TEMPLATES, render
+from runtime.packing import PACKED
+from runtime.predict import prompts
+from runtime.prompts import TEMPLATES
 
 from .chat import chat_parts
 from .folds import SplitConfig, absolute, validate
@@ -158,7 +160,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorWithPadding, TrainingArguments
 
-    from .infer import torch_logits, training_ids
+    from .infer import torch_logits, training_rows, whole
 
     CandidateTrainer = candidate_trainer()
 
@@ -184,9 +186,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     max_length = cfg.max_length or family.max_length
     tok = load_hf_tokenizer(source)
     chat = chat_parts(tok) if cfg.chat_template else None
+    # How its rows become tokens, as the kernel will do it: a causal decoder's as (head, tail), which the kernel
+    # packs behind the shared head; a bidirectional encoder's whole (packing is not exact for it).
+    prompting = {"template": template, "chat": chat, "max_length": max_length, **({"inputs": PACKED} if family.kind == "decoder" else {})}
 
     def encode(rows: pd.DataFrame) -> list[list[int]]:
-        return training_ids(tok, render(rows, template, space_tr, chat), max_length)
+        return whole(prompting, training_rows(tok, prompting, prompts(prompting, rows, space_tr)))
 
     y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).to_numpy()
     allowed = space_tr.candidate_mask(tr) if cfg.candidate_loss else np.ones((len(tr), len(labels)), dtype=bool)
@@ -279,9 +284,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
             "base_model": source.path,
             "gguf_file": source.gguf_file,
             "model_type": model_type,
-            "template": template,
-            "chat": chat,
-            "max_length": max_length,
+            **prompting,
             "pad_token_id": tok.pad_token_id,
             "label_space": fit_label_space(df, labels).to_json(),
             "config": asdict(cfg),

@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import BundleError
 
 CARD = "member.json"
-MEANING = ("kind", "template", "chat", "max_length", "pad_token_id", "knn")  # manifest keys that change what the scores mean
+MEANING = ("kind", "template", "chat", "inputs", "max_length", "pad_token_id", "knn")  # manifest keys that change what the scores mean
 SPACE_KEYS = ("correct", "answers", "misconceptions")
 
 

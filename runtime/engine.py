@@ -318,6 +318,8 @@ def onnx_forward(path: str, threads: int = 0, device_id: int = 0, gpu: bool = Tr
 
     def forward(*feed: np.ndarray) -> np.ndarray:
         nonlocal profiling
+        if len(feed) != len(names):  # zip would feed a packed batch's positions as a padded graph's mask
+            raise ValueError(f"{Path(path).name} takes {', '.join(names)}, not {len(feed)} inputs; package it again with this mapbuild")
         out = sess.run(["logits"], dict(zip(names, feed)))[0]  # the inputs in the order they were exported
         if profiling:  # ending the profile stops it: one batch's worth of events, then none
             profiling = False
@@ -333,5 +335,6 @@ def onnx_forward(path: str, threads: int = 0, device_id: int = 0, gpu: bool = Tr
         return out
 
     forward.provider = sess.get_providers()[0]
+    forward.inputs = tuple(names)
     forward.placement = None
     return forward

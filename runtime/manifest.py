@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from .errors import BundleError
+from .packing import PACKED
 
 MANIFEST = "manifest.json"
 FORMAT = "mapbuild-bundle/2"  # 2: every member carries its card (runtime.cards)
@@ -79,6 +80,11 @@ def schema_problem(m: dict) -> str | None:
             return f"member {member['name']}: files must be paths, its card (files.card) among them"
         if member.get("kind", "transformer") not in SCORERS:
             return f"member {member['name']}: kind {member['kind']!r} is not one of {', '.join(SCORERS)}"
+        if member.get("inputs", PACKED) != PACKED:  # a newer builder's way of feeding a graph this runtime lacks
+            return f"member {member['name']}: inputs {member['inputs']!r} is not {PACKED!r}; package it with this runtime's mapbuild"
+        pack = member.get("pack_tokens", 0)
+        if not isinstance(pack, int) or isinstance(pack, bool) or pack < 0:
+            return f"member {member['name']}: pack_tokens {pack!r} must be an integer of 0 or more"
         weight = member.get("weight")
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             return f"member {member['name']}: weight {weight!r} must be a finite number above 0"

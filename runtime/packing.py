@@ -23,6 +23,10 @@ Row = tuple[list[int], list[int]]  # (head ids, tail ids)
 
 # The packed graph's inputs, in order, and its output: logits [packs, rows per pack, labels].
 PACKED_INPUTS = ("input_ids", "position_ids", "attention_mask", "last")
+PACKED = "packed"  # a member's `inputs` when its rows are (head, tail) and its graph takes PACKED_INPUTS
+# Tokens a pack holds at most, by default: the head once and tails after it. Attention over a pack costs T^2, so
+# longer packs spend more of it on masked pairs (docs/packing.md has the measurement behind this choice).
+PACK_TOKENS = 512
 
 
 def kernel_encoder(tok) -> Encode:

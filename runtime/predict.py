@@ -15,20 +15,43 @@ from .external_data import problem as external_problem
 from .knn import check_settings, knn_text, load_table, vote
 from .labels import LabelSpace
 from .manifest import check_files
+from .packing import PACK_TOKENS, PACKED, Row, kernel_encoder, run_packs, split_ids
 from .plan import drop, on_gpu, planned_seconds
-from .prompts import render
+from .prompts import render, render_parts
 from .tfidf import tfidf_probs
 
 log = logging.getLogger("mapbuild")
 
 
+def prompts(member: dict, df: pd.DataFrame, space: LabelSpace) -> list[str] | list[tuple[str, str]]:
+    """The member's prompt of every row: whole, or as (head, tail) for a packed member."""
+    how = render_parts if member.get("inputs") == PACKED else render
+    return how(df, member["template"], space, member.get("chat"))
+
+
+def kernel_rows(tokenizer_json: Path, member: dict, texts: list[str] | list[tuple[str, str]]) -> list[list[int]] | list[Row]:
+    """The kernel's token ids of `prompts`: one list a row, or (head ids, tail ids) for a packed member."""
+    tok = load_kernel_tokenizer(tokenizer_json, member["max_length"])
+    if member.get("inputs") == PACKED:
+        return split_ids(kernel_encoder(tok), texts, member["max_length"])
+    return encode(tok, texts)
+
+
+def run_rows(forward, member: dict, rows: list, batch_size: int, deadline: float | None = None, warmup: int = 1) -> np.ndarray:
+    """The member's graph over its `kernel_rows`: padded batches of `batch_size` rows, or packs of up to the member's
+    `pack_tokens` in batches of as many rows (packing is exact, so the pack size moves the pace, not the scores)."""
+    desc, pad_id = member["name"], member["pad_token_id"]
+    if member.get("inputs") == PACKED:
+        return run_packs(forward, rows, pad_id, member.get("pack_tokens", PACK_TOKENS), batch_size, desc, deadline, warmup)
+    return run_batches(forward, rows, pad_id, batch_size, desc=desc, deadline=deadline, warmup=warmup)
+
+
 def onnx_outputs(
-    bundle: Path, member: dict, texts: list[str], batch_size: int, devices: int = 1, deadline: float | None = None
+    bundle: Path, member: dict, texts: list, batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> tuple[np.ndarray, str | None]:
-    """The member's ONNX model over `texts`, on one session or one worker per device: its output rows and the
-    provider its sessions ran on (the CPU if any worker's did)."""
-    tok = load_kernel_tokenizer(bundle / member["files"]["tokenizer"], member["max_length"])
-    seqs = encode(tok, texts)
+    """The member's ONNX model over `texts` (its `prompts`, or plain texts), on one session or one worker per
+    device: its output rows and the provider its sessions ran on (the CPU if any worker's did)."""
+    rows = kernel_rows(bundle / member["files"]["tokenizer"], member, texts)
     model = bundle / member["files"]["model"]
     data = member["files"].get("data")
     beside = {Path(data).name} if data and Path(data).parent == Path(member["files"]["model"]).parent else set()
@@ -40,11 +63,11 @@ def onnx_outputs(
         log.warning("%s: %s, a CPU precision: it runs on a CPU session, at the pace measured at export", member["name"], member.get("precision"))
     if devices <= 1 or not gpu:
         forward = onnx_forward(model, gpu=gpu)
-        return run_batches(forward, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline), getattr(forward, "provider", None)
+        return run_rows(forward, member, rows, batch_size, deadline), getattr(forward, "provider", None)
     log.info("%s: %d worker processes, one per device", member["name"], devices)
     pool = DevicePool(model, devices)
     try:
-        return run_batches(pool, seqs, member["pad_token_id"], batch_size, desc=member["name"], deadline=deadline, warmup=devices), pool.provider
+        return run_rows(pool, member, rows, batch_size, deadline, warmup=devices), pool.provider
     finally:
         pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
@@ -53,7 +76,7 @@ def transformer_probs(
     bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> tuple[np.ndarray, str | None]:
     """An ONNX classifier over rendered prompts."""
-    logits, provider = onnx_outputs(bundle, member, render(df, member["template"], space, member.get("chat")), batch_size, devices, deadline)
+    logits, provider = onnx_outputs(bundle, member, prompts(member, df, space), batch_size, devices, deadline)
     return softmax(logits), provider
 
 
@@ -115,8 +138,10 @@ def predict(
     batch_size: int = 64,
     devices: int = 1,
     deadline: float | None = None,
+    pack_tokens: int | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """The members' combined scores (the manifest's ensemble method), and the names of the members that ran.
+    `pack_tokens`: the pack size of packed members instead of their own (runtime.packing).
 
     Members run heaviest weight first. With a `deadline` (plan.now()), a member whose own plan needs more than the
     time left is dropped, and a running one stops as soon as its own pace says it would overrun (runtime.plan).
@@ -133,6 +158,8 @@ def predict(
     gpus = gpu_count()
     on_cpu = not gpus
     for m in sorted(manifest["members"], key=lambda m: -m["weight"]):
+        if pack_tokens is not None and m.get("inputs") == PACKED:
+            m = m | {"pack_tokens": pack_tokens}
         if drop(m["name"], m["weight"], planned_seconds(manifest.get("estimate", {}), m["name"], len(df), on_cpu), deadline):
             continue
         problems = check_files(bundle, manifest, list(m["files"].values()))

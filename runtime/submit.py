@@ -36,6 +36,7 @@ def check_args(args: argparse.Namespace) -> None:
     try:  # a folder the process may not search raises here, not False
         problems = [
             (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+            (args.pack_tokens is not None and args.pack_tokens < 0, f"--pack-tokens must be 0 or more, got {args.pack_tokens}"),
             (args.devices is not None and args.devices < 1, f"--devices must be at least 1, got {args.devices}"),
             (not args.hours > 0, f"--hours must be positive, got {args.hours}"),
             (not str(out).strip() or out.is_dir(), f"--out {str(out)!r}: give a file path such as /kaggle/working/submission.csv"),
@@ -72,9 +73,12 @@ def find_bundle(root: str) -> Path:
     return found[0]
 
 
-def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None) -> dict:
+def run(
+    bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None, pack_tokens: int | None = None
+) -> dict:
     """Write the submission; returns what ran: rows, members, seconds, and MAP@3 when the test rows carry labels.
-    `deadline`: the plan.now() by which predictions must be done."""
+    `deadline`: the plan.now() by which predictions must be done; `pack_tokens`: packed members' pack size, instead
+    of the one each was exported with."""
     manifest = load_manifest(bundle)
     df = read_rows(test)
     dups = duplicate_row_ids(df)
@@ -89,7 +93,7 @@ def run(bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, 
     if sum(unseen) > UNSEEN_OK:
         log.warning("%s: %d of %d rows have a question or answer the bundle never saw; they keep all labels", test, sum(unseen), len(df))
     start = time.perf_counter()
-    probs, used = predict(bundle, manifest, space, df, batch_size, devices, deadline)
+    probs, used = predict(bundle, manifest, space, df, batch_size, devices, deadline, pack_tokens)
     seconds = time.perf_counter() - start
     labels = np.array(space.labels)
     preds = labels[top3(probs, space.candidate_mask(df))].tolist()
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=Path, help="test.csv (default: the competition's, under --input-root)")
     parser.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission to write")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per inference batch")
+    parser.add_argument(
+        "--pack-tokens", type=int,
+        help="tokens per pack for packed (decoder) members, 0 for one row a pack (default: each member's, set at export)",
+    )
     parser.add_argument("--result", type=Path, help="also write what ran as JSON: rows, members run, fallbacks, seconds, MAP@3, error")
     parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and the competition")
     parser.add_argument("--devices", type=int, help="worker processes, worker i on GPU i modulo the GPUs (default: one per visible GPU, else 1)")
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         test = args.test or find_test(args.input_root)
         deadline = now() + args.hours * 3600
         devices = args.devices or (max(gpus, 1) if CUDA in providers else 1)
-        result.update(run(bundle, test, args.out, args.batch_size, devices, deadline))
+        result.update(run(bundle, test, args.out, args.batch_size, devices, deadline, args.pack_tokens))
     except MapbuildError as e:
         result["error"] = str(e)
     except Exception as e:  # noqa: BLE001 - the last guard: a bug is one line too, never a traceback

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from builder.cli import cli
 from runtime.data import read_rows
 
-from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, SHARED_TRAIN
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, SHARED_TRAIN, make_tiny
 from .test_dataset import by_hand, correct_by_hand
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -79,6 +79,47 @@ def test_tokens_report_matches_a_row_by_row_count(which, tmp_path, tiny_bert, re
     assert (lengths <= recommended).mean() >= 0.995 and recommended % 16 == 0
     random, sorted_ = (float(result.output.split(f"{k} ")[1].split("%")[0]) for k in ("random", "length-sorted"))
     assert sorted_ < random
+    assert "packing: does not apply to encoders" in result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_packing_at_size_0_counts_every_row_whole_and_one_pack_a_question_counts_each_head_once(tiny_llama):
+    from builder.tokens import pack_report, split_rows
+
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    rows = split_rows(df, str(tiny_llama), "context")
+    assert len(rows) == len(df) and df["QuestionId"].value_counts().min() > 1
+    r = pack_report(rows, (0, 4096, 10**9))
+    alone, usual, whole = r["packed"]
+    split = [len(h) + len(t) for h, t in rows]
+    assert alone["tokens_per_row"] == r["tokens_per_row"] == sum(split) / len(rows)
+    assert alone["attention_per_row"] == sum(n * n for n in split) / len(rows) and alone["attention_ratio"] == 1
+    # Counted independently: one pack a question holds its head once and every tail.
+    heads = {tuple(h) for h, _ in rows}
+    assert whole["packs"] == len(heads) == df["QuestionId"].nunique()
+    assert whole["tokens_per_row"] * len(rows) == sum(map(len, heads)) + sum(len(t) for _, t in rows)
+    assert usual["tokens_per_row"] < alone["tokens_per_row"] and usual["token_ratio"] > 1
+
+
+def test_tokens_cli_shows_packed_beside_unpacked_tokens_for_a_decoder(tiny_llama, tmp_path):
+    from builder.tokens import PACK_SIZES, split_rows
+
+    args = ["tokens", str(SAMPLE_TRAIN), "--model", str(tiny_llama), "--template", "context", "--plot", str(tmp_path / "l.png")]
+    text, as_json = CliRunner().invoke(cli, args), CliRunner().invoke(cli, [*args, "--json"])
+    assert text.exit_code == 0 and as_json.exit_code == 0, text.output + as_json.output
+    r = json.loads(as_json.output)
+    rows = split_rows(read_rows(SAMPLE_TRAIN), str(tiny_llama), "context")
+    unpacked = sum(len(h) + len(t) for h, t in rows) / len(rows)
+    assert [s["pack_tokens"] for s in r["packing"]["packed"]] == list(PACK_SIZES)
+    assert r["packing"]["packed"][0]["tokens_per_row"] == unpacked > r["packing"]["packed"][-1]["tokens_per_row"]
+    assert f"p50 {r['p50']:.0f}" in text.output and f"unpacked {unpacked:.1f} tokens/row" in text.output
+    table = text.output.split("--pack-tokens")[1].splitlines()[1:]
+    assert [line.split()[0] for line in table] == [str(n) for n in PACK_SIZES]
+    assert table[-1].split()[2] == f"{r['packing']['packed'][-1]['tokens_per_row']:.1f}"
 
 
 def test_sorted_batches_waste_less_padding_than_a_hand_count():

@@ -37,3 +37,12 @@ def test_gpu_config_states_its_plan_and_gpu(config):
     assert estimate([member])[0].seconds / 3600 == pytest.approx(hours, abs=1e-3)
     _, members = load_config(config)
     assert members[0].quantize == precision and members[0].config.model == alias
+
+
+@pytest.mark.parametrize(("config", "alias", "qlora"), [("gpu-qwen3-8b.toml", "qwen3-8b", False), ("gpu-qwen3-14b-qlora.toml", "qwen3-14b", True)])
+def test_qwen3_recipes_use_the_context_template_and_int4(config, alias, qlora):
+    _, (member,) = load_config(ROOT / "configs" / config)
+    spec = member.config
+    assert (spec.model, spec.template, spec.qlora, member.quantize) == (alias, "context", qlora, "int4")
+    assert spec.max_length == 320 and spec.gradient_checkpointing
+    assert spec.precision == ("auto" if qlora else "fp16")

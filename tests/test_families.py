@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 
 from builder.export import export
-from builder.infer import torch_logits, training_ids
+from builder.infer import torch_logits, training_ids, training_rows, whole
 from builder.merge import load_trained_model, merge
 from builder.models import FAMILIES, load_hf_tokenizer
 from builder.train import TrainConfig, train
 from runtime.data import read_rows
-from runtime.engine import encode, load_kernel_tokenizer, onnx_forward, run_batches
+from runtime.engine import onnx_forward
 from runtime.labels import LabelSpace
+from runtime.packing import PACKED, PACKED_INPUTS
+from runtime.predict import kernel_rows, prompts, run_rows
 from runtime.prompts import render
 
 from .conftest import SAMPLE_TRAIN, make_tiny
@@ -48,12 +50,20 @@ def merged_family(tmp_path_factory):
     return get
 
 
-def rows_ids(root, meta) -> list[list[int]]:
+def kernel_feed(root, meta) -> list:
+    """The kernel's rows of 24 sample prompts and the edge texts (as tails of a real head, for a packed member),
+    checked against training's tokenizer."""
     df = read_rows(SAMPLE_TRAIN, labelled=True).head(24)
-    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"]), meta.get("chat")) + EDGE_TEXTS
-    ids = encode(load_kernel_tokenizer(root / "onnx-fp32" / "tokenizer.json", meta["max_length"]), texts)
-    assert ids == training_ids(load_hf_tokenizer(str(root / "merged")), texts, meta["max_length"])
-    return ids
+    texts = prompts(meta, df, LabelSpace.from_json(meta["label_space"]))
+    texts += [(texts[0][0], t) for t in EDGE_TEXTS] if meta.get("inputs") == PACKED else EDGE_TEXTS
+    rows = kernel_rows(root / "onnx-fp32" / "tokenizer.json", meta, texts)
+    assert rows == training_rows(load_hf_tokenizer(str(root / "merged")), meta, texts)
+    return rows
+
+
+def onnx_logits(forward, meta, rows, batch_size, pack_tokens=4096):
+    """Through the graph as the kernel feeds it: packs of up to `pack_tokens` for a packed member (0: one row a pack)."""
+    return run_rows(forward, {**meta, "name": "onnx", "pack_tokens": pack_tokens}, rows, batch_size)
 
 
 # Quantized: a tiny random model's logits nearly tie, so the drift gate is forced off; its numbers are still
@@ -78,7 +88,10 @@ def test_family_exports_at_each_precision(merged_family, model_type, precision):
     if not (root / "onnx-fp32").exists():
         export(root / "merged", root / "onnx-fp32", "fp32", rows=32)
     meta = json.loads((root / "onnx-fp32" / "mapbuild.json").read_text())
-    ids, pad_id = rows_ids(root, meta), meta["pad_token_id"]
+    rows, pad_id = kernel_feed(root, meta), meta["pad_token_id"]
+    ids = whole(meta, rows)
+    decoder = FAMILIES[model_type].kind == "decoder"
+    assert (meta.get("inputs") == PACKED) == decoder  # decoders run packed, encoders padded
     if precision == "fp32":
         assert meta["drift"]["max_abs_logit_diff"] < 1e-4 and meta["drift"]["top1_agreement"] == 1.0
         lora = load_trained_model(root / "run")
@@ -88,16 +101,19 @@ def test_family_exports_at_each_precision(merged_family, model_type, precision):
         assert np.abs(torch_logits(lora, ids, pad_id, batch_size=16, sort=False) - batched).max() < 1e-4
         assert np.abs(torch_logits(merged, ids, pad_id, batch_size=1) - batched).max() < 1e-4
         forward = onnx_forward(root / "onnx-fp32" / "model.onnx")
-        onnx_batched = run_batches(forward, ids, pad_id, 16, sort=False)
-        assert np.abs(run_batches(forward, ids, pad_id, 1) - onnx_batched).max() < 1e-4
-        assert np.abs(onnx_batched - batched).max() < 1e-4
+        assert forward.inputs == (PACKED_INPUTS if decoder else ("input_ids", "attention_mask"))
+        onnx_batched = onnx_logits(forward, meta, rows, 16)
+        assert np.abs(onnx_logits(forward, meta, rows, 1, pack_tokens=0) - onnx_batched).max() < 1e-4
+        assert np.abs(onnx_batched - batched).max() < 1e-4  # packed ONNX against unpacked PyTorch
         return
     export(root / "merged", root / precision, precision, rows=32, force=True)
     drift = json.loads((root / precision / "mapbuild.json").read_text())["drift"]
     assert drift["rows"] == 32 and 0 < drift["max_abs_logit_diff"] < (0.05 if precision == "fp16" else 1.0), (precision, drift)
     forward = onnx_forward(root / precision / "model.onnx")
-    quantized = run_batches(forward, ids, pad_id, 16, sort=False)
-    assert np.abs(run_batches(forward, ids, pad_id, 1) - quantized).max() < TOLERANCE[precision], precision
+    quantized = onnx_logits(forward, meta, rows, 16)
+    assert np.abs(onnx_logits(forward, meta, rows, 1) - quantized).max() < TOLERANCE[precision], precision  # batch mates
+    if decoder:  # pack mates: int8 moves a row by up to 4.5e-3 here (batch mates: 0.0), within its 5.6e-3 from fp32
+        assert np.abs(onnx_logits(forward, meta, rows, 16, pack_tokens=0) - quantized).max() < 1e-2, precision
     if precision == "fp16":
         assert not fp16_fragile_nodes(root / precision / "model.onnx")
 

@@ -34,6 +34,29 @@ def test_aliases_resolve_to_wheels_or_hub_ids():
     assert minilm.gguf_file is None and (minilm.path.endswith("model"))
 
 
+@pytest.mark.parametrize(
+    ("alias", "hub_id", "family", "kind"),
+    [
+        ("qwen3-4b", "Qwen/Qwen3-4B", "qwen3", "decoder"),
+        ("qwen3-8b", "Qwen/Qwen3-8B", "qwen3", "decoder"),
+        ("qwen3-14b", "Qwen/Qwen3-14B", "qwen3", "decoder"),
+        ("qwen2.5-32b", "Qwen/Qwen2.5-32B-Instruct", "qwen2", "decoder"),
+        ("ettin-encoder-1b", "jhu-clsp/ettin-encoder-1b", "modernbert", "encoder"),
+        ("modernbert-large", "answerdotai/ModernBERT-large", "modernbert", "encoder"),
+        ("deberta-v3-large", "microsoft/deberta-v3-large", "deberta-v2", "encoder"),
+    ],
+)
+def test_the_winners_models_are_aliases(alias, hub_id, family, kind):
+    assert resolve(alias) == Source(hub_id)  # a hub id: nothing is downloaded until a stage loads it
+    assert ALIASES[alias].family == family and FAMILIES[family].kind == kind
+
+
+def test_which_winners_models_fit_a_t4():
+    assert fits_t4(ALIASES["qwen3-4b"].params_m, 16) and not fits_t4(ALIASES["qwen3-8b"].params_m, 16)
+    assert fits_t4(ALIASES["qwen3-8b"].params_m, 4)
+    assert not fits_t4(ALIASES["qwen2.5-32b"].params_m, 4)  # 15.3 GiB even in int4: not for one T4
+
+
 def test_unsupported_family_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(MapbuildError, match="family 'gpt2' is not supported"):

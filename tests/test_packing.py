@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from builder.chat import chat_parts
-from builder.infer import torch_logits
+from builder.infer import hf_encoder, torch_logits
 from builder.models import FAMILIES, load_hf_tokenizer
 from builder.packed import PackedClassifier, example_inputs, torch_packed_logits
 from runtime.data import read_rows
@@ -18,10 +18,6 @@ from .conftest import SAMPLE_TRAIN, make_tiny
 
 DECODERS = sorted(t for t, f in FAMILIES.items() if f.kind == "decoder")
 PACK_SIZES = (0, 96, 256, 4096)  # 0: every row alone; 4096: every question's rows in one pack
-
-
-def hf_encoder(tok):
-    return lambda texts, special: tok(list(texts), add_special_tokens=special)["input_ids"]
 
 
 def test_packs_group_rows_by_head_and_respect_the_budget():
@@ -88,3 +84,34 @@ def test_packed_logits_equal_unpacked_in_pytorch_and_onnx(family_model, model_ty
     assert kernel_rows == rows  # the kernel's tokenizer splits exactly as training's
     for size in PACK_SIZES:
         assert np.abs(run_packs(forward, rows, pad, size, 16) - unpacked).max() < 1e-4, size
+
+
+def test_a_decoder_bundle_runs_packed_and_scores_the_same_at_any_pack_size(tmp_path):
+    """train -> merge -> export -> package -> kernel on a tiny llama in the context template: the member is packed
+    from training on, and the kernel's pack size moves no score."""
+    from builder.export import export
+    from builder.merge import merge
+    from builder.package import package
+    from builder.train import TrainConfig, train
+    from runtime.labels import LabelSpace
+    from runtime.manifest import load_manifest, schema_problem
+    from runtime.packing import PACK_TOKENS, PACKED
+    from runtime.predict import predict
+
+    base = make_tiny("llama", tmp_path / "base")
+    train(TrainConfig(model=str(base), data=str(SAMPLE_TRAIN), epochs=1, lora_r=4, template="context"), tmp_path / "run")
+    merge(tmp_path / "run", tmp_path / "merged")
+    export(tmp_path / "merged", tmp_path / "onnx", "fp32", rows=32)
+    package([str(tmp_path / "onnx")], tmp_path / "bundle", "tester/packed", wheels=False)
+    manifest = load_manifest(tmp_path / "bundle")
+    member = manifest["members"][0]
+    assert (member["inputs"], member["pack_tokens"]) == (PACKED, PACK_TOKENS)
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    space = LabelSpace.from_json(manifest["label_space"])
+    packed, used = predict(tmp_path / "bundle", manifest, space, df)
+    alone, _ = predict(tmp_path / "bundle", manifest, space, df, pack_tokens=0)
+    assert used == [member["name"]] and np.abs(packed - alone).max() < 1e-5
+    assert member["mean_tokens"] < np.mean([len(h) + len(t) for h, t in split_ids(
+        kernel_encoder(load_kernel_tokenizer(tmp_path / "onnx" / "tokenizer.json", 256)),
+        render_parts(df, "context", space, member["chat"]), member["max_length"])])  # the plan counts packed tokens
+    assert "inputs 'ragged'" in schema_problem(manifest | {"members": [member | {"inputs": "ragged"}]})
