@@ -72,18 +72,17 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     from builder.export import export, held_out_rows
-    from builder.infer import training_ids
+    from builder.infer import training_rows, whole
     from builder.merge import merge
     from builder.models import load_hf_tokenizer
     from builder.package import package
     from builder.train import checkpoint_dir
     from runtime.data import labels_of
-    from runtime.engine import cpu_fallback, gpu_count, onnx_forward, pad, requested_providers, run_batches, softmax
+    from runtime.engine import cpu_fallback, gpu_count, onnx_forward, requested_providers, run_batches, softmax
     from runtime.labels import LabelSpace
     from runtime.manifest import load_manifest
     from runtime.metrics import masked_map3
-    from runtime.predict import predict
-    from runtime.prompts import render
+    from runtime.predict import predict, prompts, run_rows
 
     out = args.out
     flags = ["--model", args.model, "--data", str(args.data), "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
@@ -113,7 +112,8 @@ def main() -> None:
         return logits.float().cpu().numpy()
 
     start = time.perf_counter()
-    ids = training_ids(tok, render(rows, meta["template"], space, meta.get("chat")), meta["max_length"])
+    split = training_rows(tok, meta, prompts(meta, rows, space))  # (head, tail) for a packed decoder
+    ids = whole(meta, split)
     base = softmax(run_batches(forward, ids, meta["pad_token_id"], 32, sort=False, dedupe=False, desc=f"torch {dtype}"))
     base_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -122,10 +122,13 @@ def main() -> None:
     start = time.perf_counter()
     two, used_two = predict(out / "bundle", manifest, space, rows, devices=2)  # two workers on the one GPU
     two_s = time.perf_counter() - start
+    start = time.perf_counter()
+    alone, _ = predict(out / "bundle", manifest, space, rows, pack_tokens=0)  # the same graph, one row a pack
+    alone_s = time.perf_counter() - start
     # Did CUDA really engage? The providers asked for against the ones the session got, and where each node ran.
     member = manifest["members"][0]
     session = onnx_forward(out / "bundle" / member["files"]["model"], profile_first=True)
-    session(*pad(ids[:8], meta["pad_token_id"]))
+    run_rows(session, member, split[:8], 8)
     asked = [p[0] if isinstance(p, tuple) else p for p in requested_providers(ort.get_available_providers(), gpu_count())]
     big = None
     if args.big_params_m:
@@ -151,6 +154,8 @@ def main() -> None:
         "torch_map3": masked_map3(truth, base, labels, mask),
         "runtime_map3": masked_map3(truth, probs, labels, mask),
         "members_run": used,
+        "unpacked": {"rows_per_s": round(len(rows) / alone_s, 1), "packed_speedup": round(alone_s / run_s, 2),
+                     "max_abs_prob_diff": float(np.abs(alone - probs).max())},
         "two_workers": {"members_run": used_two, "rows_per_s": round(len(rows) / two_s, 1), "max_abs_prob_diff": float(np.abs(two - probs).max())},
         "node_providers": {p: dict(c) for p, c in session.placement.items()},
         "cpu_fallback": cpu_fallback(session.placement) if session.provider == "CUDAExecutionProvider" else None,

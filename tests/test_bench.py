@@ -36,6 +36,7 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     assert int(figures["resumed_from"].split("-")[1]) >= int(figures["killed_after"].split("-")[1]) >= 2
     assert figures["fp16_drift"]["rows"] > 0 and (tmp_path / "check" / "bundle" / "manifest.json").is_file()
     assert abs(figures["runtime_map3"] - figures["torch_map3"]) < 0.1  # fp16 ONNX against fp32 PyTorch, same rows
+    assert figures["unpacked"]["max_abs_prob_diff"] < 1e-2 and figures["unpacked"]["rows_per_s"] > 0  # same fp16 graph, one row a pack
     two = figures["two_workers"]
     assert two["members_run"] == figures["members_run"] and two["max_abs_prob_diff"] == 0.0 and two["rows_per_s"] > 0
     assert sum(figures["node_providers"]["CPUExecutionProvider"].values()) > 10 and figures["cpu_fallback"] is None
