@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from builder.folds import FoldSplit, load_labelled, split_fold
+from builder.folds import FoldSplit, load_labelled, scheme_of, split_fold
 from runtime.data import labels_of
 from runtime.knn import vote
 from runtime.metrics import masked_map3
@@ -44,7 +44,7 @@ def split_config() -> dict:
 
 def splits() -> list[FoldSplit]:
     c = split_config()
-    return [split_fold(c["data"], c["sample"], c["folds"], f, c["seed"], c["dedupe"]) for f in range(c["folds"])]
+    return [split_fold(c["data"], c["sample"], c["folds"], f, c["seed"], c["dedupe"], scheme=scheme_of(c)) for f in range(c["folds"])]
 
 
 def embed(texts: list[str], batch: int = 64) -> np.ndarray:

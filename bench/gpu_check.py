@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--big-params-m", type=float, default=560.0, help="millions of parameters of the over-2 GiB export (0: skip it)")
     parser.add_argument("--save-steps", type=int, default=50, help="checkpoint interval; the first run is killed after one")
     parser.add_argument("--force", action="store_true", help="package the fp16 export even past the drift gate")
+    parser.add_argument("--template", help="prompt template (default: the family's); issue 29 compares context against compact")
+    parser.add_argument("--pack-tokens", type=int, default=0, help="train a decoder packed (train --pack-tokens); its figures then hold train_rows_per_s packed")
     parser.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU")
     args = parser.parse_args()
 
@@ -88,6 +90,7 @@ def main() -> None:
     flags = ["--model", args.model, "--data", str(args.data), "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
              "--save-steps", str(args.save_steps), "--out", str(out / "run"), "--precision", "fp32" if args.cpu else args.precision]
     flags += ["--sample", str(args.sample)] if args.sample else []
+    flags += (["--template", args.template] if args.template else []) + (["--pack-tokens", str(args.pack_tokens)] if args.pack_tokens else [])
     killed_at = interrupt(flags, checkpoint_dir(out / "run"))
     resumed = subprocess.run([sys.executable, "-m", "builder", "train", *flags, "--resume"])
     if resumed.returncode:

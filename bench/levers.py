@@ -31,7 +31,7 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
 from builder.ensemble import fit_pool, select
-from builder.folds import assign_folds, load_labelled
+from builder.folds import assign_folds, load_labelled, scheme_of
 from runtime.data import labels_of
 from runtime.ensemble import FLOOR, combine, parts, pool
 from runtime.labels import LabelSpace, top3
@@ -56,7 +56,7 @@ def load(root: Path, names: list[str]) -> tuple[pd.DataFrame, list[np.ndarray], 
     shared = sorted(set.intersection(*(set(z["row_id"].tolist()) for z in oofs)))
     cfg = meta(root, names[0], 0)["config"]
     df = load_labelled(cfg["data"], cfg.get("sample"), cfg["seed"])
-    df = df.assign(_fold=assign_folds(df, cfg["folds"], cfg["seed"])).drop_duplicates("row_id").set_index("row_id", drop=False)
+    df = df.assign(_fold=assign_folds(df, cfg["folds"], cfg["seed"], scheme_of(cfg))).drop_duplicates("row_id").set_index("row_id", drop=False)
     rows = df.loc[shared]
     probs = [z["probs"][pd.Index(z["row_id"]).get_indexer(shared)] for z in oofs]
     spaces = {f: LabelSpace.from_json(meta(root, names[0], f)["label_space"]) for f in sorted(rows["_fold"].unique())}

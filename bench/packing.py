@@ -7,8 +7,9 @@ the largest logit difference, masked top-3 agreement, and MAP@3 for each.
 
     nice -n 15 python bench/packing.py --data ../shared/data/map/train.csv --rows 2000 --out /tmp/packing
 
-The head is random unless `--merged` names a merged SmolLM2 run (then MAP@3 means something): a random head still
-shows that every pack size gives the same logits, and the pace does not depend on the head. Writes figures.json.
+The head is random unless `--run` names a SmolLM2 run of `mapbuild train` (then MAP@3 means something, and the rows
+are drawn from those it did not train on, in its template): a random head still shows that every pack size gives
+the same logits, and the pace does not depend on the head. Writes figures.json.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import numpy as np
 from builder.chat import chat_parts
 from builder.export import to_onnx
 from builder.folds import load_labelled
+from builder.merge import load_trained_model
 from builder.models import load_classifier, load_hf_tokenizer, resolve
+from builder.stages import read_meta
+from builder.train import TrainConfig
 from runtime.data import labels_of
 from runtime.engine import load_kernel_tokenizer, onnx_forward
-from runtime.labels import fit_label_space, top3
+from runtime.labels import LabelSpace, fit_label_space, top3
 from runtime.metrics import masked_map3
 from runtime.packing import kernel_encoder, packed_tokens, run_packs, split_ids
 from runtime.prompts import render_parts
@@ -40,25 +44,32 @@ def main() -> None:
     ap.add_argument("--batch-rows", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=320)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run", type=Path, help="a SmolLM2 run folder of `mapbuild train` (default: a random head)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     import torch
 
     args.out.mkdir(parents=True, exist_ok=True)
     df = load_labelled(args.data)
-    space = fit_label_space(df)
-    rows_df = df.sample(n=min(args.rows, len(df)), random_state=args.seed)
     source = resolve("smollm2")
     tok = load_hf_tokenizer(source)
-    model_path = args.out / "smollm2-packed.onnx"
+    if args.run:
+        meta = read_meta(args.run, "run")
+        space, template, max_length, chat = LabelSpace.from_json(meta["label_space"]), meta["template"], meta["max_length"], meta["chat"]
+        trained = set(TrainConfig.recorded(meta["config"]).split()[1]["row_id"])
+        df = df[~df["row_id"].isin(trained)]  # held-out rows only: the run's fold and what its sample left out
+    else:
+        space, template, max_length, chat = fit_label_space(df), "context", args.max_length, chat_parts(tok)
+    rows_df = df.sample(n=min(args.rows, len(df)), random_state=args.seed)
+    model_path = args.out / ("run-packed.onnx" if args.run else "smollm2-packed.onnx")
     if not model_path.is_file():
         torch.manual_seed(args.seed)
-        model, _ = load_classifier(source, space.labels, tok.pad_token_id)
+        model = load_trained_model(args.run).merge_and_unload() if args.run else load_classifier(source, space.labels, tok.pad_token_id)[0]
         to_onnx(model.eval(), model_path, packed=True)
         del model
     tok.save_pretrained(args.out / "tokenizer")
-    kernel_tok = load_kernel_tokenizer(args.out / "tokenizer" / "tokenizer.json", args.max_length)
-    rows = split_ids(kernel_encoder(kernel_tok), render_parts(rows_df, "context", space, chat_parts(tok)), args.max_length)
+    kernel_tok = load_kernel_tokenizer(args.out / "tokenizer" / "tokenizer.json", max_length)
+    rows = split_ids(kernel_encoder(kernel_tok), render_parts(rows_df, template, space, chat), max_length)
     forward = onnx_forward(model_path, gpu=False)
     run_packs(forward, rows[:64], tok.pad_token_id, 0, args.batch_rows, desc="warm-up")
     allowed, truth = space.candidate_mask(rows_df), labels_of(rows_df).tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,19 @@ from runtime.labels import fit_label_space
 
 from .dataset import conflicts, exact_duplicates, with_correctness
 from .stages import REPORT, atomic_dir
+
+
+MIN_SHIFT_ROWS = 100  # fewer test rows than this make a length histogram of noise (Kaggle's public test has 3)
+
+
+def question_order(ids) -> list:
+    """Question ids as numbers sort (31772 before 109465), whatever their spelling; others after, as text."""
+    return sorted(set(ids), key=lambda q: (0, int(q), "") if str(q).isdigit() else (1, 0, str(q)))
+
+
+def cell(text: str, width: int = 160) -> str:
+    """Text for one Markdown table cell: on one line, its pipes escaped, shortened at a word (never mid-word)."""
+    return textwrap.shorten(str(text), width=width, placeholder=" …").replace("|", "\\|")
 
 
 def _pyplot():
@@ -38,12 +52,19 @@ def bar_plot(counts: pd.Series, title: str, path: Path) -> None:
 
 
 def per_question_plot(df: pd.DataFrame, path: Path) -> None:
+    """Rows per question and category as an annotated grid: a stacked bar hides the small categories
+    (False_Correct is 1% of rows) under the big ones."""
     plt = _pyplot()
-    table = pd.crosstab(df["QuestionId"], df["Category"])
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    table.plot.bar(stacked=True, ax=ax, width=0.8)
-    ax.set(title="Category per question", xlabel="QuestionId", ylabel="rows")
-    ax.legend(title="Category", bbox_to_anchor=(1.01, 1), loc="upper left")
+    from matplotlib.colors import LogNorm
+
+    table = pd.crosstab(df["QuestionId"], df["Category"]).reindex(question_order(df["QuestionId"]))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * table.shape[1], 1.2 + 0.36 * len(table)))
+    ax.imshow(table.to_numpy().clip(min=0.5), cmap="Blues", norm=LogNorm(vmin=0.5, vmax=max(float(table.to_numpy().max()), 1.0)), aspect="auto")
+    for (i, j), n in np.ndenumerate(table.to_numpy()):
+        ax.text(j, i, f"{n:,}", ha="center", va="center", fontsize=8, color="white" if n > table.to_numpy().max() / 8 else "black")
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=20, ha="right")
+    ax.set_yticks(range(len(table)), table.index)
+    ax.set(title="Rows per question and category (colour: log scale)", xlabel="Category", ylabel="QuestionId")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -54,9 +75,11 @@ def length_plot(groups: dict[str, pd.Series], title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     top = max(float(s.quantile(0.995)) for s in groups.values())
     for name, s in groups.items():
-        # Whole-word bins (2 wide) avoid the comb that fractional bins make of integer counts.
-        ax.hist(s.clip(upper=top), bins=np.arange(0, top + 3, 2), histtype="step", linewidth=1.5, density=True, label=f"{name} (median {s.median():.0f})")
-    ax.set(title=title, xlabel="words in StudentExplanation", ylabel="share of rows")
+        # Whole-word bins (2 wide) avoid the comb that fractional bins make of integer counts. Each row weighs
+        # 1/len, so a bar is the share of the group's rows in its bin (density=True would divide by the bin width).
+        ax.hist(s.clip(upper=top), bins=np.arange(0, top + 3, 2), weights=np.full(len(s), 1 / len(s)), histtype="step", linewidth=1.5,
+                label=f"{name} (median {s.median():.0f}, {len(s):,} rows)")
+    ax.set(title=title, xlabel="words in StudentExplanation (bins of 2; the last holds the top 0.5%)", ylabel="share of the group's rows")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -104,7 +127,7 @@ def figures(train: pd.DataFrame, test: pd.DataFrame | None = None) -> dict:
                 "misconceptions": space.misconceptions.get(q, []),
                 "candidates_per_row": sorted(int(c) for c in candidates[train["QuestionId"] == q].unique()),
             }
-            for q in sorted(train["QuestionId"].unique())
+            for q in question_order(train["QuestionId"])
         },
     }
     if test is not None:
@@ -131,18 +154,20 @@ def examples(train: pd.DataFrame, f: dict, limit: int = 20) -> str:
     bad = train[train["row_id"].isin(f["disagreeing_row_ids"])].head(limit)
     parts = []
     if len(bad):
-        shown = bad.assign(label=labels_of(bad))[["row_id", "QuestionId", "MC_Answer", "label", "StudentExplanation"]]
+        shown = bad.assign(label=labels_of(bad), StudentExplanation=bad["StudentExplanation"].map(cell), MC_Answer=bad["MC_Answer"].map(cell))
+        shown = shown[["row_id", "QuestionId", "MC_Answer", "label", "StudentExplanation"]]
         parts.append("Rows whose prefix contradicts correctness:\n\n" + shown.to_markdown(index=False))
     clashes = pd.DataFrame(f["conflict_examples"][:limit])
     if len(clashes):
-        shown = clashes.assign(labels=clashes["labels"].map(lambda d: ", ".join(f"{k} x{v}" for k, v in d.items())))
+        shown = clashes.assign(labels=clashes["labels"].map(lambda d: ", ".join(f"{k} x{v}" for k, v in d.items())),
+                               StudentExplanation=clashes["StudentExplanation"].map(cell), MC_Answer=clashes["MC_Answer"].map(cell))  # fmt: skip
         parts.append("Inputs with conflicting labels:\n\n" + shown[["QuestionId", "MC_Answer", "StudentExplanation", "labels"]].to_markdown(index=False))
     return "\n\n".join(["## Inconsistent labels", *parts]) if parts else ""
 
 
 def report_markdown(f: dict, train: pd.DataFrame, samples: int) -> str:
     q_rows = [
-        {"QuestionId": q, "rows": d["rows"], "correct answer": d["correct_answer"], "answers": len(d["answers"]),
+        {"QuestionId": q, "rows": d["rows"], "correct answer": cell(d["correct_answer"]), "answers": len(d["answers"]),
          "misconceptions": ", ".join(d["misconceptions"]) or "-", "candidates per row": ", ".join(map(str, d["candidates_per_row"]))}
         for q, d in f["questions_detail"].items()
     ]
@@ -164,13 +189,19 @@ def report_markdown(f: dict, train: pd.DataFrame, samples: int) -> str:
         examples(train, f),
         "## Sample rows",
     ]
-    for q, group in train.groupby("QuestionId"):
-        show = group.head(samples).assign(label=labels_of(group.head(samples)), StudentExplanation=lambda g: g["StudentExplanation"].str.slice(0, 160))
-        parts.append(f"### {q}: {group['QuestionText'].iloc[0][:200]}\n\n" + show[["MC_Answer", "StudentExplanation", "label"]].to_markdown(index=False))
+    groups = dict(list(train.groupby("QuestionId")))
+    for q in question_order(groups):
+        group = groups[q]
+        # A seeded random sample: the file's first rows of a question are not typical of it.
+        show = group.sample(min(samples, len(group)), random_state=0)
+        show = show.assign(label=labels_of(show), StudentExplanation=show["StudentExplanation"].map(cell), MC_Answer=show["MC_Answer"].map(cell))
+        title = textwrap.shorten(group["QuestionText"].iloc[0], width=200, placeholder=" …")
+        parts.append(f"### {q}: {title}\n\n" + show[["MC_Answer", "StudentExplanation", "label"]].to_markdown(index=False))
     if "test" in f:
         t = f["test"]
+        shift = "![length shift](length_shift.png)" if t["rows"] >= MIN_SHIFT_ROWS else f"(no length plot from {t['rows']} rows: it takes {MIN_SHIFT_ROWS})"
         parts.append(
-            f"## Test against train\n![length shift](length_shift.png)\n\n- test rows: {t['rows']}\n"
+            f"## Test against train\n{shift}\n\n- test rows: {t['rows']}\n"
             f"- rows of unseen questions: {t['unseen_question_rows']} ({', '.join(t['unseen_questions']) or 'none'})\n"
             f"- rows with an answer unseen for their question: {t['unseen_answer_rows']}\n"
             f"- rows that fall back to the whole label space: {t['full_label_space_rows']}\n"
@@ -190,7 +221,7 @@ def analyze(train_csv: str | os.PathLike, out: str | os.PathLike, test_csv: str 
         bar_plot(pd.Series(f["label"]), "Category:Misconception", tmp / "labels.png")
         per_question_plot(train, tmp / "per_question.png")
         length_plot({c: words(g) for c, g in train.groupby("Category")}, "Explanation length by category", tmp / "explanation_length.png")
-        if test is not None:
+        if test is not None and len(test) >= MIN_SHIFT_ROWS:
             length_plot({"train": words(train), "test": words(test)}, "Explanation length, test against train", tmp / "length_shift.png")
         (tmp / "report.md").write_text(report_markdown(f, train, samples))
         (tmp / "summary.json").write_text(json.dumps(f, indent=1, default=int))

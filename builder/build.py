@@ -116,7 +116,7 @@ def build_member(member: Member, dest: Path) -> tuple[Path, dict]:
     what = "full refit" if spec.full else f"fold {spec.fold}"
     metrics = KINDS[kind].build(name, spec, dest, quantize, force)
     score = f"MAP@3 {metrics['map3']:.4f}" if "map3" in metrics else "no held-out rows"
-    click.echo(f"== {name}, {what}: {score}")
+    click.echo(f"== {name}, {what}: {score}", err=True)  # progress: stdout is for results
     return dest / "onnx", metrics
 
 

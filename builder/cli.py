@@ -8,6 +8,7 @@ import os
 import platform
 import signal
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -32,6 +33,14 @@ class Group(click.Group):
     """Every command's MapbuildError becomes a one-line ClickException here, once; so does a full disk that no stage
     folder's writer named (stages.disk_full)."""
 
+    VERBOSITY = ("-v", "--verbose", "-q", "--quiet")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Take -v/-q anywhere before a `--`, as `mapbuild train -v ...` reads: they are the group's flags."""
+        end = args.index("--") if "--" in args else len(args)
+        flags = [a for a in args[:end] if a in self.VERBOSITY]
+        return super().parse_args(ctx, flags + [a for a in args[:end] if a not in self.VERBOSITY] + args[end:])
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -44,6 +53,14 @@ class Group(click.Group):
             if (full := disk_full(e, None)) is None:
                 raise
             raise click.ClickException(str(full)) from None
+
+
+# One --json for every command with a report (simonw/llm's style): the whole result on stdout, nothing else there.
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of text lines.")
+
+
+def echo_json(obj: object) -> None:
+    click.echo(json.dumps(obj, indent=1, default=str))
 
 
 def kaggle_ready(manifest: dict) -> str:
@@ -189,8 +206,10 @@ def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> 
 @click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), default=str(CUDA), show_default=True, help="CUDA major of the kernel image; picks the onnxruntime-gpu build.")
 @click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI (offline builds).")
 @click.option("--ensemble", type=click.Choice(METHODS), default="pool", show_default=True, help="Average member probabilities (prob), per-row ranks (rank) or log-probabilities (geo: a weighted geometric mean), or pool log-probabilities with member scales and label biases fitted per question (pool; geo for a question with under 100 out-of-fold rows).")
+@json_option
 def package(
-    onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, pythons: str, cuda: str, find_links: str | None, ensemble: str
+    onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, pythons: str, cuda: str, find_links: str | None, ensemble: str,
+    as_json: bool,
 ) -> None:
     """Package ONNX_DIRS with the runtime, a kernel notebook and onnxruntime wheels into a Kaggle dataset folder.
 
@@ -201,6 +220,19 @@ def package(
     from .package import package as run
 
     manifest = run(list(onnx_dirs), out, dataset_id, title, wheels, find_links, ensemble, tuple(pythons.split(",")), int(cuda))
+    if as_json:
+        size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+        keep = ("name", "weight", "oof_map3", "precision", "inputs", "pack_tokens")
+        return echo_json({
+            "bundle": str(out), "members": [{k: m[k] for k in keep if k in m} for m in manifest["members"]], "ensemble": manifest["ensemble"],
+            "files": len(manifest["files"]), "mib": round(size / 2**20, 1), "kaggle_ready": bool(manifest.get("wheels")),
+        })
+    echo_bundle(manifest, out)
+
+
+def echo_bundle(manifest: dict, out: str | os.PathLike) -> None:
+    """What `package` and `build` say of a bundle: each member's weight, what was dropped and why, the ensemble's
+    MAP@3, the size, and whether it can run on Kaggle."""
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     fmt = lambda x: "-" if x is None else f"{x:.4f}"
     for m in manifest["members"]:
@@ -218,17 +250,23 @@ def package(
 @click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--test", type=click.Path(dir_okay=False, exists=True), help="Test CSV to run (default: the embedded sample test rows).")
 @click.option("--image", type=click.Choice(list(IMAGES)), default=DEFAULT_IMAGE, show_default=True, help="Which Kaggle image the twin copies.")
-def verify(bundle_dir: str, test: str | None, image: str) -> None:
+@json_option
+def verify(bundle_dir: str, test: str | None, image: str, as_json: bool) -> None:
     """Run BUNDLE_DIR's own notebook in a twin of Kaggle's image, before you upload it.
 
     The twin has the image's Python and packages but no onnxruntime (the bundle brings it), no network, and
     torch, transformers, peft and the builder blocked; /kaggle/input and /kaggle/working are temporary folders.
     It fails if the notebook stops, if any member is skipped, if the submission is malformed, if a file differs
-    from the manifest, or, with labelled --test rows, if MAP@3 falls below the label prior's."""
+    from the manifest, or, with labelled --test rows, if MAP@3 falls below the label prior's. Without --test it
+    runs the embedded sample rows, and scores them only for a bundle trained on the sample's questions."""
     from .verify import verify as run
 
     r = run(bundle_dir, test, image)
+    if as_json:
+        return echo_json(r)
     map3 = f", MAP@3 {r['map3']:.4f} (label prior {r['prior_map3']:.4f})" if r["map3"] is not None else ""
+    if r["unscored"]:
+        map3 = f", unscored ({r['unscored']}: give --test with labelled rows of its data to score it)"
     click.echo(f"verified {bundle_dir} in the {image} twin: {r['rows']} rows, notebook {r['seconds']} s{map3}, checksums intact")
 
 
@@ -248,47 +286,80 @@ def upload(bundle_dir: str, message: str | None) -> None:
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--push", is_flag=True, help="Push the notebook to Kaggle to run on a T4 (otherwise only show it).")
-def kernel(bundle_dir: str, push: bool) -> None:
-    """Show BUNDLE_DIR's submission notebook settings; with --push, push it to run with a T4, internet off."""
-    from .publish import kernel as run
+@click.option("--wait", "wait_hours", type=float, is_flag=False, flag_value=10.0, default=None, metavar="[HOURS]", help="Wait for the run to end (up to 10 h, or --wait=H hours); exit 1 if it did not complete.")
+@click.option("--output", type=click.Path(file_okay=False), help="After --wait, fetch the run's output into this new folder and check it.")
+@click.option("--submit", "message", metavar="MESSAGE", help="After --wait, submit the run's submission.csv to the competition with this description.")
+def kernel(bundle_dir: str, push: bool, wait_hours: float | None, output: str | None, message: str | None) -> None:
+    """Show BUNDLE_DIR's submission notebook settings; with --push, push it to run with a T4, internet off.
 
-    meta = run(bundle_dir, push)
+    Then --wait polls the run until it ends, --output fetches its files, and --submit enters it in the
+    competition, as `kaggle kernels status`, `kernels output` and `competitions submit -k ... -v N` would."""
+    from .publish import round_trip
+
+    if (output or message) and not wait_hours:
+        raise MapbuildError("--output and --submit need a finished run: add --wait")
+    meta = round_trip(bundle_dir, push, (wait_hours or 0) * 3600, output, message)
     click.echo(
         f"kernel {meta['id']}: {meta['code_file']}, GPU {meta['enable_gpu']}, internet {meta['enable_internet']}, "
         f"datasets {', '.join(meta['dataset_sources'])}, competitions {', '.join(meta['competition_sources'])}"
-        + (f" -> pushed {meta['url']}" if push else " (not pushed: add --push)")
+        + (f" -> pushed {meta['url']} (version {meta['version']})" if push else " (not pushed: add --push)")
     )
+    for key, what in (("status", "run"), ("output", "output ->"), ("submitted", "submission:")):
+        if key in meta:
+            click.echo(f"{what} {meta[key]}")
 
 
 @cli.command()
-@click.argument("bundle_dir", required=False, type=click.Path(file_okay=False, exists=True))
+@click.argument("source", required=False, type=click.Path(exists=True))
 @click.option("--add", "extra", multiple=True, metavar="ALIAS[:PRECISION]", help="Also plan a registry model (e.g. qwen3-8b:int4; default fp16).")
-@click.option("--tokens", type=float, default=80.0, show_default=True, help="Mean prompt tokens per row for --add models.")
+@click.option("--tokens", type=float, default=80.0, show_default=True, help="Mean prompt tokens per row for --add models (and members whose tokenizer is not here).")
 @click.option("--rows", type=int, default=TEST_ROWS, show_default=True, help="Test rows to plan for.")
 @click.option("--gpus", type=int, default=2, show_default=True, help="GPUs sharing the rows.")
 @click.option("--efficiency", type=float, default=0.25, show_default=True, help="Share of the T4's peak FLOPs reached.")
-def plan(bundle_dir: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float) -> None:
-    """Estimate kernel time per member of BUNDLE_DIR (and --add models) on T4s against the 9-hour limit.
+@json_option
+def plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, as_json: bool) -> None:
+    """Estimate kernel time per member of SOURCE (a bundle folder, or a CONFIG.toml before training) and --add
+    models on T4s against the 9-hour limit.
 
     FLOPs are 2 x parameters x mean prompt tokens per row; the rate is the T4's peak for the member's precision
     (fp16 and int4 on tensor cores 65 TFLOPS, fp32 8.1) times --efficiency. What runs on the CPU (TF-IDF, and int8,
-    whose kernels onnxruntime's CUDA provider lacks) is planned at the rows/s it ran at on the build machine."""
-    from runtime.manifest import load_manifest
-
-    from .models import ALIASES
-
+    whose kernels onnxruntime's CUDA provider lacks) is planned at the rows/s it ran at on the build machine; for a
+    CONFIG.toml, whose members have not run, at their FLOPs on Kaggle's CPU, with tokens counted on their data."""
     if not 0 < efficiency <= 1 or gpus < 1 or rows < 0:
         raise MapbuildError("--efficiency must be in (0, 1], --gpus at least 1 and --rows not negative")
-    members = load_manifest(bundle_dir)["members"] if bundle_dir else []
+    echo_plan(source, extra, tokens, rows, gpus, efficiency, as_json)
+
+
+def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, as_json: bool) -> None:
+    """What `plan` and `build --dry-run` print: a table, or JSON, of each member's hours and weights."""
+    from runtime.manifest import load_manifest
+
+    from .forecast import planned_members
+    from .models import ALIASES
+
+    members, notes = [], []
+    if source and Path(source).is_file():
+        members, notes = planned_members(source, tokens)
+    elif source:
+        members = load_manifest(source)["members"]
     members += [added_member(spec, {a: m.params_m for a, m in ALIASES.items()}, tokens) for spec in extra]
     if not members:
-        raise MapbuildError("plan: give a BUNDLE_DIR or at least one --add ALIAS")
+        raise MapbuildError("plan: give a bundle folder, a CONFIG.toml or at least one --add ALIAS")
     plan = estimate(members, rows, gpus, efficiency)
-    table = [(e.name, m["precision"], e.device, f"{e.params / 1e6:.1f}M", f"{e.mean_tokens:.1f}", f"{e.seconds / 3600:.3f}") for m, e in zip(members, plan)]
     total = sum(e.seconds for e in plan)
+    if as_json:
+        return echo_json({
+            "rows": rows, "gpus": gpus, "efficiency": efficiency, "limit_hours": LIMIT_HOURS, "total_hours": total / 3600, "verdict": verdict(total),
+            "members": [{**asdict(e), "precision": m["precision"], "hours": e.seconds / 3600, "size_mib": m.get("size_mib")} for m, e in zip(members, plan)],
+            "notes": notes,
+        })
+    mib = lambda m: f"{m['size_mib']:.0f}" if "size_mib" in m else "-"  # noqa: E731
+    table = [(e.name, m["precision"], e.device, f"{e.params / 1e6:.1f}M", mib(m), f"{e.mean_tokens:.1f}", f"{e.seconds / 3600:.3f}") for m, e in zip(members, plan)]
     note = {"ok": "fits", "warn": f"inside the {MARGIN_HOURS:.0f} h safety margin", "over": "OVER the limit"}[verdict(total)]
-    table.append(("total", "", "", "", "", f"{total / 3600:.3f}"))
-    click.echo(tabulate(table, headers=("member", "precision", "runs on", "params", "tokens", "hours"), tablefmt="plain", disable_numparse=True))
+    table.append(("total", "", "", "", "", "", f"{total / 3600:.3f}"))
+    click.echo(tabulate(table, headers=("member", "precision", "runs on", "params", "MiB", "tokens", "hours"), tablefmt="plain", disable_numparse=True))
+    for n in notes:
+        click.echo(f"note: {n}")
     click.echo(f"{rows:,} rows, {gpus}x T4: {note}, limit {LIMIT_HOURS:.0f} h")
 
 
@@ -330,7 +401,7 @@ def analyze(train_csv: str, test: str | None, out: str, samples: int) -> None:
 @click.option("--no-chat-template", "chat", flag_value=False, default=True, help="Do not wrap prompts in the tokenizer's chat template.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for the padding figures.")
 @click.option("--plot", type=click.Path(dir_okay=False), default="token_lengths.png", show_default=True, help="Histogram PNG to write.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the text lines.")
+@json_option
 def tokens(data_csv: str, model: str, template: str, chat: bool, batch_size: int, plot: str, as_json: bool) -> None:
     """Token lengths of DATA_CSV's prompts: percentiles, truncation per max_length, a recommendation, padding waste.
 
@@ -488,13 +559,19 @@ def explain(model: str, data: str, row: int, max_new_tokens: int, temperature: f
 @click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), help="Override the kernel image's CUDA major.")
 @click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI.")
 @click.option("--ensemble", type=click.Choice(METHODS), help="Override how members combine.")
-def build(config: str, pythons: str | None, cuda: str | None, **overrides) -> None:
+@click.option("--dry-run", is_flag=True, help="Only print the members' kernel plan and weight sizes (as `plan CONFIG.toml`); train nothing.")
+def build(config: str, pythons: str | None, cuda: str | None, dry_run: bool, **overrides) -> None:
     """Run every stage from CONFIG.toml: train, merge and export each model, then package the bundle.
 
     Options given here replace the file's top-level keys."""
+    if dry_run:
+        return echo_plan(config, (), 80.0, TEST_ROWS, 2, 0.25, as_json=False)
+    from runtime.manifest import load_manifest
+
     from .build import build as run
 
-    run(config, python=pythons.split(",") if pythons else None, cuda=int(cuda) if cuda else None, **overrides)
+    bundle = run(config, python=pythons.split(",") if pythons else None, cuda=int(cuda) if cuda else None, **overrides)
+    echo_bundle(load_manifest(bundle), bundle)
 
 
 @cli.command()
@@ -503,7 +580,8 @@ def build(config: str, pythons: str | None, cuda: str | None, **overrides) -> No
 @click.option("--folds", "which", help="Train only these folds, comma-separated (default: all); finished folds are never redone.")
 @click.option("--full", is_flag=True, help="Then refit every recipe on all rows, weighted in ensembles by its folds' out-of-fold rows.")
 @click.option("--only", multiple=True, metavar="NAME", help="Train only this [[models]] recipe (repeatable); the report still covers all.")
-def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[str, ...]) -> None:
+@json_option
+def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[str, ...], as_json: bool) -> None:
     """Cross-validate every recipe of CONFIG.toml: train each missing fold, report MAP@3 per fold, mean and standard
     deviation, per question, and for the ensemble; write OUT/cv.json.
 
@@ -515,6 +593,8 @@ def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[
     except ValueError:
         raise click.BadParameter(f"{which!r}: give fold numbers such as 0,1", param_hint="--folds") from None
     report = run(config, out, folds, full, list(only) or None)
+    if as_json:
+        return echo_json(report)
     for name, r in report["recipes"].items():
         spread = f" ± {r['std']:.4f}" if r["std"] is not None else ""
         click.echo(f"{name:16s} folds {','.join(map(str, r['folds']))}: MAP@3 {r['mean']:.4f}{spread} ({', '.join(f'{x:.4f}' for x in r['fold_map3'])}) on {r['rows']} rows")
@@ -532,8 +612,8 @@ def demo(out: str) -> None:
     from .build import build as run
 
     bundle = run(DEMO, out=out)
-    click.echo(f"\nbundle:     {bundle}\nsubmission: {Path(out) / 'submission.csv'}")
-    click.echo(kaggle_ready(json.loads((bundle / "manifest.json").read_text())))
+    echo_bundle(json.loads((bundle / "manifest.json").read_text()), bundle)
+    click.echo(f"submission -> {Path(out) / 'submission.csv'}")
 
 
 @cli.command()
@@ -556,10 +636,17 @@ def env() -> None:
 
 
 @cli.command()
-def models() -> None:
+@json_option
+def models(as_json: bool) -> None:
     """List model aliases: hub id, family, size, and whether the weights fit one T4 (15 GiB) at fp16 and int4."""
     from .models import ALIASES, fits_t4, weights_gib
 
+    if as_json:
+        return echo_json([
+            {"alias": name, "hub_id": a.hub_id, "family": a.family, "params_m": a.params_m, "fp16_gib": round(weights_gib(a.params_m, 16), 2),
+             "t4_fp16": fits_t4(a.params_m, 16), "int4_gib": round(weights_gib(a.params_m, 4), 2), "t4_int4": fits_t4(a.params_m, 4), "wheel": a.wheel}
+            for name, a in ALIASES.items()
+        ])  # fmt: skip
     header = ("alias", "hub id", "family", "params", "fp16 GiB", "T4 fp16", "int4 GiB", "T4 int4", "weights from")
     rows = [
         (

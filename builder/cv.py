@@ -101,7 +101,7 @@ def cv(config: str | os.PathLike, out: str | None = None, folds: list[int] | Non
         for k in wanted:
             dest = fold_dir(root, m.name, k)
             if done(dest, fold_spec(m, k)):
-                click.echo(f"== {m.name}, fold {k}: done before, kept")
+                click.echo(f"== {m.name}, fold {k}: done before, kept", err=True)
                 continue
             build_member(m._replace(config=fold_spec(m, k)), dest)
         timing[m.name] = round(time.perf_counter() - start, 1)

@@ -19,15 +19,20 @@ from runtime.errors import MapbuildError
 from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
-from .folds import assign_folds, load_labelled
+from .folds import assign_folds, load_labelled, scheme_of
 from .kinds import KINDS
 from .stages import read_meta
 
 PER_FOLD = ("fold", "full", "oof")  # config keys that differ between the models of one recipe
-SPLIT = ("data", "folds", "seed", "sample")  # config keys every member must share for their rows to line up
+SPLIT = ("data", "folds", "seed", "sample", "fold_scheme")  # config keys every member must share for their rows to line up
 POOL_L2 = 1e-3  # on a pool's biases; in 5-fold CV, 0 to 1e-2 score within 0.0006 of each other (issue 16)
 POOL_MIN_ROWS = 100  # a question's rows to fit its 5-10 pool parameters on; with fewer, geo stands in for it
 log = logging.getLogger("mapbuild")
+
+
+def split_of(config: dict) -> tuple:
+    """The SPLIT values a recorded config trained on (a folder without `fold_scheme` used the legacy one)."""
+    return tuple(scheme_of(config) if k == "fold_scheme" else config.get(k) for k in SPLIT)
 
 
 def recipe(meta: dict) -> str:
@@ -105,7 +110,7 @@ def fit(onnx_dirs: list[str | os.PathLike], method: str = "geo") -> dict:
     question has POOL_MIN_ROWS shared rows."""
     metas = [read_meta(d, "onnx") for d in onnx_dirs]
     for d, m in zip(onnx_dirs, metas):
-        if any(m["config"].get(k) != metas[0]["config"].get(k) for k in SPLIT):
+        if split_of(m["config"]) != split_of(metas[0]["config"]):
             raise MapbuildError(f"{d}: trained on other rows than {onnx_dirs[0]} ({', '.join(SPLIT)} differ); ensemble members must share them")
     keys = list(dict.fromkeys(recipe(m) for m in metas))
     group = [keys.index(recipe(m)) for m in metas]
@@ -117,7 +122,7 @@ def fit(onnx_dirs: list[str | os.PathLike], method: str = "geo") -> dict:
     if shared:
         cfg = metas[0]["config"]
         df = load_labelled(cfg["data"], cfg.get("sample"), cfg["seed"])
-        df = df.assign(_fold=assign_folds(df, cfg["folds"], cfg["seed"])).drop_duplicates("row_id").set_index("row_id", drop=False)
+        df = df.assign(_fold=assign_folds(df, cfg["folds"], cfg["seed"], scheme_of(cfg))).drop_duplicates("row_id").set_index("row_id", drop=False)
         rows = df.loc[shared]
     if method == "pool" and (not shared or rows["QuestionId"].value_counts().max() < POOL_MIN_ROWS):
         log.warning("pool: no question has %d shared out-of-fold rows to fit it on; the geo blend instead", POOL_MIN_ROWS)

@@ -22,7 +22,7 @@ from runtime.labels import LabelSpace
 from runtime.metrics import masked_map3
 from runtime.predict import kernel_rows, prompts, run_rows
 
-from .folds import input_key, load_labelled, split_fold
+from .folds import input_key, load_labelled, scheme_of, split_fold
 from .models import FAMILIES, load_hf_tokenizer
 from .options import one_of
 from .stages import atomic_dir, read_meta, write_meta
@@ -37,7 +37,7 @@ def held_out_rows(meta: dict, n: int) -> pd.DataFrame:
     """Up to n real rows the model never trained on: its validation fold's, then, for a run on a --sample, the rows
     outside the sample whose input it never saw. A full refit has none, and checks its export on rows it trained on."""
     cfg = meta["config"]
-    split = split_fold(cfg["data"], cfg.get("sample"), cfg["folds"], None if cfg.get("full") else cfg["fold"], cfg["seed"], dedupe=False)
+    split = split_fold(cfg["data"], cfg.get("sample"), cfg["folds"], None if cfg.get("full") else cfg["fold"], cfg["seed"], dedupe=False, scheme=scheme_of(cfg))
     if not len(split.valid):
         return split.rows.head(n)
     if not cfg.get("sample") or len(split.valid) >= n:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -13,10 +14,20 @@ import pandas as pd
 from runtime.data import labels_of, read_rows
 from runtime.labels import LabelSpace, fit_label_space
 from runtime.metrics import masked_map3
-from runtime.predict import prior
 
 from .dataset import clean
-from .options import require
+from .options import one_of, require
+
+
+# How rows are dealt into folds. A stage folder written before `fold_scheme` existed used round-robin: `canonical`
+# and `scheme_of` read its absence as that, so its folds stay what they were.
+FOLD_SCHEMES = ("stratified-group", "round-robin")
+LEGACY_SCHEME = "round-robin"
+
+
+def scheme_of(config: dict) -> str:
+    """The fold scheme a recorded config used."""
+    return config.get("fold_scheme", LEGACY_SCHEME)
 
 
 def absolute(path: str) -> str:
@@ -38,6 +49,10 @@ class SplitConfig:
     sample: int | None = field(default=None, metadata={"help": "Use about N rows, drawn stratified by label with --seed (quick runs)."})
     oof: str | None = field(default=None, metadata={"help": "For a --full refit: its recipe's cross-validation oof.npz, which stands in for it in ensemble selection."})
     seed: int = field(default=42, metadata={"help": "Seed for the folds and the sample (and a transformer's initialisation and shuffling)."})
+    fold_scheme: str = field(default="stratified-group", metadata={
+        "help": "stratified-group: scikit-learn's StratifiedGroupKFold (each label's rows balanced across folds); round-robin: the scheme before 2026-12-03.",
+        "absent": LEGACY_SCHEME,
+    })  # fmt: skip
 
     def __post_init__(self) -> None:
         require(
@@ -46,6 +61,7 @@ class SplitConfig:
             (0 <= self.fold < self.folds, f"--fold must be in 0..{self.folds - 1}, got {self.fold}"),
             (self.sample is None or self.sample >= 2 * self.folds, f"--sample must be at least 2 x folds, got {self.sample}"),
         )
+        one_of(self.fold_scheme, FOLD_SCHEMES, "--fold-scheme")
         self.data, self.oof = absolute(self.data), self.oof and absolute(self.oof)
 
     @classmethod
@@ -53,7 +69,7 @@ class SplitConfig:
         """A stage folder's recorded config in the one form that `matches` and ensemble recipes compare: an option it
         does not record was added since the folder was written, and took its default then; `epochs = 3` in a TOML and
         `--epochs 3` (3.0) on the command line are one number."""
-        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        defaults = {f.name: f.metadata.get("absent", f.default) for f in fields(cls) if f.default is not MISSING}
         return {k: float(v) if type(v) is int else v for k, v in json.loads(json.dumps(defaults | recorded)).items()}
 
     def matches(self, recorded: dict) -> bool:
@@ -62,7 +78,12 @@ class SplitConfig:
 
     def split(self) -> FoldSplit:
         """This config's rows: its fold held out (none for a full refit), the training rows cleaned."""
-        return split_fold(self.data, self.sample, self.folds, None if self.full else self.fold, self.seed, self.dedupe, self.relabel)
+        return split_fold(self.data, self.sample, self.folds, None if self.full else self.fold, self.seed, self.dedupe, self.relabel, self.fold_scheme)
+
+    @classmethod
+    def recorded(cls, config: dict):
+        """The config a stage folder recorded, as it ran: an option it lacks took the value it had then."""
+        return cls(**{**{f.name: f.metadata["absent"] for f in fields(cls) if "absent" in f.metadata}, **config})
 
 
 def load_labelled(path: str, sample: int | None = None, seed: int = 42) -> pd.DataFrame:
@@ -82,9 +103,20 @@ def input_key(df: pd.DataFrame) -> pd.Series:
     return df["QuestionId"] + "\x1f" + df["MC_Answer"] + "\x1f" + df["StudentExplanation"]
 
 
-def assign_folds(df: pd.DataFrame, k: int, seed: int) -> np.ndarray:
-    """Fold of each row: stratified by label, with identical inputs kept in one fold so none leak."""
+def assign_folds(df: pd.DataFrame, k: int, seed: int, scheme: str = FOLD_SCHEMES[0]) -> np.ndarray:
+    """Fold of each row, with identical inputs kept in one fold so none leak, stratified by label: by scikit-learn's
+    StratifiedGroupKFold, or (round-robin) by dealing the label-sorted groups in turn."""
     key = input_key(df)
+    if scheme == "stratified-group":
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        fold = np.zeros(len(df), dtype=np.int64)
+        with warnings.catch_warnings():  # "The least populated class in y has only 1 members": true, and expected
+            warnings.simplefilter("ignore", UserWarning)
+            splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(df, labels_of(df), key)
+            for i, (_, held) in enumerate(splits):
+                fold[held] = i
+        return fold
     groups = pd.DataFrame({"key": key, "label": labels_of(df)}).drop_duplicates("key")
     groups = groups.sample(frac=1.0, random_state=seed).sort_values("label", kind="stable")
     fold_of = dict(zip(groups["key"], np.arange(len(groups)) % k))
@@ -100,11 +132,13 @@ class FoldSplit(NamedTuple):
     cleaning: dict  # what cleaning changed, for metrics.json
 
 
-def split_fold(data: str, sample: int | None, folds: int, fold: int | None, seed: int, dedupe: bool, relabel: bool = False) -> FoldSplit:
+def split_fold(
+    data: str, sample: int | None, folds: int, fold: int | None, seed: int, dedupe: bool, relabel: bool = False, scheme: str = FOLD_SCHEMES[0]
+) -> FoldSplit:
     """The rows every member trains and validates on: the same held-out fold for the same data, folds and seed, so
     an ensemble's members share their out-of-fold rows. `fold=None` trains on every row (the full refit)."""
     df = load_labelled(data, sample, seed)
-    held_out = assign_folds(df, folds, seed) == fold if fold is not None else np.zeros(len(df), dtype=bool)
+    held_out = assign_folds(df, folds, seed, scheme) == fold if fold is not None else np.zeros(len(df), dtype=bool)
     tr, va = df[~held_out], df[held_out]
     labels = sorted(labels_of(df).unique())
     space = fit_label_space(tr, labels)
@@ -135,7 +169,7 @@ def validate(probs: np.ndarray, rows: pd.DataFrame, space: LabelSpace, unmasked:
     truth, mask = labels_of(rows), space.candidate_mask(rows)
     scores = {
         "map3": masked_map3(truth, probs, space.labels, mask),
-        "map3_prior": masked_map3(truth, prior(space, len(rows)), space.labels, mask),
+        "map3_prior": masked_map3(truth, space.prior(len(rows)), space.labels, mask),
     }
     if unmasked:
         scores["map3_unmasked"] = masked_map3(truth, probs, space.labels, np.ones_like(mask))

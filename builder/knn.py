@@ -24,7 +24,7 @@ from .export import EXPORT_PRECISIONS, checked_kernel_rows, reference_model, wri
 from .folds import SplitConfig, check_rows, record_validation
 from .models import family_of, resolve
 from .options import one_of, require
-from .stages import atomic_dir, write_meta
+from .stages import atomic_dir, provenance, write_meta
 
 FILES = {"model": "model.onnx", "tokenizer": "tokenizer.json", "neighbours": "neighbours.npz"}
 DRIFT_ROWS = 256
@@ -97,6 +97,7 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
         write_meta(tmp, {
             "stage": "onnx",
             "kind": "knn",
+            "provenance": provenance(cfg.data, len(split.rows)),
             "run": str(Path(out).resolve()),  # its own out-of-fold file: there is no separate run folder
             "base_model": source.path,
             "model_type": "knn",

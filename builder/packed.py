@@ -1,4 +1,5 @@
-"""The packed forward pass of a decoder classifier in PyTorch: for export, training and validation alike.
+"""The packed forward pass of a decoder classifier in PyTorch, and its training batches: for export, training and
+validation alike.
 
 transformers uses a 4-D attention mask as it is given (masking_utils returns it untouched), so the model's own
 backbone runs a pack with runtime.packing's mask and positions; the classifier head then reads each row's last
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from runtime.errors import MapbuildError
-from runtime.packing import Row, pack_feed, run_packs
+from runtime.packing import Row, make_packs, pack_feed, run_packs
 
 
 def parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -31,7 +32,7 @@ def packed_logits_of(model, input_ids, position_ids, attention_mask, last) -> to
     if not dtype.is_floating_point:
         dtype = torch.float32
     additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(~attention_mask, torch.finfo(dtype).min)
-    hidden = backbone(input_ids=input_ids, attention_mask=additive, position_ids=position_ids).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=additive, position_ids=position_ids, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
     return head(hidden[rows, last])
 
@@ -63,3 +64,44 @@ def torch_packed_logits(model, rows: Sequence[Row], pad_id: int, pack_tokens: in
 
     return run_packs(forward, rows, pad_id, pack_tokens, batch_rows, desc=desc)
 
+
+
+def training_packs(rows: Sequence[Row], labels: Sequence[int], allowed: np.ndarray, pack_tokens: int, seed: int) -> list[dict]:
+    """Training items, one a pack: a head, the tails of its rows, their labels and candidate masks.
+
+    A question's rows go into packs in a seeded random order, not by length as the kernel packs them, so that a
+    pack is a sample of its question's rows rather than its explanations of one length. The packs stay fixed over
+    the epochs; the Trainer shuffles their order."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    packs = make_packs([rows[i] for i in order], pack_tokens, by_length=False)
+    items = []
+    for head, members in packs:
+        idx = [int(order[i]) for i in members]
+        items.append({"head": list(head), "tails": [rows[i][1] for i in idx], "labels": [int(labels[i]) for i in idx], "allowed": allowed[idx].tolist()})
+    return items
+
+
+def collate_packs(items: list[dict], pad_id: int, packed: bool = True) -> dict[str, torch.Tensor]:
+    """A training batch of `training_packs` items: the packed graph's inputs (runtime.packing.PACKED_INPUTS), with
+    `labels` [packs, slots] that are -100 in empty slots, so the Trainer's row count (num_items_in_batch) counts
+    rows. With `packed` False, the same rows whole, padded one a sequence: the unpacked twin of the same batch."""
+    rows = [(it["head"], t) for it in items for t in it["tails"]]
+    labels = [y for it in items for y in it["labels"]]
+    allowed = np.array([a for it in items for a in it["allowed"]], dtype=bool)
+    if not packed:
+        seqs = [h + t for h, t in rows]
+        ids = np.full((len(seqs), max(map(len, seqs))), pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = s, 1
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "labels": torch.tensor(labels), "allowed": torch.from_numpy(allowed)}
+    starts = np.cumsum([0] + [len(it["tails"]) for it in items])
+    packs = [(tuple(it["head"]), list(range(starts[k], starts[k + 1]))) for k, it in enumerate(items)]
+    feed = dict(zip(("input_ids", "position_ids", "attention_mask", "last"), map(torch.from_numpy, pack_feed(rows, packs, pad_id))))
+    slots = feed["last"].shape[1]
+    slot_labels = torch.full((len(items), slots), -100, dtype=torch.int64)
+    slot_allowed = torch.ones((len(items), slots, allowed.shape[1]), dtype=torch.bool)
+    for k, (_, members) in enumerate(packs):
+        slot_labels[k, : len(members)] = torch.tensor(labels[starts[k] : starts[k + 1]])
+        slot_allowed[k, : len(members)] = torch.from_numpy(allowed[starts[k] : starts[k + 1]])
+    return {**feed, "labels": slot_labels, "allowed": slot_allowed}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +42,25 @@ def read_meta(folder: str | os.PathLike, stage: str) -> dict:
     if meta.get("stage") != stage:
         raise MapbuildError(f"{folder}: is a '{meta.get('stage')}' folder, expected '{stage}'")
     return meta
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit of the code in `folder`, "+dirty" when its work tree has changes; None outside a git checkout."""
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(folder), *a], capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # noqa: E731
+        return run("rev-parse", "HEAD") + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(data: str | os.PathLike, rows: int) -> dict:
+    """What a training stage records to be reproduced and compared: package versions, the data file's sha256 and
+    the rows the run used of it (after --sample), and the code's git commit."""
+    from .package import versions
+
+    with open(data, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"versions": versions(), "data": {"path": str(data), "sha256": digest, "rows_used": rows}, "git_commit": git_commit(Path(__file__).parent)}
 
 
 def write_meta(folder: Path, meta: dict) -> None:

@@ -20,7 +20,7 @@ from runtime.tfidf import grams, tfidf_probs
 
 from .folds import SplitConfig, check_rows, record_validation
 from .options import require
-from .stages import atomic_dir, write_meta
+from .stages import atomic_dir, provenance, write_meta
 
 FILES = {"model": "model.onnx", "vocab": "tfidf.json"}  # the member folder, by role: what the bundle carries
 PAD_BIAS = -1e4  # logit of the padding classes of questions with fewer labels than the widest
@@ -147,6 +147,7 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
         write_meta(tmp, {
             "stage": "onnx",
             "kind": "tfidf",
+            "provenance": provenance(cfg.data, len(split.rows)),
             "run": str(Path(out).resolve()),  # its own out-of-fold file: there is no separate run folder
             "model_type": "tfidf",
             "precision": "fp32",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from runtime.data import labels_of
 from runtime.engine import softmax
 from runtime.errors import MapbuildError
 from runtime.labels import fit_label_space
-from runtime.packing import PACKED
+from runtime.packing import PACK_TOKENS, PACKED
 from runtime.predict import prompts
 from runtime.prompts import TEMPLATES
 
@@ -26,9 +28,10 @@ from .folds import SplitConfig, absolute, validate
 from .hardware import TRAIN_DTYPES, TRAIN_PRECISIONS, choose_precision, detect
 from .models import family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
 from .options import one_of, require
-from .stages import ADAPTER, FULL, atomic_dir, check_out, disk_full, size_of, write_meta
+from .stages import ADAPTER, FULL, atomic_dir, check_out, disk_full, provenance, size_of, write_meta
 
 log = logging.getLogger("mapbuild")
+REPORTERS = ("none", "tensorboard", "wandb")  # the module each integration imports is named as it is
 STATE = "trainer_state.json"  # the last file of a checkpoint the Trainer writes: one without it is partial
 
 
@@ -53,6 +56,8 @@ class TrainConfig(SplitConfig):
     chat_template: bool = field(default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template when it has one (instruct decoders)."})
     candidate_loss: bool = field(default=True, metadata={"help": "Softmax over each row's candidate labels only, the set the kernel's mask keeps."})
     save_steps: int = field(default=200, metadata={"help": "Checkpoint every N optimizer steps; `train --resume` continues from the last one."})
+    report_to: str = field(default="none", metadata={"help": f"Also log the run to {', '.join(REPORTERS[1:])} (the Trainer's own integrations), or none."})
+    pack_tokens: int = field(default=0, metadata={"help": "Decoders: train on packs of a question's rows behind their shared head, up to N tokens (0: each row alone). Exact, so a model trained packed runs unpacked and the other way round; one process only."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,26 +72,43 @@ class TrainConfig(SplitConfig):
             (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (0 <= self.warmup < 1, f"--warmup must be in [0, 1), got {self.warmup}"),
             (self.save_steps >= 1, f"--save-steps must be at least 1, got {self.save_steps}"),
+            (self.pack_tokens >= 0, f"--pack-tokens must be at least 0, got {self.pack_tokens}"),
         )
         one_of(self.precision, TRAIN_PRECISIONS, "--precision")
+        one_of(self.report_to, REPORTERS, "--report-to")
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise MapbuildError(f"--report-to {self.report_to}: the {self.report_to} package is not installed: pip install {self.report_to}")
         if self.template is not None:
             one_of(self.template, TEMPLATES, "--template")
         self.model = absolute(self.model) if Path(self.model).exists() else self.model  # an alias or hub id stays
 
 
-def save_curve(history: list[dict], path: Path) -> None:
-    """Training loss per step as a PNG."""
+def save_curve(history: list[dict], valid: list[dict], path: Path) -> None:
+    """Training loss per epoch, raw and smoothed, beside the validation MAP@3 after each epoch, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    pts = [(h["epoch"], h["loss"]) for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     if pts:
-        ax.plot(*zip(*pts), marker=".")
-    ax.set(xlabel="step", ylabel="training loss", title="Training curve")
+        epoch, loss = map(np.asarray, zip(*pts))
+        ax.plot(epoch, loss, color="tab:blue", alpha=0.3, linewidth=1, label="training loss")
+        ax.plot(epoch, pd.Series(loss).ewm(alpha=0.2).mean(), color="tab:blue", label="smoothed (EMA, alpha 0.2)")
+    ax.set(xlabel="epoch", ylabel="training loss", title="Training curve")
     ax.grid(alpha=0.3)
+    if valid:
+        right = ax.twinx()
+        right.plot([v["epoch"] for v in valid], [v["map3"] for v in valid], "o-", color="tab:orange", label="validation MAP@3")
+        right.axhline(valid[-1]["map3_prior"], color="tab:orange", linestyle=":", label="label prior's MAP@3")
+        right.set_ylabel("validation MAP@3")
+        for v in valid:
+            right.annotate(f"{v['map3']:.4f}", (v["epoch"], v["map3"]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        lines = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+        ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="best")
+    elif pts:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -111,11 +133,18 @@ def candidate_trainer():
     import torch
     from transformers import Trainer
 
+    from .packed import packed_logits_of
+
     class CandidateTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             allowed, labels = inputs.pop("allowed"), inputs.pop("labels")
-            outputs = model(**inputs)
-            logits = outputs.logits.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+            if "last" in inputs:  # a batch of packs (builder.packed.collate_packs): logits [packs, slots, labels]
+                filled = labels >= 0
+                outputs = {"logits": packed_logits_of(model, **inputs)[filled]}
+                allowed, labels = allowed[filled], labels[filled]
+            else:
+                outputs = model(**inputs)
+            logits = outputs["logits"].float().masked_fill(~allowed, torch.finfo(torch.float32).min)
             # The Trainer leaves the division by accumulation steps to the loss exactly when it hands over the rows
             # of the whole accumulated batch (num_items_in_batch): then it is a sum over them, else a batch mean.
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -129,6 +158,24 @@ def candidate_trainer():
             return (loss, outputs) if return_outputs else loss
 
     return CandidateTrainer
+
+
+def epoch_validation(score, epochs: float):
+    """A TrainerCallback that records the validation MAP@3 after each whole epoch but the last (which the run
+    validates anyway), on the main process, for the training curve. `score()` returns validate()'s figures."""
+    from transformers import TrainerCallback
+
+    class EpochValidation(TrainerCallback):
+        def __init__(self) -> None:
+            self.points: list[dict] = []
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero and state.epoch < epochs - 1e-6:
+                model.eval()
+                self.points.append({"epoch": round(state.epoch, 3), **score()})
+                model.train()
+
+    return EpochValidation()
 
 
 def checkpoint_dir(out: str | os.PathLike) -> Path:
@@ -161,10 +208,27 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     from .infer import torch_logits, training_rows, whole
+    from .packed import collate_packs, torch_packed_logits, training_packs
 
     CandidateTrainer = candidate_trainer()
 
+    if cfg.pack_tokens and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The packed forward calls the backbone itself, past DDP's forward, so DDP would not average its gradients.
+        raise MapbuildError("--pack-tokens trains on one process: give --pack-tokens 0 under torchrun or accelerate")
     df, tr, va, labels, space_tr, cleaning = cfg.split()
+    # The model first: a mistyped alias or an option the model cannot take stops before OUT.checkpoints is made.
+    source = resolve(cfg.model)
+    model_type, family = family_of(source)
+    template = cfg.template or family.template
+    max_length = cfg.max_length or family.max_length
+    tok = load_hf_tokenizer(source)
+    chat = chat_parts(tok) if cfg.chat_template else None
+    # How its rows become tokens, as the kernel will do it: a causal decoder's as (head, tail), which the kernel
+    # packs behind the shared head; a bidirectional encoder's whole (packing is not exact for it).
+    prompting = {"template": template, "chat": chat, "max_length": max_length, **({"inputs": PACKED} if family.kind == "decoder" else {})}
+    if cfg.pack_tokens and family.kind != "decoder":
+        raise MapbuildError(f"--pack-tokens: {model_type} is a bidirectional encoder, and packing is exact for causal decoders only; give --pack-tokens 0")
+
     ckpt = checkpoint_dir(out)
     recipe = ckpt / "config.json"
     last = last_checkpoint(ckpt)
@@ -180,23 +244,22 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
             shutil.rmtree(ckpt)  # an earlier crash's partial checkpoints and options must not leak into this run
         ckpt.mkdir(parents=True, exist_ok=True)
         recipe.write_text(json.dumps(asdict(cfg), indent=1))
-    source = resolve(cfg.model)
-    model_type, family = family_of(source)
-    template = cfg.template or family.template
-    max_length = cfg.max_length or family.max_length
-    tok = load_hf_tokenizer(source)
-    chat = chat_parts(tok) if cfg.chat_template else None
-    # How its rows become tokens, as the kernel will do it: a causal decoder's as (head, tail), which the kernel
-    # packs behind the shared head; a bidirectional encoder's whole (packing is not exact for it).
-    prompting = {"template": template, "chat": chat, "max_length": max_length, **({"inputs": PACKED} if family.kind == "decoder" else {})}
-
-    def encode(rows: pd.DataFrame) -> list[list[int]]:
-        return whole(prompting, training_rows(tok, prompting, prompts(prompting, rows, space_tr)))
+    def rows_of(frame: pd.DataFrame) -> list:
+        return training_rows(tok, prompting, prompts(prompting, frame, space_tr))
 
     y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).to_numpy()
     allowed = space_tr.candidate_mask(tr) if cfg.candidate_loss else np.ones((len(tr), len(labels)), dtype=bool)
     allowed[np.arange(len(tr)), y] = True  # the few rows whose label contradicts their answer's correctness
-    train_set = [{"input_ids": ids, "labels": int(t), "allowed": a.tolist()} for ids, t, a in zip(encode(tr), y, allowed)]
+    rows_tr = rows_of(tr)
+    if cfg.pack_tokens:
+        train_set = training_packs(rows_tr, y, allowed, cfg.pack_tokens, cfg.seed)
+        # Packs per device step, so that a step still holds about --batch-size rows, as an unpacked step does.
+        per_device = max(1, round(cfg.batch_size * len(train_set) / len(tr)))
+        tokens = sum(len(it["head"]) + sum(map(len, it["tails"])) for it in train_set)
+        collator = partial(collate_packs, pad_id=tok.pad_token_id)
+    else:
+        train_set = [{"input_ids": ids, "labels": int(t), "allowed": a.tolist()} for ids, t, a in zip(whole(prompting, rows_tr), y, allowed)]
+        per_device, tokens, collator = cfg.batch_size, sum(len(r["input_ids"]) for r in train_set), DataCollatorWithPadding(tok)
     hw = detect()
     precision = choose_precision(hw, cfg.precision)
     torch.manual_seed(cfg.seed)
@@ -222,7 +285,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     args = TrainingArguments(
         output_dir=str(ckpt),
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=per_device,
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing,
         use_cpu=hw.device == "cpu",  # also what makes torchrun on CPU start gloo DDP
@@ -232,25 +295,38 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup,
         weight_decay=0.01,
-        train_sampling_strategy="group_by_length",
-        logging_steps=max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum) // 20),
+        # Rows of similar lengths share a batch; packs are all about --pack-tokens long, so random order costs nothing.
+        train_sampling_strategy="random" if cfg.pack_tokens else "group_by_length",
+        logging_steps=max(1, len(train_set) // (per_device * cfg.grad_accum) // 20),
         save_strategy="steps",
         save_steps=cfg.save_steps,  # the Trainer also saves at the last step: the adapter is safe before validation
         save_total_limit=1,
         remove_unused_columns=False,  # keeps `allowed` for the loss
-        report_to="none",
+        report_to=cfg.report_to,
         seed=cfg.seed,
         disable_tqdm=False,
     )
-    trainer = CandidateTrainer(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tok))
+    rows_va = rows_of(va) if len(va) else []
+
+    def score() -> tuple[np.ndarray, dict]:
+        # As the kernel runs the member: packed at its default pack size (exact, and the head computed once a pack).
+        if prompting.get("inputs") == PACKED:
+            logits = torch_packed_logits(model, rows_va, tok.pad_token_id, PACK_TOKENS, desc="validate")
+        else:
+            logits = torch_logits(model, whole(prompting, rows_va), tok.pad_token_id, desc="validate")
+        probs = softmax(logits)
+        return probs, validate(probs, va, space_tr, unmasked=not cfg.candidate_loss)
+
+    each_epoch = epoch_validation(lambda: score()[1], cfg.epochs)
+    trainer = CandidateTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=[each_epoch] if len(va) else None)
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=last if resume else None)
     except Exception as e:
-        partial = [p for p in ckpt.glob("checkpoint-*") if not (p / STATE).is_file()]
-        if (full := disk_full(e, ckpt, sum(map(size_of, partial)))) is None:
+        cut = [p for p in ckpt.glob("checkpoint-*") if not (p / STATE).is_file()]
+        if (full := disk_full(e, ckpt, sum(map(size_of, cut)))) is None:
             raise
-        for p in partial:  # the checkpoint the disk cut short; the last whole one stays for --resume
+        for p in cut:  # the checkpoint the disk cut short; the last whole one stays for --resume
             shutil.rmtree(p, ignore_errors=True)
         raise full from None
     seconds = time.perf_counter() - start
@@ -263,24 +339,27 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         "rows_valid": len(va),
         "train_seconds": round(seconds, 1),
         "train_rows_per_s": round(len(tr) * cfg.epochs / seconds, 2),
+        "train_tokens_per_row": round(tokens / max(len(tr), 1), 1),  # packed: the head once a pack
         "resumed_from": Path(last).name if resume else None,
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
     }
     probs = np.zeros((0, len(labels)), dtype=np.float32)
     if len(va):
-        probs = softmax(torch_logits(model, encode(va), tok.pad_token_id, desc="validate"))
-        metrics.update(validate(probs, va, space_tr, unmasked=not cfg.candidate_loss))
+        probs, scores = score()
+        metrics.update(scores)
+        metrics["valid_curve"] = each_epoch.points + [{"epoch": cfg.epochs, **scores}]
         if warning := learned_little(metrics):
             log.warning(warning)
     with atomic_dir(out, "run") as tmp:
         model.save_pretrained(tmp / (ADAPTER if cfg.lora_r else FULL))
         tok.save_pretrained(tmp / "tokenizer")
         np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs.astype(np.float32))
-        save_curve(trainer.state.log_history, tmp / "training_curve.png")
+        save_curve(trainer.state.log_history, metrics.get("valid_curve", []), tmp / "training_curve.png")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         write_meta(tmp, {
             "stage": "run",
+            "provenance": provenance(cfg.data, len(df)),
             "base_model": source.path,
             "gguf_file": source.gguf_file,
             "model_type": model_type,

@@ -13,7 +13,6 @@ from runtime.errors import MapbuildError
 from runtime.labels import LabelSpace
 from runtime.manifest import check_files, hash_tree, load_manifest
 from runtime.metrics import masked_map3
-from runtime.predict import prior
 from runtime.submission import check_submission
 
 from .twin import DEFAULT_IMAGE, IMAGES, run_notebook
@@ -30,12 +29,33 @@ def check_tree(bundle: Path, manifest: dict) -> list[str]:
 def prior_map3(manifest: dict, df: pd.DataFrame) -> float:
     """MAP@3 of the training label prior through the kernel's mask: the floor any model must beat."""
     space = LabelSpace.from_json(manifest["label_space"])
-    return masked_map3(labels_of(df), prior(space, len(df)), space.labels, space.candidate_mask(df))
+    return masked_map3(labels_of(df), space.prior(len(df)), space.labels, space.candidate_mask(df))
+
+
+def own_questions(manifest: dict, df: pd.DataFrame) -> bool:
+    """Whether every row's question is one the bundle trained on: the embedded sample's invented questions are
+    not, for a bundle of the real data, and its MAP@3 there would judge the bundle by rows it never could know."""
+    return set(df["QuestionId"]) <= set(manifest["label_space"]["correct"])
+
+
+def probe_rows(manifest: dict, sample: pd.DataFrame) -> pd.DataFrame:
+    """Unlabelled rows of the bundle's own questions, one per answer it saw, with the sample's explanations: the
+    kernel refuses a file whose every question is unknown, and these exercise every question's mask. The label
+    space keeps no question text, so it is blank; the rows check the notebook and are never scored."""
+    space = manifest["label_space"]
+    pairs = [(q, a) for q in sorted(space["answers"]) for a in sorted(space["answers"][q])]
+    texts = sample["StudentExplanation"].tolist()
+    return pd.DataFrame({
+        "row_id": [str(900000 + i) for i in range(len(pairs))], "QuestionId": [q for q, _ in pairs], "QuestionText": "",
+        "MC_Answer": [a for _, a in pairs], "StudentExplanation": [texts[i % len(texts)] for i in range(len(pairs))],
+    })  # fmt: skip
 
 
 def verify(bundle: str | os.PathLike, test: str | os.PathLike | None = None, image: str = DEFAULT_IMAGE) -> dict:
     """Run the bundle's notebook in the twin of `image` and check what it wrote; with labelled test rows, its
-    MAP@3 must reach the label prior's."""
+    MAP@3 must reach the label prior's. Without `test` it runs the embedded sample rows, scored, for a bundle trained
+    on the sample's questions; any other bundle runs probe rows of its own questions, unscored: they check the
+    notebook, as Kaggle's three public rows do."""
     bundle = Path(bundle).resolve()
     manifest = load_manifest(bundle)
     df = read_rows(test or SAMPLE_TEST)
@@ -43,8 +63,13 @@ def verify(bundle: str | os.PathLike, test: str | os.PathLike | None = None, ima
     if problems:
         raise MapbuildError(f"{bundle}: {problems[0]} ({len(problems)} problem(s)); package it again")
     where = f"the {image} twin (Python {IMAGES[image].python})"
+    unscored = test is None and not own_questions(manifest, df)
     with tempfile.TemporaryDirectory(prefix="mapbuild-verify-") as tmp:
-        run = run_notebook(bundle, Path(test or SAMPLE_TEST).resolve(), Path(tmp), image)
+        rows = Path(test or SAMPLE_TEST).resolve()
+        if unscored:  # without labels the kernel scores nothing
+            df, rows = probe_rows(manifest, df), Path(tmp) / "rows.csv"
+            df.to_csv(rows, index=False)
+        run = run_notebook(bundle, rows, Path(tmp) / "twin", image)
         if run.returncode:
             raise MapbuildError(f"verify: the notebook stopped in {where}: {run.last_line}")
         if run.submission is None or run.result is None:
@@ -54,7 +79,8 @@ def verify(bundle: str | os.PathLike, test: str | os.PathLike | None = None, ima
         problems = check_submission(run.submission, df["row_id"].tolist()) + check_tree(bundle, manifest)
         if problems:
             raise MapbuildError(f"verify: {problems[0]}")
-    result = {"image": image, "rows": run.result["rows"], "seconds": round(run.seconds, 1), "members_run": run.result["members_run"], "map3": run.result["map3"], "prior_map3": None}
+    result = {"image": image, "rows": run.result["rows"], "seconds": round(run.seconds, 1), "members_run": run.result["members_run"], "map3": run.result["map3"], "prior_map3": None,
+              "unscored": f"the embedded sample's questions are not this bundle's, so it ran {len(df)} probe rows of its own" if unscored else None}
     if result["map3"] is not None:
         result["prior_map3"] = prior_map3(manifest, df)
         if result["map3"] < result["prior_map3"]:

@@ -29,6 +29,12 @@ class LabelSpace:
     def from_json(cls, d: dict) -> "LabelSpace":
         return cls(**{k: d[k] for k in ("labels", "correct", "answers", "misconceptions", "counts")})
 
+    def prior(self, rows: int) -> np.ndarray:
+        """Training label frequencies (add-one) for every row: the floor a model must beat, and the kernel's answer
+        when no model is left; the candidate mask makes them per question and correctness."""
+        p = np.asarray(self.counts, dtype=np.float32) + 1.0
+        return np.tile(p / p.sum(), (rows, 1))
+
     def is_correct(self, df: pd.DataFrame) -> pd.Series:
         """True/False where the question's correct answer is known, None elsewhere."""
         correct = df["QuestionId"].map(self.correct)

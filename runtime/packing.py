@@ -58,15 +58,17 @@ def split_ids(encode: Encode, parts: Sequence[tuple[str, str]], max_length: int)
     return out
 
 
-def make_packs(rows: Sequence[Row], pack_tokens: int) -> list[tuple[tuple[int, ...], list[int]]]:
-    """(head, row indices) per pack: the rows of one head, shortest tails first, as many as fit in `pack_tokens`
-    (a pack holds at least one row; 0 packs every row alone, which is the unpacked run)."""
+def make_packs(rows: Sequence[Row], pack_tokens: int, by_length: bool = True) -> list[tuple[tuple[int, ...], list[int]]]:
+    """(head, row indices) per pack: the rows of one head, shortest tails first (in input order without
+    `by_length`), as many as fit in `pack_tokens` (a pack holds at least one row; 0 packs every row alone, which is
+    the unpacked run)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (head, _) in enumerate(rows):
         groups.setdefault(tuple(head), []).append(i)
     packs = []
     for head, members in groups.items():
-        members.sort(key=lambda i: len(rows[i][1]))
+        if by_length:
+            members.sort(key=lambda i: len(rows[i][1]))
         current: list[int] = []
         used = len(head)
         for i in members:

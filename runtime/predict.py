@@ -104,12 +104,6 @@ def tfidf_member_probs(
 SCORERS = {"transformer": transformer_probs, "tfidf": tfidf_member_probs, "knn": knn_member_probs}
 
 
-def prior(space: LabelSpace, rows: int) -> np.ndarray:
-    """Training label frequencies for every row; the candidate mask makes them per question and correctness."""
-    p = np.asarray(space.counts, dtype=np.float32) + 1.0
-    return np.tile(p / p.sum(), (rows, 1))
-
-
 # A member with more rows of NaN or inf scores than this is numerically broken (fp16 overflow in every long row,
 # say), and its finite rows are not to be trusted either; a few bad rows are bad luck, and cost only those rows.
 MAX_BAD_ROWS = 0.01
@@ -126,7 +120,7 @@ def checked(p: np.ndarray, rows: int, space: LabelSpace, name: str) -> np.ndarra
     if bad.any():
         log.error("member %s: %d of %d rows have NaN or inf scores; they get the label prior's", name, bad.sum(), len(p))
         p = p.copy()
-        p[bad] = prior(space, int(bad.sum()))
+        p[bad] = space.prior(int(bad.sum()))
     return p
 
 
@@ -180,7 +174,7 @@ def predict(
         used.append(m["name"])
     if not used:
         log.error("NO MEMBER LEFT: predicting the training label prior per question and correctness")
-        return prior(space, len(df)), used
+        return space.prior(len(df)), used
     method = manifest.get("ensemble", {}).get("method", "prob")
     if method == "pool":
         if len(used) == len(manifest["members"]):

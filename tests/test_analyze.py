@@ -37,7 +37,8 @@ def test_analyze_writes_a_report_with_correct_figures(which, tmp_path, request):
 
     report = (out / "report.md").read_text()
     plots = sorted(p.name for p in out.glob("*.png"))
-    assert plots == sorted(["categories.png", "misconceptions.png", "labels.png", "per_question.png", "explanation_length.png", "length_shift.png"])
+    assert plots == sorted(["categories.png", "misconceptions.png", "labels.png", "per_question.png", "explanation_length.png"])
+    assert f"(no length plot from {len(read_rows(test))} rows: it takes 100)" in report  # 16 sample and 3 public test rows
     for name in plots:
         assert f"]({name})" in report and (out / name).read_bytes()[:8] == PNG and (out / name).stat().st_size > 5000
 
@@ -48,6 +49,30 @@ def test_analyze_writes_a_report_with_correct_figures(which, tmp_path, request):
     assert {q: d["candidates_per_row"] for q, d in f["questions_detail"].items()} == candidates_by_hand(df)
     assert sum(f["label"].values()) == len(df) and f["test"]["rows"] == len(read_rows(test))
     assert f"{copies} exact duplicates" in result.output
+    questions = list(f["questions_detail"])
+    assert questions == sorted(questions, key=int) and [line.split(":")[0] for line in report.splitlines() if line.startswith("### ")] == [f"### {q}" for q in questions]
+
+
+def test_report_tables_survive_newlines_and_pipes_and_sample_rows_at_random(tmp_path):
+    import re
+
+    from builder.analyze import cell, question_order
+
+    assert cell("two\nlines | and a pipe") == "two lines \\| and a pipe"
+    assert cell("word " * 50, width=22) == "word word word word …"  # cut between words
+    assert question_order(["109465", "31772", "x"]) == ["31772", "109465", "x"]
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    df.loc[df.index[0], "StudentExplanation"] = "first line\nsecond | line"
+    df.to_csv(tmp_path / "train.csv", index=False)
+    for samples in ("1000", "2"):
+        assert CliRunner().invoke(cli, ["analyze", str(tmp_path / "train.csv"), "--out", str(tmp_path / samples), "--samples", samples]).exit_code == 0
+    everything = (tmp_path / "1000" / "report.md").read_text()
+    assert "first line second \\| line" in everything
+    for block in re.findall(r"(?:^\|.*\n)+", everything, flags=re.M):  # each table: every line as many cells as its header
+        assert len({len(re.findall(r"(?<!\\)\|", line)) for line in block.splitlines()}) == 1, block
+    sample = (tmp_path / "2" / "report.md").read_text().split("## Sample rows")[1]
+    firsts = [cell(g["StudentExplanation"].iloc[0]) for _, g in df.groupby("QuestionId")]
+    assert sum(text in sample for text in firsts) < len(firsts)  # not each question's first rows in file order
 
 
 def test_analyze_names_a_missing_column(tmp_path):

@@ -24,11 +24,13 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     """Every step of the GPU check but CUDA itself, with a tiny decoder on the sample data."""
     base = make_tiny("llama", tmp_path / "base")
     args = ["--cpu", "--model", str(base), "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "check"), "--rows", "40", "--force",
-            "--epochs", "3", "--save-steps", "2", "--big-params-m", "40"]
+            "--epochs", "3", "--save-steps", "2", "--big-params-m", "40", "--template", "context", "--pack-tokens", "256"]
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads((tmp_path / "check" / "figures.json").read_text())
     assert figures["device"] == "cpu" and figures["hardware"]["precision"] == "fp32"
+    run = json.loads((tmp_path / "check" / "run" / "mapbuild.json").read_text())  # trained packed, killed and resumed
+    assert (run["config"]["pack_tokens"], run["template"]) == (256, "context") and run["metrics"]["train_tokens_per_row"] > 0
     assert figures["rows"] == 40 and figures["members_run"] and figures["torch_rows_per_s"] > 0 and figures["runtime_rows_per_s"] > 0
     assert figures["providers_requested"] == ["CPUExecutionProvider"] and figures["provider_session"] == "CPUExecutionProvider"
     assert figures["cuda_engaged"] is False

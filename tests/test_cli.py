@@ -331,7 +331,7 @@ def test_a_full_disk_in_train_is_one_line_keeps_the_last_whole_checkpoint_and_re
     assert json.loads((out / "metrics.json").read_text())["resumed_from"] == "checkpoint-4" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_a_mistyped_alias_is_one_line_naming_the_nearest_before_any_hub_call(monkeypatch):
+def test_a_mistyped_alias_is_one_line_naming_the_nearest_before_any_hub_call(monkeypatch, tmp_path):
     """Before: 29 s and 24 lines of hub retries for `--model minilmm`."""
     import transformers
 
@@ -339,8 +339,9 @@ def test_a_mistyped_alias_is_one_line_naming_the_nearest_before_any_hub_call(mon
         raise AssertionError("the hub was asked")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
-    result = invoke("train", "--model", "minilmm", "--data", str(SAMPLE_TRAIN), "--out", "unused")
+    result = invoke("train", "--model", "minilmm", "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "unused"))
     assert_one_line_error(result, "--model minilmm: not an alias or a folder (did you mean minilm?)")
+    assert list(tmp_path.iterdir()) == []  # no OUT.checkpoints made before the model was found
 
 
 @pytest.mark.parametrize("table, key, meant", [("top", "uot", "out"), ("model", "sampel", "sample")])
@@ -371,3 +372,21 @@ def test_env_names_the_versions_a_bug_report_needs():
     lines = dict(line[2:].split(": ", 1) for line in result.output.strip().splitlines())
     assert lines["torch"] == version("torch") and lines["onnxruntime"] == version("onnxruntime") and lines["peft"] == version("peft")
     assert {"python", "platform", "torch CUDA", "onnxruntime providers", "training device", "mapbuild cache", "Hugging Face cache"} <= set(lines)
+
+
+def test_json_outputs_parse_and_say_what_the_text_says(tiny_pipeline, tmp_path):
+    models = json.loads(invoke("models", "--json").stdout)
+    assert {m["alias"] for m in models} >= {"minilm", "smollm2", "qwen3-8b"} and all(isinstance(m["t4_int4"], bool) for m in models)
+    plan = json.loads(invoke("plan", "--add", "minilm", "--add", "qwen3-14b:fp32", "--tokens", "200", "--json").stdout)
+    assert plan["verdict"] == "over" and plan["total_hours"] == pytest.approx(sum(m["hours"] for m in plan["members"]))
+    done = invoke("package", str(tiny_pipeline["onnx"]), "--out", str(tmp_path / "b"), "--dataset-id", "me/abcdef", "--no-wheels", "--json")
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert report["kaggle_ready"] is False and [m["name"] for m in report["members"]] == ["m0-bert-fp32"] and report["files"] > 5
+
+
+def test_verbosity_flags_also_come_after_the_subcommand():
+    import logging
+
+    assert invoke("models", "-q").exit_code == 0 and logging.getLogger("mapbuild").level == logging.WARNING
+    assert invoke("plan", "--add", "minilm", "--verbose").exit_code == 0 and logging.getLogger("mapbuild").level == logging.INFO

@@ -56,6 +56,8 @@ def test_cv_reports_folds_and_adds_missing_ones_without_redoing_finished_ones(cv
         assert sorted(oof["row_id"]) == sorted(df["row_id"])  # the union of the folds covers every row once
     e = report["ensemble"]
     assert e["rows"] == len(df) and 0 < e["map3_held_out"] <= 1 and sum(e["weights"].values()) == pytest.approx(1)
+    again = CliRunner().invoke(cli, ["cv", str(cv_root["config"]), "--json"])  # every fold done: nothing retrains
+    assert again.exit_code == 0 and json.loads(again.stdout)["recipes"]["bert"]["fold_map3"] == report["recipes"]["bert"]["fold_map3"]
 
 
 def test_ensemble_weights_fold_models_as_one_recipe(cv_root):

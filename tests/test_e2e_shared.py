@@ -15,7 +15,6 @@ from runtime.data import labels_of, read_rows
 from runtime.engine import softmax
 from runtime.labels import LabelSpace
 from runtime.metrics import map_at_3, masked_map3
-from runtime.predict import prior
 from runtime.prompts import render
 from runtime.submission import check_submission
 
@@ -51,5 +50,5 @@ def test_offline_bundle_matches_pytorch_on_shared_data(shared_train, tmp_path):
     probs = softmax(torch_logits(model, ids, meta["pad_token_id"]))
     torch_map = masked_map3(truth, probs, space.labels, space.candidate_mask(rows))
     assert abs(kernel_map - torch_map) <= 0.002, (kernel_map, torch_map)
-    prior_map = masked_map3(truth, prior(space, len(rows)), space.labels, space.candidate_mask(rows))
+    prior_map = masked_map3(truth, space.prior(len(rows)), space.labels, space.candidate_mask(rows))
     assert kernel_map > prior_map + 0.02, (kernel_map, prior_map)  # the model learned more than the label prior

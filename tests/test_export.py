@@ -55,7 +55,7 @@ def test_held_out_rows_of_a_sampled_run_go_on_past_its_fold_to_inputs_it_never_s
     df = pd.read_csv(SAMPLE_TRAIN)
     data = tmp_path / "train.csv"  # every input twice, so some copies outside the sample repeat a training row
     pd.concat([df, df.assign(row_id=df["row_id"] + 10_000)]).to_csv(data, index=False)
-    cfg = {"data": str(data), "sample": 60, "folds": 5, "fold": 0, "seed": 42}
+    cfg = {"data": str(data), "sample": 60, "folds": 5, "fold": 0, "seed": 42, "fold_scheme": "stratified-group"}
     split = split_fold(str(data), 60, 5, 0, 42, dedupe=False)
     outside = read_rows(data, labelled=True).query("row_id not in @split.rows.row_id")
     assert input_key(outside).isin(set(input_key(split.train))).any()

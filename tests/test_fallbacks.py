@@ -91,7 +91,7 @@ def test_a_few_rows_of_nan_fall_back_to_the_prior_and_a_member_with_many_is_skip
     import numpy as np
     import pandas as pd
 
-    from runtime.predict import MAX_BAD_ROWS, predict, prior
+    from runtime.predict import MAX_BAD_ROWS, predict
 
     manifest = load_manifest(tiny_pipeline["bundle"])
     space = LabelSpace.from_json(manifest["label_space"])
@@ -104,7 +104,7 @@ def test_a_few_rows_of_nan_fall_back_to_the_prior_and_a_member_with_many_is_skip
     with caplog.at_level(logging.INFO, logger="mapbuild"):
         probs, used = predict(tiny_pipeline["bundle"], manifest, space, df)
     assert used == [manifest["members"][0]["name"]] and np.isfinite(probs).all()
-    assert np.allclose(probs[3], prior(space, 1)[0]) and np.allclose(np.delete(probs, 3, 0), np.delete(clean, 3, 0))
+    assert np.allclose(probs[3], space.prior(1)[0]) and np.allclose(np.delete(probs, 3, 0), np.delete(clean, 3, 0))
     assert "1 of 160 rows have NaN or inf scores; they get the label prior's" in caplog.text
 
     caplog.clear()

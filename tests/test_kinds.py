@@ -22,7 +22,7 @@ def test_a_finished_run_is_kept_when_its_export_was_refused(tiny_pipeline, tmp_p
     """An export refused by the drift gate must not cost the training: the rerun (say with --force) starts at merge."""
     dest = tmp_path / "member"
     shutil.copytree(tiny_pipeline["run"], dest / "run")
-    spec = TrainConfig(**json.loads((dest / "run" / "mapbuild.json").read_text())["config"])
+    spec = TrainConfig.recorded(json.loads((dest / "run" / "mapbuild.json").read_text())["config"])
     monkeypatch.setattr(kinds, "train", refuse_training)
     metrics = kinds.build_transformer("bert", spec, dest, "fp32", force=False)
     assert metrics == json.loads((dest / "run" / "metrics.json").read_text())

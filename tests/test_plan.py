@@ -197,3 +197,35 @@ def test_a_deadline_that_is_really_too_short_drops_or_stops_the_member_that_cann
         used, seconds, big_batches = kernel_day(tiny_pipeline, monkeypatch, {"cpu": 1.0, "big": 500.0}, hours=1_000 / 3600)
     assert used == ["cpu"] and 2 <= big_batches < 625 // 10 and seconds < 1_000
     assert "SKIPPED member big: DeadlineError: big: needs about" in caplog.text
+
+
+def test_plan_of_a_config_counts_params_and_tokens_before_training(tiny_bert, tmp_path):
+    import json
+
+    from transformers import AutoModel
+
+    from builder.infer import training_ids
+    from builder.models import load_hf_tokenizer
+    from runtime.knn import knn_text
+
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'dataset_id = "me/tiny-plan"\nout = "out"\n'
+        f'[[models]]\nname = "bert"\nmodel = "{tiny_bert}"\ndata = "{SAMPLE_TRAIN}"\nquantize = "fp16"\n'
+        f'[[models]]\nname = "near"\nkind = "knn"\nmodel = "{tiny_bert}"\ndata = "{SAMPLE_TRAIN}"\n'
+        f'[[models]]\nname = "words"\nkind = "tfidf"\ndata = "{SAMPLE_TRAIN}"\n'
+        f'[[models]]\nname = "big"\nmodel = "qwen3-8b"\ndata = "{SAMPLE_TRAIN}"\nquantize = "int4"\n'
+    )
+    result = CliRunner().invoke(cli, ["plan", str(config), "--json", "--tokens", "99"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    by = {m["name"]: m for m in plan["members"]}
+    params = sum(p.numel() for p in AutoModel.from_pretrained(tiny_bert).parameters())
+    assert by["bert"]["params"] == by["near"]["params"] == params and by["bert"]["device"] == "T4" and by["near"]["device"] == "CPU"
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    assert by["near"]["mean_tokens"] == pytest.approx(np.mean([len(i) for i in training_ids(load_hf_tokenizer(str(tiny_bert)), knn_text(df), 256)]))
+    assert by["big"]["mean_tokens"] == 99 and by["big"]["size_mib"] == pytest.approx(8191e6 * 4 / 8 / 2**20)
+    assert "words" not in by and any(n.startswith("words: a TF-IDF member") for n in plan["notes"])
+    assert any("no tokenizer for qwen3-8b" in n for n in plan["notes"])  # no hub call: the alias has no wheel
+    dry = CliRunner().invoke(cli, ["build", str(config), "--dry-run"])
+    assert dry.exit_code == 0 and "bert" in dry.output and "fits" in dry.output and not (tmp_path / "out").exists()

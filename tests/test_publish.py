@@ -3,6 +3,8 @@ requests.Session.send is the boundary, where the test records the request and st
 
 import json
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -72,3 +74,68 @@ def test_kernel_shows_its_settings_and_pushes_to_the_network(tiny_pipeline, netw
     pushed = CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--push"])
     assert_one_line_error(pushed, "kernel: could not reach Kaggle")  # one line: the title resolves to the id, no warning
     assert network and "kaggle.com" in network[0].url
+
+
+class FakeKaggle:
+    """The kaggle client's calls the round trip makes, recorded; nothing reaches the network."""
+
+    def __init__(self, statuses, outputs=None, failure=""):
+        self.statuses, self.outputs, self.failure, self.calls = list(statuses), outputs or {}, failure, []
+
+    def kernels_push(self, folder, acc):
+        self.calls.append(("push", acc))
+        return SimpleNamespace(url="https://www.kaggle.com/code/tester/k", version_number=7, error=None)
+
+    def kernels_status(self, kernel_id):
+        self.calls.append(("status", kernel_id))
+        return SimpleNamespace(status=SimpleNamespace(name=self.statuses.pop(0)), failure_message=self.failure)
+
+    def kernels_output(self, kernel_id, path, quiet):
+        self.calls.append(("output", kernel_id))
+        for name, text in self.outputs.items():
+            (Path(path) / name).write_text(text)
+        return list(self.outputs), ""
+
+    def competition_submit_code(self, **kwargs):
+        self.calls.append(("submit", kwargs))
+        return SimpleNamespace(message="Successfully submitted", error=None)
+
+
+@pytest.fixture
+def fake_kaggle(monkeypatch):
+    import builder.publish
+
+    def install(fake):
+        monkeypatch.setattr(builder.publish, "client", lambda: fake)
+        monkeypatch.setattr(builder.publish.time, "sleep", lambda s: fake.calls.append(("sleep", s)))
+        return fake
+
+    return install
+
+
+def test_push_wait_fetch_and_submit_round_trip(tiny_pipeline, tmp_path, fake_kaggle):
+    outputs = {"submission.csv": "row_id,Category:Misconception\n1,True_Correct:NA\n", "mapbuild_result.json": '{"faults": []}'}
+    fake = fake_kaggle(FakeKaggle(["QUEUED", "RUNNING", "COMPLETE"], outputs))
+    out = tmp_path / "out"
+    done = CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--push", "--wait", "--output", str(out), "--submit", "first try"])
+    assert done.exit_code == 0, done.output
+    kernel_id = json.loads((tiny_pipeline["bundle"] / "kernel-metadata.json").read_text())["id"]
+    assert [c[0] for c in fake.calls] == ["push", "status", "sleep", "status", "sleep", "status", "output", "submit"]
+    assert fake.calls[-1][1] == {"file_name": "submission.csv", "message": "first try", "competition": "map-charting-student-math-misunderstandings",
+                                 "kernel": kernel_id, "kernel_version": 7}  # fmt: skip
+    assert (out / "submission.csv").read_text() == outputs["submission.csv"] and "(version 7)" in done.output and "run complete" in done.output
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+    again = CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--wait", "--output", str(out)])
+    assert_one_line_error(again, f"--output {out}: exists")
+
+
+def test_a_failed_kernel_run_exits_non_zero_in_one_line_and_submits_nothing(tiny_pipeline, tmp_path, fake_kaggle):
+    fake = fake_kaggle(FakeKaggle(["RUNNING", "ERROR"], failure="CUDA out of memory"))
+    done = CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--push", "--wait", "--submit", "x"])
+    assert_one_line_error(done, "the run ended error: CUDA out of memory", "push again")
+    assert "submit" not in [c[0] for c in fake.calls]
+    fell_back = fake_kaggle(FakeKaggle(["COMPLETE"], {"submission.csv": "x", "mapbuild_result.json": '{"faults": ["m0 SKIPPED: lost"]}'}))
+    done = CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--wait", "--output", str(tmp_path / "o"), "--submit", "x"])
+    assert_one_line_error(done, "the run fell back: m0 SKIPPED: lost")
+    assert "submit" not in [c[0] for c in fell_back.calls] and not (tmp_path / "o").exists()
+    assert_one_line_error(CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--submit", "x"]), "add --wait")

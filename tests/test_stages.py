@@ -10,6 +10,8 @@ from builder.stages import META, atomic_dir, disk_full, stage_of
 from runtime.errors import MapbuildError
 from runtime.manifest import FORMAT, MANIFEST
 
+from .conftest import SAMPLE_TRAIN
+
 
 def stage_folder(path: Path, stage: str) -> Path:
     path.mkdir(parents=True)
@@ -94,3 +96,17 @@ def test_full_disks_are_recognised_however_the_writer_says_it(tmp_path, error):
 def test_other_errors_are_not_a_full_disk(tmp_path):
     assert disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
     assert disk_full(RuntimeError("PytorchStreamReader failed reading zip archive"), tmp_path) is None
+
+
+def test_a_run_records_versions_the_data_sha256_and_the_git_commit(tmp_path):
+    import hashlib
+    import subprocess
+
+    from builder.tfidf import TfidfConfig, train_tfidf
+
+    train_tfidf(TfidfConfig(data=str(SAMPLE_TRAIN), folds=3, min_df=1), tmp_path / "words")
+    p = json.loads((tmp_path / "words" / "mapbuild.json").read_text())["provenance"]
+    assert p["data"]["sha256"] == hashlib.sha256(SAMPLE_TRAIN.read_bytes()).hexdigest() and p["data"]["rows_used"] > 100
+    assert {"python", "mapbuild", "numpy"} <= set(p["versions"])
+    head = subprocess.run(["git", "-C", str(SAMPLE_TRAIN.parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert p["git_commit"] is None if head.returncode else p["git_commit"].removesuffix("+dirty") == head.stdout.strip()

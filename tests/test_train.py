@@ -1,15 +1,16 @@
 """Validation figures of a run, without training one."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from builder.folds import validate
-from builder.train import learned_little
+from builder.train import TrainConfig, learned_little, train
 from runtime.data import labels_of, read_rows
+from runtime.errors import MapbuildError
 from runtime.labels import fit_label_space
-from runtime.predict import prior
 
 from .conftest import SAMPLE_TRAIN, input_device
 from .first_step import first_step
@@ -18,7 +19,7 @@ from .first_step import first_step
 def test_the_label_prior_scores_its_own_baseline():
     df = read_rows(SAMPLE_TRAIN, labelled=True)
     space = fit_label_space(df, sorted(labels_of(df).unique()))
-    scores = validate(prior(space, len(df)), df, space, unmasked=False)
+    scores = validate(space.prior(len(df)), df, space, unmasked=False)
     assert scores["map3"] == scores["map3_prior"]
     # By hand: each row's candidates by training count (then label order), other labels only to fill up to 3.
     mask, score = space.candidate_mask(df), 0.0
@@ -111,8 +112,7 @@ class Crash(Exception):
 def test_a_crash_costs_at_most_one_checkpoint_interval_and_resume_gives_the_same_run(tiny_bert, tmp_path, monkeypatch):
     import transformers
 
-    from builder.train import TrainConfig, can_resume, checkpoint_dir, train
-    from runtime.errors import MapbuildError
+    from builder.train import can_resume, checkpoint_dir
 
     cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=16, lora_r=2, save_steps=4)
     whole = train(cfg, tmp_path / "whole")
@@ -146,7 +146,6 @@ def test_a_crash_in_validation_keeps_the_trained_adapter(tiny_bert, tmp_path, mo
     import transformers
 
     import builder.infer
-    from builder.train import TrainConfig, train
 
     cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=16, lora_r=2, save_steps=100)
 
@@ -165,7 +164,6 @@ def test_a_crash_in_validation_keeps_the_trained_adapter(tiny_bert, tmp_path, mo
 
 def test_sample_is_stratified_seeded_and_paths_are_stored_absolute(tmp_path, monkeypatch, shared_train):
     from builder.folds import load_labelled
-    from builder.train import TrainConfig
 
     full = load_labelled(str(shared_train))
     picked = load_labelled(str(shared_train), sample=3000, seed=42)
@@ -185,8 +183,7 @@ def test_a_rerun_keeps_an_earlier_runs_checkpoints_and_a_foreign_out_is_refused_
 
     import transformers
 
-    from builder.train import TrainConfig, checkpoint_dir, train
-    from runtime.errors import MapbuildError
+    from builder.train import checkpoint_dir
 
     monkeypatch.setattr(transformers.Trainer, "train", lambda *a, **k: pytest.fail("trained"))  # every refusal comes first
     cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, lora_r=2)
@@ -205,3 +202,21 @@ def test_a_rerun_keeps_an_earlier_runs_checkpoints_and_a_foreign_out_is_refused_
     with pytest.raises(MapbuildError, match=r"--out .*onnx: holds a 'onnx' folder, which writing a 'run' folder there would delete"):
         train(cfg, onnx)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "run.checkpoints"]
+
+
+def test_the_run_records_validation_map3_after_every_epoch_for_its_curve(tiny_bert, tmp_path):
+    metrics = train(TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=2, lora_r=2, learning_rate=3e-3), tmp_path / "run")
+    curve = metrics["valid_curve"]
+    assert [p["epoch"] for p in curve] == [1.0, 2.0] and curve[-1]["map3"] == metrics["map3"] and all(0 < p["map3"] <= 1 for p in curve)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["valid_curve"] == curve
+    assert (tmp_path / "run" / "training_curve.png").stat().st_size > 10_000
+
+
+def test_report_to_names_its_choices_and_a_missing_integration(monkeypatch):
+    import importlib.util
+
+    with pytest.raises(MapbuildError, match="--report-to must be one of none, tensorboard, wandb"):
+        TrainConfig(data=str(SAMPLE_TRAIN), report_to="mlflow2")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MapbuildError, match="pip install wandb"):
+        TrainConfig(data=str(SAMPLE_TRAIN), report_to="wandb")

