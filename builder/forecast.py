@@ -74,4 +74,8 @@ def planned_members(config: str | os.PathLike, assumed_tokens: float) -> tuple[l
         params = params_of(m.config.model)
         entries.append({"name": m.name, "kind": m.kind, "params": params, "mean_tokens": tokens or assumed_tokens,
                         "precision": m.quantize, "size_mib": params * BITS[m.quantize] / 8 / 2**20})  # fmt: skip
+    cpu = [e["name"] for e in entries if e["precision"] == "int8"]
+    if cpu:
+        notes.append(f"{', '.join(cpu)}: int8 runs on the CPU, planned here at its FLOPs on Kaggle's CPU (an assumption, "
+                     "often pessimistic); the plan of the packaged bundle uses the pace its export measured")  # fmt: skip
     return entries, notes
