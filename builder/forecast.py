@@ -17,9 +17,9 @@ from runtime.packing import PACK_TOKENS, PACKED, packed_tokens
 from runtime.predict import prompts
 
 from .build import load_config
-from .chat import chat_parts
 from .folds import load_labelled
 from .models import ALIASES, family_of, load_hf_tokenizer, resolve
+from .train import prompting_of
 
 ROWS = 2000  # rows tokenized per member: the mean moves by well under a token past this
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
@@ -45,14 +45,13 @@ def mean_tokens(member, rows) -> float | None:
     if spec.model in ALIASES and not ALIASES[spec.model].wheel:
         return None  # its tokenizer is on the hub: no network asked for a plan
     try:
-        tok = load_hf_tokenizer(resolve(spec.model))
+        source = resolve(spec.model)
+        tok = load_hf_tokenizer(source)
     except (MapbuildError, OSError):
         return None  # a hub-only alias, offline
     if member.kind == "knn":
         return sum(map(len, training_ids(tok, knn_text(rows), spec.max_length))) / len(rows)
-    _, family = family_of(resolve(spec.model))
-    prompting = {"template": spec.template or family.template, "chat": chat_parts(tok) if spec.chat_template else None,
-                 "max_length": spec.max_length or family.max_length, **({"inputs": PACKED} if family.kind == "decoder" else {})}  # fmt: skip
+    prompting = prompting_of(spec, family_of(source)[1], tok)
     split = training_rows(tok, prompting, prompts(prompting, rows, fit_label_space(rows)))
     if prompting.get("inputs") == PACKED:
         return packed_tokens(split, PACK_TOKENS) / len(rows)

@@ -160,6 +160,16 @@ def candidate_trainer():
     return CandidateTrainer
 
 
+def prompting_of(cfg: TrainConfig, family, tok) -> dict:
+    """How a run's rows become tokens, as the kernel will do it: its template, chat wrapping and max_length, and
+    for a causal decoder `inputs: packed` (rows as head + tail, which the kernel packs behind the shared head; a
+    bidirectional encoder's stay whole, as packing is not exact for it)."""
+    return {
+        "template": cfg.template or family.template, "chat": chat_parts(tok) if cfg.chat_template else None,
+        "max_length": cfg.max_length or family.max_length, **({"inputs": PACKED} if family.kind == "decoder" else {}),
+    }  # fmt: skip
+
+
 def epoch_validation(score, epochs: float):
     """A TrainerCallback that records the validation MAP@3 after each whole epoch but the last (which the run
     validates anyway), on the main process, for the training curve. `score()` returns validate()'s figures."""
@@ -219,13 +229,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
     # The model first: a mistyped alias or an option the model cannot take stops before OUT.checkpoints is made.
     source = resolve(cfg.model)
     model_type, family = family_of(source)
-    template = cfg.template or family.template
-    max_length = cfg.max_length or family.max_length
     tok = load_hf_tokenizer(source)
-    chat = chat_parts(tok) if cfg.chat_template else None
-    # How its rows become tokens, as the kernel will do it: a causal decoder's as (head, tail), which the kernel
-    # packs behind the shared head; a bidirectional encoder's whole (packing is not exact for it).
-    prompting = {"template": template, "chat": chat, "max_length": max_length, **({"inputs": PACKED} if family.kind == "decoder" else {})}
+    prompting = prompting_of(cfg, family, tok)
     if cfg.pack_tokens and family.kind != "decoder":
         raise MapbuildError(f"--pack-tokens: {model_type} is a bidirectional encoder, and packing is exact for causal decoders only; give --pack-tokens 0")
 
