@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from runtime.predict import kernel_rows, prompts, run_rows
 from .folds import input_key, load_labelled, scheme_of, split_fold
 from .models import FAMILIES, load_hf_tokenizer
 from .options import one_of
-from .stages import atomic_dir, read_meta, write_meta
+from .stages import StageMeta, atomic_dir, read_meta, write_meta
 
 # What an exported transformer's ONNX folder holds, by role: the bundle carries these (the .data file only when the
 # weights are over EXTERNAL_DATA_BYTES, written by `save`).
@@ -320,16 +320,16 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
         drift |= {"reference": what, "onnx_provider": provider}
         check_drift(drift, quantize, force)
-        write_meta(tmp, {
-            **meta,
-            "stage": "onnx",
-            "merged": str(Path(merged).resolve()),
-            "precision": quantize,
-            "drift": drift,
+        write_meta(tmp, replace(
+            StageMeta.from_json(meta),
+            stage="onnx",
+            merged=str(Path(merged).resolve()),
+            precision=quantize,
+            drift=drift,
             # the CPU pace is the kernel's plan when its sessions land on the CPU: only a CPU session measures it
-            **({"cpu_rows_per_s": round(len(ids) / seconds, 1)} if provider == CPU else {"cuda_rows_per_s": round(len(ids) / seconds, 1)}),
-            "params": sum(p.numel() for p in model.parameters()),
+            **{"cpu_rows_per_s" if provider == CPU else "cuda_rows_per_s": round(len(ids) / seconds, 1)},
+            params=sum(p.numel() for p in model.parameters()),
             # what a row costs the kernel: its share of the packs where packed
-            "mean_tokens": round((packed_tokens(kernel, meta["pack_tokens"]) if packed else sum(map(len, ids))) / len(ids), 1),
-        })
+            mean_tokens=round((packed_tokens(kernel, meta["pack_tokens"]) if packed else sum(map(len, ids))) / len(ids), 1),
+        ))
     return drift

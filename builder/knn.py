@@ -24,7 +24,7 @@ from .export import EXPORT_PRECISIONS, checked_kernel_rows, reference_model, wri
 from .folds import SplitConfig, check_rows, record_validation
 from .models import family_of, resolve
 from .options import one_of, require
-from .stages import atomic_dir, provenance, write_meta
+from .stages import StageMeta, atomic_dir, provenance, write_meta
 
 FILES = {"model": "model.onnx", "tokenizer": "tokenizer.json", "neighbours": "neighbours.npz"}
 DRIFT_ROWS = 256
@@ -94,24 +94,24 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
         metrics = record_validation(tmp, probs, split, seconds)
         got, _ = onnx_outputs(tmp, member, knn_text(check.head(DRIFT_ROWS)), batch_size=32)
         cosine = (got * torch_embeddings(encoder, ids, pad_id)).sum(1)
-        write_meta(tmp, {
-            "stage": "onnx",
-            "kind": "knn",
-            "provenance": provenance(cfg.data, len(split.rows)),
-            "run": str(Path(out).resolve()),  # its own out-of-fold file: there is no separate run folder
-            "base_model": source.path,
-            "model_type": "knn",
-            "precision": quantize,
-            "max_length": cfg.max_length,
-            "pad_token_id": pad_id,
-            "knn": member["knn"],
-            "label_space": fit_label_space(split.rows, labels).to_json(),
-            "config": asdict(cfg),
-            "metrics": metrics,
-            "drift": {"rows": len(got), "min_cosine_to_torch": float(cosine.min()), "mean_cosine_to_torch": float(cosine.mean())},
-            "cpu_rows_per_s": round(rows_per_s, 1),
-            "params": sum(p.numel() for p in encoder.parameters()),
-            "mean_tokens": round(float(np.mean([len(i) for i in ids])), 1),
-        })
+        write_meta(tmp, StageMeta(
+            stage="onnx",
+            kind="knn",
+            provenance=provenance(cfg.data, len(split.rows)),
+            run=str(Path(out).resolve()),  # its own out-of-fold file: there is no separate run folder
+            base_model=source.path,
+            model_type="knn",
+            precision=quantize,
+            max_length=cfg.max_length,
+            pad_token_id=pad_id,
+            knn=member["knn"],
+            label_space=fit_label_space(split.rows, labels).to_json(),
+            config=asdict(cfg),
+            metrics=metrics,
+            drift={"rows": len(got), "min_cosine_to_torch": float(cosine.min()), "mean_cosine_to_torch": float(cosine.mean())},
+            cpu_rows_per_s=round(rows_per_s, 1),
+            params=sum(p.numel() for p in encoder.parameters()),
+            mean_tokens=round(float(np.mean([len(i) for i in ids])), 1),
+        ))
     return metrics
 

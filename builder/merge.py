@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from .models import Source, load_classifier, quantization_config
-from .stages import ADAPTER, FULL, atomic_dir, read_meta, write_meta
+from .stages import ADAPTER, FULL, StageMeta, atomic_dir, read_meta, write_meta
 
 
 def load_trained_model(run: str | os.PathLike):
@@ -19,7 +20,7 @@ def load_trained_model(run: str | os.PathLike):
     if (Path(run) / FULL).is_dir():
         return load_classifier(Source(str(Path(run) / FULL)), meta["label_space"]["labels"], meta["pad_token_id"])[0].eval()
     # Merged in fp32, whatever the run trained in: export starts from exact weights at every precision.
-    source = Source(meta["base_model"], meta["gguf_file"])
+    source = Source(meta["base_model"], meta.get("gguf_file"))
     # A QLoRA adapter learned against the NF4-rounded weights: merge into those, dequantized, not the originals.
     qlora = meta["config"].get("qlora", False)
     quant = quantization_config(qlora, meta["hardware"]["precision"]) if qlora else None
@@ -36,5 +37,5 @@ def merge(run: str | os.PathLike, out: str | os.PathLike) -> Path:
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(Path(run) / "tokenizer", tmp, dirs_exist_ok=True)
-        write_meta(tmp, {**meta, "stage": "merged", "run": str(Path(run).resolve())})
+        write_meta(tmp, replace(StageMeta.from_json(meta), stage="merged", run=str(Path(run).resolve())))
     return Path(out)

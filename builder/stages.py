@@ -9,12 +9,15 @@ import os
 import shutil
 import subprocess
 import tempfile
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from runtime.errors import MapbuildError
-from runtime.manifest import FORMAT, MANIFEST
+from runtime.manifest import FORMAT, MANIFEST, MEMBER_KINDS
+from runtime.packing import PACKED
 
 META = "mapbuild.json"
 ADAPTER, FULL = "adapter", "model"  # a run folder keeps a LoRA adapter, or the fully fine-tuned weights (--lora-r 0)
@@ -33,14 +36,106 @@ def remove_pending() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+STAGES = ("run", "merged", "onnx")
+# What each stage must record beyond the fields every folder has; a transformer's onnx folder also names `merged`.
+NEEDS = {"run": ("base_model", "template", "max_length", "pad_token_id", "hardware"), "merged": ("run",), "onnx": ("run", "precision", "drift", "params", "mean_tokens")}
+
+
+def _help(text: str, default: object = None) -> typing.Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(kw_only=True)
+class StageMeta:
+    """What a stage folder says of itself in its mapbuild.json: the one record that train, merge, export, knn and
+    tfidf write, each stage starting from the one before (dataclasses.replace). Checked when written and when read.
+    Fields left None are left out of the file, so a folder written before a field existed reads the same, and the
+    dict readers get is shaped like a bundle's member (package copies MEMBER_KEYS from it)."""
+
+    stage: str = field(metadata={"help": "the stage that wrote the folder: run, merged or onnx"})
+    model_type: str = field(metadata={"help": "the family's model_type (llama, bert, ...), or knn / tfidf"})
+    label_space: dict = field(metadata={"help": "LabelSpace.to_json() of the rows the member was fitted on"})
+    config: dict = field(metadata={"help": "the training config (TrainConfig, KnnConfig or TfidfConfig) as asdict"})
+    metrics: dict = field(metadata={"help": "the validation figures, as the run's metrics.json holds them"})
+    kind: str = _help("the member kind: transformer, knn or tfidf", "transformer")
+    provenance: dict | None = _help("versions, the data file's sha256 and rows used, the git commit (provenance())")
+    base_model: str | None = _help("the base model's folder; a tfidf member has none")
+    gguf_file: str | None = _help("the GGUF file inside base_model, where the weights came as GGUF")
+    template: str | None = _help("the prompt template's name (runtime.prompts)")
+    chat: dict | None = _help("the chat wrapping around each prompt, from the tokenizer's chat template")
+    max_length: int | None = _help("tokens a row is cut to")
+    inputs: str | None = _help(f"'{PACKED}': rows as head + tail, packed behind a shared head; None: whole rows")
+    pack_tokens: int | None = _help("tokens a pack holds, for a packed member (the kernel's default when None)")
+    pad_token_id: int | None = _help("the tokenizer's pad id")
+    hardware: dict | None = _help("where the run trained: device, precision, dtype, world size")
+    run: str | None = _help("the folder that holds the member's oof.npz and metrics.json")
+    merged: str | None = _help("the merged folder an onnx folder was exported from")
+    precision: str | None = _help("the ONNX weights' precision: fp32, fp16 or int8")
+    drift: dict | None = _help("the ONNX outputs against the reference implementation on held-out rows")
+    cpu_rows_per_s: float | None = _help("rows a second the ONNX graph ran at on a CPU session")
+    cuda_rows_per_s: float | None = _help("rows a second the ONNX graph ran at on a CUDA session")
+    params: int | None = _help("parameters a row passes through, for the time plan")
+    mean_tokens: float | None = _help("tokens a row costs the kernel (its share of a pack, where packed)")
+    knn: dict | None = _help("the kNN member's settings (runtime.knn.SETTINGS)")
+
+    def __post_init__(self) -> None:
+        if problem := self.problem():
+            raise ValueError(f"{META}: {problem}")
+
+    def problem(self) -> str | None:
+        """The first way this record breaks what the stages reading it rely on, or None."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, want = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            want = tuple(t for t in want if t is not type(None)) + ((int,) if float in want else ())
+            if value is not None and (not isinstance(value, want) or isinstance(value, bool)):
+                return f"{f.name} {value!r} is a {type(value).__name__}, not {' or '.join(t.__name__ for t in want)}"
+        if self.stage not in STAGES:
+            return f"stage {self.stage!r} is not one of {', '.join(STAGES)}"
+        if self.kind not in MEMBER_KINDS:
+            return f"kind {self.kind!r} is not one of {', '.join(MEMBER_KINDS)}"
+        transformer = self.kind == "transformer"
+        if not transformer and self.stage != "onnx":
+            return f"a {self.kind} member writes its onnx folder directly, not a {self.stage!r} one"
+        needs = [k for s in STAGES[: STAGES.index(self.stage) + 1] if transformer or s == "onnx" for k in NEEDS[s]]
+        needs += ["merged"] if transformer and self.stage == "onnx" else []
+        if missing := [k for k in needs if getattr(self, k) is None]:
+            return f"a {self.kind} {self.stage!r} folder needs {', '.join(missing)}"
+        if self.stage == "onnx" and self.cpu_rows_per_s is None and self.cuda_rows_per_s is None:
+            return "an onnx folder needs cpu_rows_per_s or cuda_rows_per_s"
+        if self.inputs not in (None, PACKED):
+            return f"inputs {self.inputs!r} is not {PACKED!r}"
+        if self.pack_tokens is not None and (self.inputs != PACKED or self.pack_tokens < 1):
+            return f"pack_tokens {self.pack_tokens} needs inputs {PACKED!r} and at least 1 token"
+        return None
+
+    @classmethod
+    def from_json(cls, meta: object) -> StageMeta:
+        """The record of a folder's JSON; keys this mapbuild does not know (a newer one's) are ignored."""
+        if not isinstance(meta, dict):
+            raise ValueError(f"{META}: holds a {type(meta).__name__}, not an object")
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        if missing := [k for k in required if k not in meta]:
+            raise ValueError(f"{META}: needs {', '.join(missing)}")
+        return cls(**{f.name: meta[f.name] for f in fields(cls) if f.name in meta})
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 def read_meta(folder: str | os.PathLike, stage: str) -> dict:
-    """The metadata of a stage folder, checked to be of the stage `stage` expects as input."""
+    """The metadata of a stage folder as StageMeta.to_json() wrote it, checked to be a whole record of the stage
+    `stage` expects as input."""
     path = Path(folder) / META
     if not path.is_file():
         raise MapbuildError(f"{folder}: not a mapbuild stage folder (no {META})")
-    meta = json.loads(path.read_text())
-    if meta.get("stage") != stage:
-        raise MapbuildError(f"{folder}: is a '{meta.get('stage')}' folder, expected '{stage}'")
+    try:
+        meta = json.loads(path.read_text())
+        if isinstance(meta, dict) and meta.get("stage") != stage:
+            raise MapbuildError(f"{folder}: is a '{meta.get('stage')}' folder, expected '{stage}'")
+        StageMeta.from_json(meta)
+    except ValueError as e:  # unreadable JSON, or a record StageMeta refuses
+        raise MapbuildError(f"{path}: {str(e).removeprefix(f'{META}: ')}; write the folder again with this mapbuild") from None
     return meta
 
 
@@ -63,8 +158,8 @@ def provenance(data: str | os.PathLike, rows: int) -> dict:
     return {"versions": versions(), "data": {"path": str(data), "sha256": digest, "rows_used": rows}, "git_commit": git_commit(Path(__file__).parent)}
 
 
-def write_meta(folder: Path, meta: dict) -> None:
-    (folder / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+def write_meta(folder: Path, meta: StageMeta) -> None:
+    (folder / META).write_text(json.dumps(meta.to_json(), indent=1, ensure_ascii=False))
 
 
 def _json(path: Path) -> dict:

@@ -20,7 +20,7 @@ from runtime.tfidf import grams, tfidf_probs
 
 from .folds import SplitConfig, check_rows, record_validation
 from .options import require
-from .stages import atomic_dir, provenance, write_meta
+from .stages import StageMeta, atomic_dir, provenance, write_meta
 
 FILES = {"model": "model.onnx", "vocab": "tfidf.json"}  # the member folder, by role: what the bundle carries
 PAD_BIAS = -1e4  # logit of the padding classes of questions with fewer labels than the widest
@@ -144,22 +144,22 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
         probs = tfidf_probs(tmp / FILES["model"], tmp / FILES["vocab"], check, len(labels))
         rows_per_s = len(check) / (time.perf_counter() - start)
         metrics = record_validation(tmp, probs, split, seconds)
-        write_meta(tmp, {
-            "stage": "onnx",
-            "kind": "tfidf",
-            "provenance": provenance(cfg.data, len(split.rows)),
-            "run": str(Path(out).resolve()),  # its own out-of-fold file: there is no separate run folder
-            "model_type": "tfidf",
-            "precision": "fp32",
-            "label_space": fit_label_space(split.rows, labels).to_json(),
-            "config": asdict(cfg),
-            "metrics": metrics,
-            "drift": {"max_abs_prob_diff": sklearn_drift(fitted, check, probs), "rows": len(check)},
-            "cpu_rows_per_s": round(rows_per_s, 1),
+        write_meta(tmp, StageMeta(
+            stage="onnx",
+            kind="tfidf",
+            provenance=provenance(cfg.data, len(split.rows)),
+            run=str(Path(out).resolve()),  # its own out-of-fold file: there is no separate run folder
+            model_type="tfidf",
+            precision="fp32",
+            label_space=fit_label_space(split.rows, labels).to_json(),
+            config=asdict(cfg),
+            metrics=metrics,
+            drift={"max_abs_prob_diff": sklearn_drift(fitted, check, probs), "rows": len(check)},
+            cpu_rows_per_s=round(rows_per_s, 1),
             # Estimated like a dense pass over every weight: a gather touches far fewer, so this is an upper bound.
-            "params": int(sum(m.coef.size for m in fitted.values())),
-            "mean_tokens": 1.0,
-        })
+            params=int(sum(m.coef.size for m in fitted.values())),
+            mean_tokens=1.0,
+        ))
     return metrics
 
 

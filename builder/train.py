@@ -28,7 +28,7 @@ from .folds import SplitConfig, absolute, validate
 from .hardware import TRAIN_DTYPES, TRAIN_PRECISIONS, choose_precision, detect
 from .models import family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
 from .options import one_of, require
-from .stages import ADAPTER, FULL, atomic_dir, check_out, disk_full, provenance, size_of, write_meta
+from .stages import ADAPTER, FULL, StageMeta, atomic_dir, check_out, disk_full, provenance, size_of, write_meta
 
 log = logging.getLogger("mapbuild")
 REPORTERS = ("none", "tensorboard", "wandb")  # the module each integration imports is named as it is
@@ -362,18 +362,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         save_curve(trainer.state.log_history, metrics.get("valid_curve", []), tmp / "training_curve.png")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        write_meta(tmp, {
-            "stage": "run",
-            "provenance": provenance(cfg.data, len(df)),
-            "base_model": source.path,
-            "gguf_file": source.gguf_file,
-            "model_type": model_type,
+        write_meta(tmp, StageMeta(
+            stage="run",
+            provenance=provenance(cfg.data, len(df)),
+            base_model=source.path,
+            gguf_file=source.gguf_file,
+            model_type=model_type,
             **prompting,
-            "pad_token_id": tok.pad_token_id,
-            "label_space": fit_label_space(df, labels).to_json(),
-            "config": asdict(cfg),
-            "hardware": {**hw.to_json(), "precision": precision, "dtype": dtype, "world_size": args.world_size},
-            "metrics": metrics,
-        })
+            pad_token_id=tok.pad_token_id,
+            label_space=fit_label_space(df, labels).to_json(),
+            config=asdict(cfg),
+            hardware={**hw.to_json(), "precision": precision, "dtype": dtype, "world_size": args.world_size},
+            metrics=metrics,
+        ))
     shutil.rmtree(ckpt, ignore_errors=True)
     return metrics

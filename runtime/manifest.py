@@ -9,12 +9,14 @@ import os
 import re
 from pathlib import Path
 
+from .ensemble import METHODS
 from .errors import BundleError
 from .packing import PACKED
 
 MANIFEST = "manifest.json"
 FORMAT = "mapbuild-bundle/2"  # 2: every member carries its card (runtime.cards)
 LABEL = re.compile(r"[^\s:]+:[^\s:]+")  # Category:Misconception, as the submission writes it
+MEMBER_KINDS = ("transformer", "tfidf", "knn")  # the kinds of member a bundle may hold: runtime.predict.SCORERS scores each
 
 
 
@@ -56,9 +58,6 @@ def load_manifest(bundle: str | os.PathLike) -> dict:
 
 def schema_problem(m: dict) -> str | None:
     """The first way the manifest's structure breaks what the runtime relies on, or None."""
-    from .ensemble import METHODS
-    from .predict import SCORERS
-
     space, members, files = m.get("label_space"), m.get("members"), m.get("files")
     if not isinstance(space, dict) or not isinstance(members, list) or not members or not isinstance(files, dict):
         return "needs label_space (an object), members (a non-empty list) and files (an object)"
@@ -78,8 +77,8 @@ def schema_problem(m: dict) -> str | None:
             return "every member needs a name and files"
         if not isinstance(member["files"].get("card"), str) or not all(isinstance(f, str) for f in member["files"].values()):
             return f"member {member['name']}: files must be paths, its card (files.card) among them"
-        if member.get("kind", "transformer") not in SCORERS:
-            return f"member {member['name']}: kind {member['kind']!r} is not one of {', '.join(SCORERS)}"
+        if member.get("kind", "transformer") not in MEMBER_KINDS:
+            return f"member {member['name']}: kind {member['kind']!r} is not one of {', '.join(MEMBER_KINDS)}"
         if member.get("inputs", PACKED) != PACKED:  # a newer builder's way of feeding a graph this runtime lacks
             return f"member {member['name']}: inputs {member['inputs']!r} is not {PACKED!r}; package it with this runtime's mapbuild"
         pack = member.get("pack_tokens", 0)

@@ -1,13 +1,17 @@
-"""The member kinds table: what each kind's build keeps of an earlier, interrupted one."""
+"""The member kinds table: what each kind's build keeps of an earlier, interrupted one, and one list of kinds."""
 
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 import builder.kinds as kinds
 from builder.train import TrainConfig
+from runtime.manifest import MEMBER_KINDS
+from runtime.predict import SCORERS
 
 
 class Trained(Exception):
@@ -29,3 +33,10 @@ def test_a_finished_run_is_kept_when_its_export_was_refused(tiny_pipeline, tmp_p
     assert json.loads((dest / "onnx" / "mapbuild.json").read_text())["stage"] == "onnx"
     with pytest.raises(Trained):  # a run of other options is never taken for this one
         kinds.build_transformer("bert", dataclasses.replace(spec, epochs=spec.epochs + 1), dest, "fp32", force=False)
+
+
+def test_the_builder_the_manifest_and_the_kernel_know_the_same_kinds():
+    assert tuple(kinds.KINDS) == tuple(SCORERS) == MEMBER_KINDS
+    # the manifest is read before any member is scored, so it must not need the kernel's scorers (no import loop)
+    loaded = subprocess.run([sys.executable, "-c", "import sys, runtime.manifest; print('runtime.predict' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"

@@ -1,12 +1,16 @@
-"""A stage's --out replaces only a missing or empty folder or one of its own stage, and a full disk is one line."""
+"""A stage's --out replaces only a missing or empty folder or one of its own stage, a full disk is one line, and
+every stage folder says what it is in one checked record."""
 
 import errno
 import json
+import re
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
-from builder.stages import META, atomic_dir, disk_full, stage_of
+from builder.stages import META, StageMeta, atomic_dir, disk_full, read_meta, stage_of, write_meta
 from runtime.errors import MapbuildError
 from runtime.manifest import FORMAT, MANIFEST
 
@@ -110,3 +114,51 @@ def test_a_run_records_versions_the_data_sha256_and_the_git_commit(tmp_path):
     assert {"python", "mapbuild", "numpy"} <= set(p["versions"])
     head = subprocess.run(["git", "-C", str(SAMPLE_TRAIN.parent), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert p["git_commit"] is None if head.returncode else p["git_commit"].removesuffix("+dirty") == head.stdout.strip()
+
+
+def tfidf_record(**changes) -> StageMeta:
+    fields = dict(stage="onnx", kind="tfidf", model_type="tfidf", label_space={}, config={}, metrics={}, run="/runs/words",
+                  precision="fp32", drift={}, params=10, mean_tokens=1.0, cpu_rows_per_s=5.0)  # fmt: skip
+    return StageMeta(**{**fields, **changes})
+
+
+def test_every_stage_of_a_pipeline_reads_back_as_the_record_it_wrote(tiny_pipeline):
+    for stage, folder in [("run", "run"), ("merged", "merged"), ("onnx", "onnx"), ("onnx", "onnx-int8")]:
+        meta = read_meta(tiny_pipeline[folder], stage)
+        assert StageMeta.from_json(meta).to_json() == meta and meta["stage"] == stage
+    run, onnx = read_meta(tiny_pipeline["run"], "run"), read_meta(tiny_pipeline["onnx"], "onnx")
+    assert "gguf_file" not in run and "chat" not in run  # None is left out, as a folder written before the field reads
+    assert {k: v for k, v in onnx.items() if k in run} == {**run, "stage": "onnx"}  # export adds to merge's, which adds to train's
+
+
+@pytest.mark.parametrize("changes, problem", [
+    (dict(stage="merged"), "a tfidf member writes its onnx folder directly, not a 'merged' one"),
+    (dict(kind="transformer", model_type="bert"), "a transformer 'onnx' folder needs base_model, template, max_length, pad_token_id, hardware, merged"),
+    (dict(kind="forest"), "kind 'forest' is not one of transformer, tfidf, knn"),
+    (dict(params=np.int64(10)), "params np.int64(10) is a int64, not int"),  # json.dumps would fail on it after hours of training
+    (dict(mean_tokens="1"), "mean_tokens '1' is a str, not float or int"),
+    (dict(cpu_rows_per_s=None), "an onnx folder needs cpu_rows_per_s or cuda_rows_per_s"),
+    (dict(inputs="ragged"), "inputs 'ragged' is not 'packed'"),
+    (dict(pack_tokens=512), "pack_tokens 512 needs inputs 'packed' and at least 1 token"),
+])
+def test_a_record_that_breaks_what_readers_rely_on_is_refused_when_written(changes, problem):
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{META}: {problem}')}$"):
+        tfidf_record(**changes)
+    assert tfidf_record(inputs="packed", pack_tokens=512).pack_tokens == 512
+
+
+def test_a_folder_from_a_newer_mapbuild_reads_and_a_broken_one_is_one_line(tmp_path):
+    folder = tmp_path / "words"
+    folder.mkdir()
+    write_meta(folder, tfidf_record())
+    newer = {**json.loads((folder / META).read_text()), "field_to_come": 1}
+    (folder / META).write_text(json.dumps(newer))
+    assert read_meta(folder, "onnx") == newer  # as written: the unknown key is kept for whoever reads it
+    for broken, says in [({k: v for k, v in newer.items() if k != "metrics"}, "needs metrics"), (["onnx"], "holds a list, not an object"),
+                         ({**newer, "drift": None, "params": None}, "a tfidf 'onnx' folder needs drift, params"), ('{"stage": "on', "Unterminated string")]:  # fmt: skip
+        (folder / META).write_text(broken if isinstance(broken, str) else json.dumps(broken))
+        with pytest.raises(MapbuildError, match=rf"^{folder / META}: {says}.*; write the folder again with this mapbuild$"):
+            read_meta(folder, "onnx")
+    (folder / META).write_text(json.dumps({**newer, "stage": "run"}))
+    with pytest.raises(MapbuildError, match=r"words: is a 'run' folder, expected 'onnx'$"):
+        read_meta(folder, "onnx")
