@@ -1,11 +1,14 @@
-"""A twin of Kaggle's kernel image: the bundle's own notebook code, run under the image's Python and packages.
+"""A twin of Kaggle's kernel image: the bundle's own submit.ipynb, executed cell by cell in a Jupyter kernel
+(nbclient and ipykernel, as Kaggle runs a notebook) under the image's Python and packages.
 
 The twin has no onnxruntime (the image has none), no network and no training stack; `/kaggle/input` and
 `/kaggle/working` become temporary folders laid out as Kaggle mounts them. Where it may differ from Kaggle: no GPU,
-no CUDA libraries, and only the packages the runtime touches (the image has hundreds more)."""
+no CUDA libraries, only the packages the runtime touches (the image has hundreds more), and Kaggle's own runner
+around the kernel, which we do not have: we take a cell's error output, SystemExit included, as a failed run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,15 +37,18 @@ class Image:
 
 
 # pip, packaging, protobuf and flatbuffers are what onnxruntime's wheel needs and its --no-deps install leaves out.
+# The kernel: Colab's google-colab 1.0.0 pins ipykernel==6.17.1 and ipython==7.34.0 (its pip conflict reports), and
+# Kaggle's image has been built on Colab's since 2024-12 (Kaggle/docker-python#1444).
+KERNEL = ("ipykernel==6.17.1", "ipython==7.34.0")
 IMAGES = {
     "kaggle-2026": Image(
         "3.12",
-        ("numpy>=2,<3", "pandas==2.2.*", "tokenizers==0.22.*", "tqdm", "packaging", "protobuf", "flatbuffers"),
+        ("numpy>=2,<3", "pandas==2.2.*", "tokenizers==0.22.*", "tqdm", "packaging", "protobuf", "flatbuffers", *KERNEL),
         "Kaggle/docker-python: Python 3.12 on a Colab base (#1516, 2025-12-12); no onnxruntime in kaggle_requirements.txt",
     ),
     "kaggle-2025": Image(
         "3.11",
-        ("numpy==1.26.4", "pandas==2.2.3", "tokenizers==0.21.4", "tqdm", "packaging", "protobuf", "flatbuffers"),
+        ("numpy==1.26.4", "pandas==2.2.3", "tokenizers==0.21.4", "tqdm", "packaging", "protobuf", "flatbuffers", *KERNEL),
         "the Python 3.11 image the competition ran on (2025), numpy 1.26",
     ),
 }
@@ -51,15 +57,17 @@ DEFAULT_IMAGE = "kaggle-2026"
 
 @dataclass(frozen=True)
 class Run:
-    returncode: int
-    output: str  # stdout and stderr together, as a notebook shows them
+    returncode: int  # 0, or 1 where a cell raised (SystemExit included) or the kernel died
+    output: str  # the cells' outputs, stdout and stderr together, as the notebook shows them
     submission: Path | None
     seconds: float
     result: dict | None  # the runtime's JSON result, when it got that far
+    error: str | None = None  # the exception that stopped the notebook: a SystemExit's message as it is
 
     @property
     def last_line(self) -> str:
-        return next((line.strip() for line in reversed(self.output.splitlines()) if line.strip()), "no output")
+        last = next((line.strip() for line in reversed(self.output.splitlines()) if line.strip()), "no output")
+        return self.error or last
 
 
 def interpreter(python: str) -> Path:
@@ -82,7 +90,7 @@ def interpreter(python: str) -> Path:
 def image_env(name: str) -> Path:
     """The image's clean virtual environment, built once into the cache; every run works on a copy of it."""
     image = IMAGES[name]
-    venv = cache_dir() / f"twin-{name}"
+    venv = cache_dir() / f"twin-{name}-{hashlib.sha256(repr(image).encode()).hexdigest()[:8]}"  # another image, another venv
     if (venv / ".installed").exists():
         return venv
     click.echo(f"twin: creating {venv} (Python {image.python}: {', '.join(image.packages)})")
@@ -102,16 +110,54 @@ def image_env(name: str) -> Path:
     return venv
 
 
-def notebook_code(bundle: Path, roots: dict[str, Path]) -> str:
-    """The bundle's submit.ipynb code cells, with Kaggle's two folders mapped to `roots`."""
-    nb = json.loads((bundle / "submit.ipynb").read_text())
-    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+def twin_notebook(bundle: Path, roots: dict[str, Path]):
+    """The bundle's submit.ipynb, with Kaggle's two folders mapped to `roots` in its code."""
+    import nbformat
+
+    nb = nbformat.read(bundle / "submit.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
     for name, kaggle in ROOTS.items():
         line = f'{name} = "{kaggle}"'
-        if code.count(line) != 1:
+        holding = [c for c in code if line in c.source]
+        if len(holding) != 1 or holding[0].source.count(line) != 1:
             raise MapbuildError(f"{bundle}/submit.ipynb: expected one line {line}; package it again")
-        code = code.replace(line, f"{name} = {str(roots[name])!r}")
-    return code
+        holding[0].source = holding[0].source.replace(line, f"{name} = {str(roots[name])!r}")
+    return nb
+
+
+def execute(nb, python: Path, cwd: Path, env: dict[str, str], log: Path) -> tuple[str | None, str]:
+    """Run every cell of `nb` in an ipykernel of `python`, in order, stopping at the first that raises; returns
+    that exception (None if none) and the cells' outputs as text. The kernel's own stdout and stderr, which a
+    notebook never shows, go to `log`."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    specs = cwd.parent / "kernels"
+    (specs / "twin").mkdir(parents=True)
+    argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (specs / "twin" / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "twin", "language": "python"}))
+    km = KernelManager(kernel_name="twin", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(specs)]))
+    client = NotebookClient(nb, km=km, timeout=1800, resources={"metadata": {"path": str(cwd)}})
+    error = None
+    with open(log, "w") as out:
+        try:
+            client.execute(env=env, stdout=out, stderr=subprocess.STDOUT)
+        except CellExecutionError as e:
+            error = f"{e.ename}: {e.evalue}" if e.ename != "SystemExit" else e.evalue
+        except CellTimeoutError:
+            error = "a cell ran past the twin's 1800 s"
+        except DeadKernelError:
+            error = f"the kernel died; its own output is in {log}"
+    text = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.output_type == "stream":
+                text.append(o.text)
+            elif o.output_type == "error":
+                text.append(f"{o.ename}: {o.evalue}\n")
+    return error, "".join(text)
 
 
 def run_notebook(bundle: str | os.PathLike, test: str | os.PathLike, root: Path, image: str = DEFAULT_IMAGE, layout: str = "datasets") -> Run:
@@ -131,15 +177,13 @@ def run_notebook(bundle: str | os.PathLike, test: str | os.PathLike, root: Path,
     roots["WORKING"].mkdir()
     env_copy = root / "python"
     shutil.copytree(python_env, env_copy, symlinks=True, copy_function=link_or_copy)  # pip installs into this copy
-    (root / "notebook.py").write_text(notebook_code(attached, roots))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV"))}
+    nb = twin_notebook(attached, roots)
+    # PYTEST_CURRENT_TEST turns off ipykernel's capture of what subprocesses print (the runtime's log): not on Kaggle.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV", "JPY_", "PYTEST_"))}
     # No index and none of this machine's pip configuration: only what the bundle brings can be installed.
     env.update(PYTHONPATH=str(SANDBOX), PYTHONNOUSERSITE="1", HF_HUB_OFFLINE="1", PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull)
     start = time.perf_counter()
-    done = subprocess.run(
-        [str(env_copy / "bin" / "python"), str(root / "notebook.py")], cwd=roots["WORKING"], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
-    )
+    error, output = execute(nb, env_copy / "bin" / "python", roots["WORKING"], env, root / "kernel.log")
     written, result = roots["WORKING"] / "submission.csv", roots["WORKING"] / "mapbuild_result.json"
     found = json.loads(result.read_text()) if result.exists() else None
-    return Run(done.returncode, done.stdout, written if written.exists() else None, time.perf_counter() - start, found)
+    return Run(int(error is not None), output, written if written.exists() else None, time.perf_counter() - start, found, error)

@@ -9,6 +9,7 @@ import sys
 import time
 import zipfile
 
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
@@ -266,6 +267,22 @@ def test_two_attached_versions_of_the_bundle_stop_the_notebook_naming_both(kaggl
     run = run_notebook(kaggle_bundle, SAMPLE_TEST, twin, "kaggle-2026")
     assert run.returncode == 1 and run.submission is None
     assert run.last_line.startswith("mapbuild: dataset tester/tiny-bundle is attached 2 times (") and "aaa-old-version" in run.last_line
+
+
+@pytest.mark.slow
+def test_the_twin_runs_cells_in_a_jupyter_kernel_as_kaggle_does(kaggle_bundle, tmp_path):
+    """Before, the twin joined the code cells into a script, where `__file__` exists and a SystemExit is an exit
+    code: a notebook that only worked as a script passed. In a kernel, a cell's exception stops the run, and later
+    cells never run."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(kaggle_bundle, bundle)
+    nb = nbformat.read(bundle / "submit.ipynb", as_version=4)
+    nb.cells.insert(1, nbformat.v4.new_code_cell("import os\nprint('kernel', type(get_ipython()).__name__)\nhere = os.path.dirname(__file__)"))
+    nb.cells.append(nbformat.v4.new_code_cell("open('after.txt', 'w').write('ran')"))
+    nbformat.write(nb, bundle / "submit.ipynb")
+    run = run_notebook(bundle, SAMPLE_TEST, tmp_path / "twin", "kaggle-2026")
+    assert run.returncode == 1 and run.error == "NameError: name '__file__' is not defined" and run.last_line == run.error
+    assert "kernel ZMQInteractiveShell" in run.output and run.submission is None and not (tmp_path / "twin" / "working" / "after.txt").exists()
 
 
 @pytest.mark.slow
