@@ -56,7 +56,7 @@ class TrainConfig(SplitConfig):
     chat_template: bool = field(default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template when it has one (instruct decoders)."})
     candidate_loss: bool = field(default=True, metadata={"help": "Softmax over each row's candidate labels only, the set the kernel's mask keeps."})
     save_steps: int = field(default=200, metadata={"help": "Checkpoint every N optimizer steps; `train --resume` continues from the last one."})
-    report_to: str = field(default="none", metadata={"help": f"Also log the run to {', '.join(REPORTERS[1:])} (the Trainer's own integrations), or none."})
+    report_to: str = field(default="none", metadata={"help": f"Also log the run to {', '.join(REPORTERS[1:])} (the Trainer's own integrations; TensorBoard's logs end in OUT/tensorboard, and are in OUT.checkpoints/runs while it trains), or none."})
     pack_tokens: int = field(default=0, metadata={"help": "Decoders: train on packs of a question's rows behind their shared head, up to N tokens (0: each row alone). Exact, so a model trained packed runs unpacked and the other way round; one process only."})
 
     def __post_init__(self) -> None:
@@ -362,6 +362,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         save_curve(trainer.state.log_history, metrics.get("valid_curve", []), tmp / "training_curve.png")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        if (ckpt / "runs").is_dir():  # --report-to tensorboard logs beside the checkpoints, which go below
+            shutil.copytree(ckpt / "runs", tmp / "tensorboard")
         write_meta(tmp, StageMeta(
             stage="run",
             provenance=provenance(cfg.data, len(df)),

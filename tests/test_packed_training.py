@@ -102,3 +102,32 @@ def test_packing_an_encoder_or_under_ddp_is_refused_in_one_line(tiny_bert, tiny_
         train(TrainConfig(model=str(tiny_llama), data=str(SAMPLE_TRAIN), folds=3, epochs=1, pack_tokens=256), tmp_path / "ddp")
     with pytest.raises(MapbuildError, match="--pack-tokens must be at least 0"):
         TrainConfig(data=str(SAMPLE_TRAIN), pack_tokens=-1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_packed_step_under_fp16_autocast_matches_the_unpacked_one(tiny_llama, attn, tmp_path):
+    """What Trainer(fp16=True) runs on a T4: fp32 master weights, the forward under fp16 autocast, here CPU autocast
+    for CUDA's. The packed mask is in the masters' dtype (fp32) beside fp16 scores, in both attention paths; the
+    loss and the LoRA gradients must stay finite and equal unpacked (a mask of -1 instead of the dtype's minimum
+    leaks between rows and fails here). Where CUDA may differ: its SDPA kernels may check the mask's dtype more
+    strictly than the CPU's, which only a GPU run (bench/gpu_check.py --pack-tokens) shows."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    tok = load_hf_tokenizer(str(tiny_llama))
+    items = pack_items(tok, 256)[:6]
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=len(items[0]["allowed"][0]), pad_token_id=tok.pad_token_id, attn_implementation=attn)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False))
+    trainer = candidate_trainer()(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    steps = {}
+    for packed in (True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = trainer.compute_loss(model, collate_packs(items, tok.pad_token_id, packed=packed))
+        loss.backward()
+        steps[packed] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    (packed_loss, packed_grad), (loss, grad) = steps[True], steps[False]
+    assert np.isfinite(packed_loss) and torch.isfinite(packed_grad).all() and packed_grad.abs().sum() > 0
+    assert packed_loss == pytest.approx(loss, rel=1e-2) and torch.nn.functional.cosine_similarity(packed_grad, grad, dim=0) > 0.99

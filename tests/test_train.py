@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from builder.folds import validate
-from builder.train import TrainConfig, learned_little, train
+from builder.train import TrainConfig, checkpoint_dir, learned_little, train
 from runtime.data import labels_of, read_rows
 from runtime.errors import MapbuildError
 from runtime.labels import fit_label_space
@@ -112,7 +112,7 @@ class Crash(Exception):
 def test_a_crash_costs_at_most_one_checkpoint_interval_and_resume_gives_the_same_run(tiny_bert, tmp_path, monkeypatch):
     import transformers
 
-    from builder.train import can_resume, checkpoint_dir
+    from builder.train import can_resume
 
     cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=16, lora_r=2, save_steps=4)
     whole = train(cfg, tmp_path / "whole")
@@ -183,8 +183,6 @@ def test_a_rerun_keeps_an_earlier_runs_checkpoints_and_a_foreign_out_is_refused_
 
     import transformers
 
-    from builder.train import checkpoint_dir
-
     monkeypatch.setattr(transformers.Trainer, "train", lambda *a, **k: pytest.fail("trained"))  # every refusal comes first
     cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, lora_r=2)
     ckpt = checkpoint_dir(tmp_path / "run")
@@ -210,6 +208,18 @@ def test_the_run_records_validation_map3_after_every_epoch_for_its_curve(tiny_be
     assert [p["epoch"] for p in curve] == [1.0, 2.0] and curve[-1]["map3"] == metrics["map3"] and all(0 < p["map3"] <= 1 for p in curve)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["valid_curve"] == curve
     assert (tmp_path / "run" / "training_curve.png").stat().st_size > 10_000
+
+
+def test_report_to_tensorboard_leaves_its_logs_in_the_run_folder(tiny_bert, tmp_path):
+    """Before: the Trainer wrote them under OUT.checkpoints/runs, which the run removes when it is written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, lora_r=2, report_to="tensorboard")
+    train(cfg, tmp_path / "run")
+    (events,) = (tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")
+    logged = EventAccumulator(str(events)).Reload()
+    assert "train/loss" in logged.Tags()["scalars"] and len(logged.Scalars("train/loss")) >= 2
+    assert not checkpoint_dir(tmp_path / "run").exists()
 
 
 def test_report_to_names_its_choices_and_a_missing_integration(monkeypatch):
