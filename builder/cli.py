@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import signal
+import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -55,12 +57,21 @@ class Group(click.Group):
             raise click.ClickException(str(full)) from None
 
 
+def json_stdout(ctx: click.Context, param: click.Parameter, as_json: bool) -> bool:
+    """Under --json, whatever the command or a library prints while it works (the Trainer's loss lines, progress,
+    a twin being built) goes to stderr until the command ends: stdout holds the JSON alone."""
+    if as_json:
+        ctx.meta["json_stdout"] = sys.stdout
+        ctx.with_resource(contextlib.redirect_stdout(sys.stderr))
+    return as_json
+
+
 # One --json for every command with a report (simonw/llm's style): the whole result on stdout, nothing else there.
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of text lines.")
+json_option = click.option("--json", "as_json", is_flag=True, callback=json_stdout, help="Print the result as JSON instead of text lines.")
 
 
 def echo_json(obj: object) -> None:
-    click.echo(json.dumps(obj, indent=1, default=str))
+    click.echo(json.dumps(obj, indent=1, default=str), file=click.get_current_context().meta["json_stdout"])
 
 
 def kaggle_ready(manifest: dict) -> str:

@@ -24,13 +24,13 @@ def build_transformer(name: str, spec: TrainConfig, dest: Path, quantize: str, f
 
     what, run = "full refit" if spec.full else f"fold {spec.fold}", dest / "run"
     if (run / META).is_file() and spec.matches(read_meta(run, "run")["config"]):  # an export refused after training
-        click.echo(f"== {name}, {what}: trained before, kept")
+        click.echo(f"== {name}, {what}: trained before, kept", err=True)
         metrics = json.loads((run / "metrics.json").read_text())
     else:
-        click.echo(f"== {name}, {what}: train")
+        click.echo(f"== {name}, {what}: train", err=True)
         metrics = train(spec, run, resume=can_resume(spec, run))
     merge(run, dest / "merged")
-    click.echo(f"== {name}, {what}: export {quantize}")
+    click.echo(f"== {name}, {what}: export {quantize}", err=True)
     export.export(dest / "merged", dest / "onnx", quantize, force=force)
     return metrics
 
@@ -43,7 +43,7 @@ def build_tfidf(name: str, spec: TfidfConfig, dest: Path, quantize: str, force: 
 def build_knn(name: str, spec: KnnConfig, dest: Path, quantize: str, force: bool) -> dict:
     """One stage: the pooled encoder and the embedded training rows are written as dest/onnx directly."""
     what = "full refit" if spec.full else f"fold {spec.fold}"
-    click.echo(f"== {name}, {what}: embed the training rows ({quantize} encoder)")
+    click.echo(f"== {name}, {what}: embed the training rows ({quantize} encoder)", err=True)
     return train_knn(spec, dest / "onnx", quantize)
 
 

@@ -35,15 +35,16 @@ def cv_root(tiny_bert, tmp_path_factory):
     first = CliRunner().invoke(cli, ["cv", str(config), "--folds", "0,1"])
     assert first.exit_code == 0, first.output
     stamp = (root / "out" / "bert" / "fold0" / "onnx" / "model.onnx").stat().st_mtime_ns
-    more = CliRunner().invoke(cli, ["cv", str(config), "--full"])
+    more = CliRunner().invoke(cli, ["cv", str(config), "--full", "--json"])
     assert more.exit_code == 0, more.output
-    return {"root": root / "out", "config": config, "first": first.output, "more": more.output, "stamp": stamp}
+    return {"root": root / "out", "config": config, "first": first.output, "more": more.output, "more_json": more.stdout, "stamp": stamp}
 
 
 def test_cv_reports_folds_and_adds_missing_ones_without_redoing_finished_ones(cv_root):
     root = cv_root["root"]
     assert "bert             folds 0,1: MAP@3" in cv_root["first"] and "words            folds 0,1: MAP@3" in cv_root["first"]
     assert cv_root["more"].count("done before, kept") == 4 and "bert, fold 2: train" in cv_root["more"]
+    assert json.loads(cv_root["more_json"])["recipes"]["bert"]["folds"] == [0, 1, 2]  # the Trainer printed its loss lines: to stderr
     assert (root / "bert" / "fold0" / "onnx" / "model.onnx").stat().st_mtime_ns == cv_root["stamp"]
     report = json.loads((root / "cv.json").read_text())
     df = load_labelled(str(SAMPLE_TRAIN))
