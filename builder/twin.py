@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -24,6 +25,9 @@ from runtime.errors import MapbuildError
 from runtime.preflight import COMPETITION
 
 from .wheels import cache_dir, link_or_copy
+
+if TYPE_CHECKING:
+    import nbformat
 
 SANDBOX = Path(__file__).parent / "data" / "sandbox"  # sitecustomize: no torch, transformers, peft, builder, sockets
 ROOTS = {"INPUT": "/kaggle/input", "WORKING": "/kaggle/working"}
@@ -110,7 +114,7 @@ def image_env(name: str) -> Path:
     return venv
 
 
-def twin_notebook(bundle: Path, roots: dict[str, Path]):
+def twin_notebook(bundle: Path, roots: dict[str, Path]) -> nbformat.NotebookNode:
     """The bundle's submit.ipynb, with Kaggle's two folders mapped to `roots` in its code."""
     import nbformat
 
@@ -125,7 +129,7 @@ def twin_notebook(bundle: Path, roots: dict[str, Path]):
     return nb
 
 
-def execute(nb, python: Path, cwd: Path, env: dict[str, str], log: Path) -> tuple[str | None, str]:
+def execute(nb: nbformat.NotebookNode, python: Path, cwd: Path, env: dict[str, str], log: Path) -> tuple[str | None, str]:
     """Run every cell of `nb` in an ipykernel of `python`, in order, stopping at the first that raises; returns
     that exception (None if none) and the cells' outputs as text. The kernel's own stdout and stderr, which a
     notebook never shows, go to `log`."""
