@@ -134,7 +134,7 @@ def execute(nb: nbformat.NotebookNode, python: Path, cwd: Path, env: dict[str, s
     that exception (None if none) and the cells' outputs as text. The kernel's own stdout and stderr, which a
     notebook never shows, go to `log`."""
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager  # nbclient polls its liveness: with the sync one a dead kernel hangs the run
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
@@ -142,7 +142,7 @@ def execute(nb: nbformat.NotebookNode, python: Path, cwd: Path, env: dict[str, s
     (specs / "twin").mkdir(parents=True)
     argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (specs / "twin" / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "twin", "language": "python"}))
-    km = KernelManager(kernel_name="twin", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(specs)]))
+    km = AsyncKernelManager(kernel_name="twin", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(specs)]))
     client = NotebookClient(nb, km=km, timeout=1800, resources={"metadata": {"path": str(cwd)}})
     error = None
     with open(log, "w") as out:
@@ -152,8 +152,8 @@ def execute(nb: nbformat.NotebookNode, python: Path, cwd: Path, env: dict[str, s
             error = f"{e.ename}: {e.evalue}" if e.ename != "SystemExit" else e.evalue
         except CellTimeoutError:
             error = "a cell ran past the twin's 1800 s"
-        except DeadKernelError:
-            error = f"the kernel died; its own output is in {log}"
+        except DeadKernelError:  # `log` goes with verify's temporary folder: say its last line here
+            error = "the kernel died: " + next((x.strip() for x in reversed(log.read_text().splitlines()) if x.strip()), "no output")
     text = []
     for cell in nb.cells:
         for o in cell.get("outputs", []):

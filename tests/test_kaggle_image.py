@@ -286,6 +286,19 @@ def test_the_twin_runs_cells_in_a_jupyter_kernel_as_kaggle_does(kaggle_bundle, t
 
 
 @pytest.mark.slow
+def test_a_kernel_that_dies_fails_the_run_at_once(kaggle_bundle, tmp_path):
+    """Before: with jupyter_client's sync KernelManager, nbclient never saw the kernel die and waited out the
+    cell's 1800 s."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(kaggle_bundle, bundle)
+    nb = nbformat.read(bundle / "submit.ipynb", as_version=4)
+    nb.cells.insert(1, nbformat.v4.new_code_cell("import os\nos._exit(9)  # as the OOM killer would"))
+    nbformat.write(nb, bundle / "submit.ipynb")
+    run = run_notebook(bundle, SAMPLE_TEST, tmp_path / "twin", "kaggle-2026")
+    assert run.returncode == 1 and run.submission is None and run.error.startswith("the kernel died: ") and run.seconds < 120
+
+
+@pytest.mark.slow
 def test_no_wheel_for_the_interpreter_stops_the_notebook_in_one_line(kaggle_bundle, tmp_path):
     run = run_notebook(kaggle_bundle, SAMPLE_TEST, tmp_path, "kaggle-2025")
     assert run.returncode == 1 and run.submission is None
