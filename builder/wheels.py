@@ -17,8 +17,10 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from runtime.errors import MapbuildError
 
-# Today's Kaggle image runs CPython 3.12 (Kaggle/docker-python, "Upgrade to Python 3.12 (#1516)", 2025-12-12).
-PYTHONS = ("3.12",)
+# Today's Kaggle image runs CPython 3.12 (Kaggle/docker-python, "Upgrade to Python 3.12 (#1516)", 2025-12-12); Colab,
+# which Kaggle's image is built on, moved to 3.13 on 2026-08-19. A wheel for each (277 MB apiece), so a bundle made
+# today runs on either image, the week Kaggle follows included.
+PYTHONS = ("3.12", "3.13")
 # Kaggle's T4 image had an NVIDIA driver 560 (CUDA <= 12.6, onnxruntime #26073, 2025-09); PyPI's CUDA 13 builds of
 # onnxruntime-gpu (1.27 on) need a newer driver. So CUDA 12 unless asked otherwise.
 CUDA = 12

@@ -90,6 +90,7 @@ def read_rows(path: str | os.PathLike, labelled: bool = False) -> pd.DataFrame:
         if swallowed(r, header, questions):
             raise InputError(f"{path}: record {n} (row_id {r[at_id]!r}) holds another row inside a quoted field; fix its quotes")
     df = pd.DataFrame(rows, columns=header, dtype=str)
+    check_labels(path, df, labelled)
     for c in TEXT_COLUMNS:
         df[c] = df[c].str.strip()
     df["QuestionId"] = df["QuestionId"].map(question_id)
@@ -99,6 +100,24 @@ def read_rows(path: str | os.PathLike, labelled: bool = False) -> pd.DataFrame:
         for c in TEXT_COLUMNS:
             df[c] = df[c].str.slice(0, MAX_TEXT)
     return df
+
+
+def check_labels(path: Path, df: pd.DataFrame, labelled: bool) -> None:
+    """Every row labelled, or (a file that need not be) none. An empty Misconception is almost always the label NA
+    lost in a pandas round trip: `pd.read_csv` reads the string NA as NaN and `to_csv` writes NaN back empty, and
+    "True_Correct:" taken as a label trains and scores a label no row has."""
+    if not all(c in df.columns for c in LABEL_COLUMNS):
+        return
+    empty = (df["Category"].str.strip() == "") | (df["Misconception"].str.strip() == "")
+    if not empty.any() or (not labelled and empty.all()):
+        return
+    first = int(empty.to_numpy().argmax())
+    blank = "Misconception" if df["Category"].iloc[first].strip() else "Category"
+    raise InputError(
+        f"{path}: {int(empty.sum())} of {len(df)} rows have an empty Category or Misconception (first: row_id "
+        f"{df['row_id'].iloc[first]!r}, empty {blank}); an empty Misconception is the label NA after pandas: read the "
+        "file with pd.read_csv(..., keep_default_na=False) before writing it again"
+    )
 
 
 def question_id(text: str) -> str:

@@ -15,7 +15,7 @@ from .external_data import problem as external_problem
 from .knn import check_settings, knn_text, load_table, vote
 from .labels import LabelSpace
 from .manifest import check_files
-from .packing import PACK_TOKENS, PACKED, Row, kernel_encoder, run_packs, split_ids
+from .packing import PACK_TOKENS, PACKED, Row, kernel_encoder, packed_tokens, run_packs, split_ids
 from .plan import drop, on_gpu, planned_seconds
 from .prompts import render, render_parts
 from .tfidf import tfidf_probs
@@ -35,6 +35,13 @@ def kernel_rows(tokenizer_json: Path, member: dict, texts: list[str] | list[tupl
     if member.get("inputs") == PACKED:
         return split_ids(kernel_encoder(tok), texts, member["max_length"])
     return encode(tok, texts)
+
+
+def repacked_cost(bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, pack_tokens: int) -> float:
+    """How many times the tokens of its own pack size a packed member computes for these rows at `pack_tokens`: its
+    plan was made at its own (--pack-tokens 0 cost a packed member about 2.6x the tokens it was planned at, issue 39)."""
+    rows = kernel_rows(bundle / member["files"]["tokenizer"], member, prompts(member, df, space))
+    return packed_tokens(rows, pack_tokens) / max(packed_tokens(rows, member.get("pack_tokens", PACK_TOKENS)), 1)
 
 
 def run_rows(forward, member: dict, rows: list, batch_size: int, deadline: float | None = None, warmup: int = 1) -> np.ndarray:
@@ -152,9 +159,12 @@ def predict(
     gpus = gpu_count()
     on_cpu = not gpus
     for m in sorted(manifest["members"], key=lambda m: -m["weight"]):
-        if pack_tokens is not None and m.get("inputs") == PACKED:
-            m = m | {"pack_tokens": pack_tokens}
-        if drop(m["name"], m["weight"], planned_seconds(manifest.get("estimate", {}), m["name"], len(df), on_cpu), deadline):
+        planned = planned_seconds(manifest.get("estimate", {}), m["name"], len(df), on_cpu)
+        if pack_tokens is not None and m.get("inputs") == PACKED and pack_tokens != m.get("pack_tokens", PACK_TOKENS):
+            cost = repacked_cost(bundle, m, df, space, pack_tokens)
+            log.info("%s: packs of %d tokens, not its own %d: planned at %.2fx its tokens", m["name"], pack_tokens, m.get("pack_tokens", PACK_TOKENS), cost)
+            planned, m = planned * cost, m | {"pack_tokens": pack_tokens}
+        if drop(m["name"], m["weight"], planned, deadline):
             continue
         problems = check_files(bundle, manifest, list(m["files"].values()))
         if problems:

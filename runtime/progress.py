@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 from typing import TextIO, TypeVar
@@ -36,9 +37,15 @@ class Unfailing:
         return getattr(self.stream, "encoding", None)
 
 
+def bars_off() -> bool:
+    """Whether TQDM_DISABLE (`mapbuild -q` sets it) asks for no bars. Read at each call: tqdm itself reads it once, as
+    it is imported, which in the CLI's process is before -q is parsed."""
+    return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
+
+
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
-    """`iterable`, with a bar of its batches on stderr; none where there is no stderr at all (Python makes
-    sys.stderr None when it starts with file descriptor 2 closed)."""
-    if sys.stderr is None:
+    """`iterable`, with a bar of its batches on stderr; none under `bars_off()`, or where there is no stderr at all
+    (Python makes sys.stderr None when it starts with file descriptor 2 closed)."""
+    if sys.stderr is None or bars_off():
         return iterable
     return tqdm(iterable, desc=desc, total=total, unit="batch", mininterval=2, file=Unfailing(sys.stderr))

@@ -144,3 +144,23 @@ def tiny_pipeline(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     export(root / "merged", root / "onnx-int8", "int8", force=True)  # a tiny random model's logits nearly tie
     package([str(root / "onnx")], root / "bundle", "tester/tiny-bundle", wheels=False)  # the kernel-stack venv has onnxruntime
     return {k: root / k for k in ("run", "merged", "onnx", "onnx-int8", "bundle")}
+
+
+@pytest.fixture(scope="session")
+def wheel_folder(tmp_path_factory):
+    """A local wheel folder with the real onnxruntime-gpu CUDA 12 wheels for CPython 3.11, 3.12 and 3.13."""
+    from builder.wheels import fetch
+
+    folder = tmp_path_factory.mktemp("wheels")
+    fetch(folder, ("3.11", "3.12", "3.13"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def kaggle_bundle(tiny_pipeline, wheel_folder, tmp_path_factory):
+    """A bundle made with package's defaults, from a local wheel folder."""
+    from builder.package import package
+
+    out = tmp_path_factory.mktemp("kaggle") / "bundle"
+    package([str(tiny_pipeline["onnx"])], out, "tester/tiny-bundle", find_links=str(wheel_folder))
+    return out

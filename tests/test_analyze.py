@@ -154,3 +154,18 @@ def test_sorted_batches_waste_less_padding_than_a_hand_count():
     # Sorted pairs: (5,6) (7,8) (47,48) (49,50): padding 1+1+1+1 cells of 2*(6+8+48+50) = 224.
     assert padding_waste(lengths, 2, sort=True) == pytest.approx(4 / 224)
     assert padding_waste(lengths, 2, sort=False) > padding_waste(lengths, 2, sort=True)
+
+
+def test_analyze_a_file_without_conflicting_labels(tmp_path):
+    """A cleaned file or a small subset has no conflicting-label group: the report says 0 (it raised ValueError)."""
+    from builder.dataset import conflicts
+
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    clean = df[~df.index.isin(df.groupby(["QuestionId", "MC_Answer", "StudentExplanation"]).filter(lambda g: len(g) > 1).index)]
+    assert len(conflicts(clean)) == 0 and len(clean) > 50
+    clean.to_csv(tmp_path / "clean.csv", index=False)
+    result = CliRunner().invoke(cli, ["analyze", str(tmp_path / "clean.csv"), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    f = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert (f["conflict_groups"], f["conflict_rows"], f["rows"]) == (0, 0, len(clean))
+    assert "0 groups, 0 rows" in (tmp_path / "report" / "report.md").read_text()

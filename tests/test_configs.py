@@ -1,6 +1,10 @@
-"""The configs shipped for the real competition: they load, type-check, and their plan lines are what `plan` says."""
+"""The configs shipped for the real competition: they load, type-check, and their plan lines are what `plan` says;
+they run from a fresh clone with the data elsewhere (`--data`), and say which key to fix when it is missing."""
 
+import json
 import re
+import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -8,7 +12,8 @@ import pytest
 from builder.build import load_config
 from runtime.plan import estimate
 
-from .conftest import ROOT
+from .conftest import ROOT, SAMPLE_TRAIN, SHARED_TRAIN
+from .test_cli import assert_one_line_error, invoke
 
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
 
@@ -19,10 +24,12 @@ def test_there_is_a_cpu_default_and_two_gpu_recipes():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_loads_and_points_at_the_shared_data(config):
-    cfg, members = load_config(config)
-    assert members and all(Path(m.config.data) == (ROOT.parent / "shared" / "data" / "map" / "train.csv").resolve() for m in members)
-    assert cfg.wheels and cfg.python == ["3.12"]
+def test_config_loads_and_points_at_the_shared_data_once(config):
+    raw = tomllib.loads(config.read_text())
+    assert (config.parent / raw["data"]).resolve() == SHARED_TRAIN.resolve() and not any("data" in m for m in raw["models"])
+    cfg, members = load_config(config, data=str(SAMPLE_TRAIN))  # the shared data need not be here
+    assert members and all(m.config.data == str(SAMPLE_TRAIN) for m in members)
+    assert cfg.wheels and cfg.python == ["3.12", "3.13"]
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name.startswith("gpu-")], ids=lambda p: p.name)
@@ -35,14 +42,71 @@ def test_gpu_config_states_its_plan_and_gpu(config):
     hours, alias, precision, tokens = float(found[1]), found[2], found[3], float(found[4])
     member = {"name": alias, "params": ALIASES[alias].params_m * 1e6, "mean_tokens": tokens, "precision": precision}
     assert estimate([member])[0].seconds / 3600 == pytest.approx(hours, abs=1e-3)
-    _, members = load_config(config)
+    _, members = load_config(config, data=str(SAMPLE_TRAIN))
     assert members[0].quantize == precision and members[0].config.model == alias
 
 
 @pytest.mark.parametrize(("config", "alias", "qlora"), [("gpu-qwen3-8b.toml", "qwen3-8b", False), ("gpu-qwen3-14b-qlora.toml", "qwen3-14b", True)])
 def test_qwen3_recipes_use_the_context_template_and_int4(config, alias, qlora):
-    _, (member,) = load_config(ROOT / "configs" / config)
+    _, (member,) = load_config(ROOT / "configs" / config, data=str(SAMPLE_TRAIN))
     spec = member.config
     assert (spec.model, spec.template, spec.qlora, member.quantize) == (alias, "context", qlora, "int4")
     assert spec.max_length == 320 and spec.gradient_checkpointing
     assert spec.precision == ("auto" if qlora else "fp16")
+
+
+def fresh_clone(tmp_path: Path) -> Path:
+    """configs/cpu.toml as a fresh clone holds it: no shared data beside the clone."""
+    config = tmp_path / "clone" / "configs" / "cpu.toml"
+    config.parent.mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / "cpu.toml", config)
+    return config
+
+
+@pytest.mark.parametrize("command", ["plan", "cv", "build"])
+def test_a_fresh_clone_names_the_config_the_table_and_the_key_of_missing_data(tmp_path, command):
+    """Before: `file not found` naming neither the config nor the key, and only once a stage read the data."""
+    config = fresh_clone(tmp_path)
+    error = f"{config}: top level: data = '../../shared/data/map/train.csv': file not found"
+    assert_one_line_error(invoke(command, str(config)), error, "or pass --data PATH")
+    assert not (tmp_path / "clone" / "build").exists()  # stopped before any work
+
+
+def test_a_members_own_data_and_no_data_at_all_name_the_table(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('dataset_id = "me/abcdef"\ndata = "x.csv"\n[[models]]\nname = "words"\nkind = "tfidf"\ndata = "y.csv"\n')
+    assert_one_line_error(invoke("plan", str(config)), f"{config}: [[models]] words: data = 'y.csv': file not found", "or pass --data PATH")
+    config.write_text('dataset_id = "me/abcdef"\n[[models]]\nname = "words"\nkind = "tfidf"\n')
+    assert_one_line_error(invoke("cv", str(config)), f"{config}: [[models]] words: no data, in it or at the top level", "or pass --data PATH")
+    assert_one_line_error(invoke("build", str(config), "--data", "nope.csv"), "--data nope.csv: file not found")
+
+
+def test_members_inherit_the_top_level_data_unless_they_set_their_own(tmp_path):
+    tmp_path = tmp_path.resolve()
+    for csv in ("top.csv", "own.csv"):
+        shutil.copy(SAMPLE_TRAIN, tmp_path / csv)
+    config = tmp_path / "configs" / "c.toml"
+    config.parent.mkdir()
+    config.write_text('dataset_id = "me/abcdef"\ndata = "../top.csv"\n[[models]]\nname = "a"\nkind = "tfidf"\n[[models]]\nname = "b"\nkind = "tfidf"\ndata = "../own.csv"\n')
+    _, (a, b) = load_config(config)
+    assert (a.config.data, b.config.data) == (str(tmp_path / "top.csv"), str(tmp_path / "own.csv"))
+    cfg, members = load_config(config, data=str(SAMPLE_TRAIN))  # --data replaces both
+    assert cfg.data == str(SAMPLE_TRAIN) and [m.config.data for m in members] == [str(SAMPLE_TRAIN)] * 2
+
+
+def test_a_shipped_config_plans_and_cross_validates_from_a_fresh_clone_with_the_data_elsewhere(tmp_path, monkeypatch):
+    """`--data` is relative to the working folder, and replaces every member's data: cpu.toml runs unchanged."""
+    tmp_path = tmp_path.resolve()
+    config = fresh_clone(tmp_path)
+    (tmp_path / "data").mkdir()
+    shutil.copy(SAMPLE_TRAIN, tmp_path / "data" / "train.csv")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    plan = invoke("plan", str(config), "--data", "../data/train.csv", "--json")
+    assert plan.exit_code == 0, plan.output
+    assert [m["name"] for m in json.loads(plan.stdout)["members"]] == ["minilm", "knn"]  # TF-IDF is a note
+    cv = invoke("cv", str(config), "--data", "../data/train.csv", "--only", "tfidf", "--folds", "0", "--json")
+    assert cv.exit_code == 0, cv.output
+    assert json.loads(cv.stdout)["recipes"]["tfidf"]["folds"] == [0]
+    meta = json.loads((tmp_path / "clone" / "build" / "cpu" / "tfidf" / "fold0" / "onnx" / "mapbuild.json").read_text())
+    assert meta["config"]["data"] == str(tmp_path / "data" / "train.csv")

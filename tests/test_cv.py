@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,8 +102,8 @@ def test_a_finished_fold_of_other_options_is_never_reported_as_the_changed_recip
 def test_a_fold_trained_before_an_option_existed_is_kept_while_that_option_is_at_its_default(cv_root, tmp_path):
     import shutil
 
-    from builder.build import load_config
-    from builder.cv import done, fold_spec
+    from builder.build import done, load_config
+    from builder.cv import fold_spec
 
     member = next(m for m in load_config(cv_root["config"])[1] if m.name == "words")
     dest = tmp_path / "fold0"
@@ -120,3 +121,34 @@ def test_cv_names_unknown_recipes_and_bad_folds(cv_root):
     assert_one_line_error(CliRunner().invoke(cli, ["cv", str(cv_root["config"]), "--folds", "7"]), "--folds 7: bert has folds 0..2")
     bad = CliRunner().invoke(cli, ["cv", str(cv_root["config"]), "--folds", "a"])
     assert bad.exit_code == 2 and "Invalid value for --folds: 'a': give fold numbers such as 0,1" in bad.output
+
+
+def words_config(root: Path) -> Path:
+    """A TF-IDF recipe on the sample: `cv` and `build` of it take seconds."""
+    config = root / "words.toml"
+    config.write_text(f'dataset_id = "me/tiny-words"\nout = "out"\nwheels = false\n[[models]]\nname = "words"\nkind = "tfidf"\ndata = "{SAMPLE_TRAIN}"\nfolds = 3\nmin_df = 1\n')
+    return config
+
+
+def test_build_after_cv_keeps_the_finished_fold(tmp_path):
+    """Before: build trained fold 0 again into OUT/NAME/onnx, beside cv's OUT/NAME/fold0 (50 min for a MiniLM fold)."""
+    config = words_config(tmp_path)
+    first = CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"])
+    assert first.exit_code == 0, first.output
+    fold = tmp_path / "out" / "words" / "fold0"
+    files = lambda: {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in fold.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    built = CliRunner().invoke(cli, ["build", str(config)])
+    assert built.exit_code == 0, built.output
+    assert "== words, fold 0: done before, kept" in built.stderr and files() == before
+    assert sorted(p.name for p in (tmp_path / "out" / "words").iterdir()) == ["fold0", "oof.npz"]
+    assert len(load_manifest(tmp_path / "out" / "bundle")["members"]) == 1  # the kept fold, packaged
+
+
+def test_build_refuses_a_member_folder_of_the_old_layout_in_one_line(tmp_path):
+    config = words_config(tmp_path.resolve())
+    old = tmp_path.resolve() / "out" / "words" / "onnx"
+    old.mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["build", str(config)])
+    assert_one_line_error(result, f"{old.parent}: holds onnx of an older build", f"move them into {old.parent / 'fold0'} or remove them")
+    assert sorted(p.name for p in old.parent.iterdir()) == ["onnx"]

@@ -52,9 +52,9 @@ def test_held_out_rows_of_a_sampled_run_go_on_past_its_fold_to_inputs_it_never_s
     from builder.export import held_out_rows
     from builder.folds import input_key, split_fold
 
-    df = pd.read_csv(SAMPLE_TRAIN)
+    df = pd.read_csv(SAMPLE_TRAIN, dtype=str, keep_default_na=False)
     data = tmp_path / "train.csv"  # every input twice, so some copies outside the sample repeat a training row
-    pd.concat([df, df.assign(row_id=df["row_id"] + 10_000)]).to_csv(data, index=False)
+    pd.concat([df, df.assign(row_id=df["row_id"].astype(int) + 10_000)]).to_csv(data, index=False)
     cfg = {"data": str(data), "sample": 60, "folds": 5, "fold": 0, "seed": 42, "fold_scheme": "stratified-group"}
     split = split_fold(str(data), 60, 5, 0, 42, dedupe=False)
     outside = read_rows(data, labelled=True).query("row_id not in @split.rows.row_id")

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import builder.wheels
 from builder.cli import cli
 from builder.package import package
-from builder.twin import image_env, run_notebook
+from builder.twin import IMAGES, image_env, run_notebook
 from builder.wheels import choose, cuda_version, fetch
 from runtime.data import InputError, labels_of, read_rows
 from runtime.engine import CPU, CUDA, not_engaged, onnx_forward, requested_providers
@@ -172,25 +172,8 @@ def test_a_manifest_that_is_not_an_object_is_skipped_by_the_kernel(tiny_pipeline
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "format 'list'" in bad.stderr
 
 
-# The twins: real onnxruntime-gpu wheels (277 MB each, fetched once into the cache) in clean CPython 3.12 and 3.11.
-
-
-@pytest.fixture(scope="session")
-def wheel_folder(tmp_path_factory):
-    """A local wheel folder with the real onnxruntime-gpu CUDA 12 wheels for CPython 3.11 and 3.12."""
-    folder = tmp_path_factory.mktemp("wheels")
-    fetch(folder, ("3.11", "3.12"))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def kaggle_bundle(tiny_pipeline, wheel_folder, tmp_path_factory):
-    """A bundle made with package's defaults, from a local wheel folder."""
-    out = tmp_path_factory.mktemp("kaggle") / "bundle"
-    package([str(tiny_pipeline["onnx"])], out, "tester/tiny-bundle", find_links=str(wheel_folder))
-    return out
-
-
+# The twins: real onnxruntime-gpu wheels (277 MB each, fetched once into the cache; conftest's wheel_folder and
+# kaggle_bundle) in clean CPython 3.11 to 3.13.
 def assert_model_submission(run, rows_csv):
     assert run.returncode == 0, run.output
     assert run.submission and check_submission(run.submission, read_rows(rows_csv)["row_id"].tolist()) == []
@@ -198,16 +181,28 @@ def assert_model_submission(run, rows_csv):
 
 
 @pytest.mark.slow
-def test_the_default_bundle_runs_its_notebook_on_python_312_without_onnxruntime(kaggle_bundle, tmp_path):
+@pytest.mark.parametrize("image", ["kaggle-2026", "kaggle-2027"])
+def test_the_default_bundle_runs_its_notebook_on_python_312_and_313_without_onnxruntime(kaggle_bundle, tmp_path, image):
+    """Today's image (3.12) and the one Kaggle moves to next (3.13, Colab's since 2026-08-19): one bundle for both."""
     manifest = load_manifest(kaggle_bundle)
-    assert [(w["python"], w["cuda"].split(".")[0]) for w in manifest["wheels"]] == [("3.12", "12")]
+    assert [(w["python"], w["cuda"].split(".")[0]) for w in manifest["wheels"]] == [("3.12", "12"), ("3.13", "12")]
     (tmp_path / "input" / "aaa-list").mkdir(parents=True)
     (tmp_path / "input" / "aaa-list" / "manifest.json").write_text("[]")  # another dataset's JSON, found first
-    run = run_notebook(kaggle_bundle, SAMPLE_TEST, tmp_path, "kaggle-2026")
+    run = run_notebook(kaggle_bundle, SAMPLE_TEST, tmp_path, image)
     assert_model_submission(run, SAMPLE_TEST)
-    frozen = (tmp_path / "python").glob("lib/python3.12/site-packages/*.dist-info")
+    frozen = (tmp_path / "python").glob(f"lib/python{IMAGES[image].python}/site-packages/*.dist-info")
     names = {p.name.split("-")[0].lower() for p in frozen}
     assert "onnxruntime_gpu" in names and not names & {"onnxruntime", "torch", "transformers"}  # what the notebook installed
+
+
+@pytest.mark.slow
+def test_verify_scores_the_default_bundle_alike_in_the_312_and_313_twins(kaggle_bundle):
+    results = []
+    for image in ("kaggle-2026", "kaggle-2027"):
+        done = CliRunner().invoke(cli, ["verify", str(kaggle_bundle), "--test", str(SAMPLE_TRAIN), "--image", image, "--json"])
+        assert done.exit_code == 0, done.output
+        results.append({k: v for k, v in json.loads(done.stdout).items() if k != "seconds"})
+    assert results[1] == {**results[0], "image": "kaggle-2027"} and results[0]["map3"] > results[0]["prior_map3"]
 
 
 @pytest.mark.slow
@@ -304,7 +299,7 @@ def test_no_wheel_for_the_interpreter_stops_the_notebook_in_one_line(kaggle_bund
     assert run.returncode == 1 and run.submission is None
     assert run.last_line == (
         "mapbuild: the bundle has no onnxruntime-gpu wheel for Python 3.11 (it holds "
-        f"{load_manifest(kaggle_bundle)['wheels'][0]['file']}); package it again with --python 3.11"
+        f"{', '.join(w['file'] for w in load_manifest(kaggle_bundle)['wheels'])}); package it again with --python 3.11"
     )
 
 

@@ -119,3 +119,18 @@ def test_package_refuses_a_credential_in_what_it_writes_last(tiny_pipeline, tmp_
     with pytest.raises(MapbuildError, match=expected):
         package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
     assert not (tmp_path / "bundle").exists()
+
+
+def test_fp16_advice_only_for_a_cpu_member_that_costs_hours(caplog):
+    """The README's int8 MiniLM runs in minutes on the kernel's CPU: advising fp16 for it (as package did for every
+    int8 member) is noise; an int8 member planned at hours there is worth the advice."""
+    import logging
+
+    from builder.package import check_plan
+
+    member = {"precision": "int8", "params": 22 * 10**6, "mean_tokens": 60.0}
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        check_plan([{**member, "name": "minilm", "cpu_rows_per_s": 100.0}, {**member, "name": "slow", "cpu_rows_per_s": 5.0}])
+    advice = [r for r in caplog.records if "--quantize fp16" in r.getMessage()]
+    assert [r.levelname for r in advice] == ["WARNING"] and "member slow" in advice[0].getMessage() and "2.2 h" in advice[0].getMessage()
+    assert "member minilm (int8) runs on the kernel's CPU, planned at 400 s" in caplog.text

@@ -92,7 +92,7 @@ def test_packed_logits_equal_unpacked_in_pytorch_and_onnx(family_model, model_ty
         assert np.abs(run_packs(forward, rows, pad, size, 16) - unpacked).max() < 1e-4, size
 
 
-def test_a_decoder_bundle_runs_packed_and_scores_the_same_at_any_pack_size(tmp_path):
+def test_a_decoder_bundle_runs_packed_and_scores_the_same_at_any_pack_size(tmp_path, caplog):
     """train -> merge -> export -> package -> kernel on a tiny llama in the context template: the member is packed
     from training on, and the kernel's pack size moves no score."""
     from builder.export import export
@@ -121,6 +121,23 @@ def test_a_decoder_bundle_runs_packed_and_scores_the_same_at_any_pack_size(tmp_p
         kernel_encoder(load_kernel_tokenizer(tmp_path / "onnx" / "tokenizer.json", 256)),
         render_parts(df, "context", space, member["chat"]), member["max_length"])])  # the plan counts packed tokens
     assert "inputs 'ragged'" in schema_problem(manifest | {"members": [member | {"inputs": "ragged"}]})
+
+    # --pack-tokens 0 is re-planned at its own cost: a deadline its own pack size meets drops it before it starts
+    import logging
+    import time
+
+    from runtime.packing import packed_tokens
+    rows = split_ids(kernel_encoder(load_kernel_tokenizer(tmp_path / "onnx" / "tokenizer.json", 256)), render_parts(df, "context", space, member["chat"]), member["max_length"])
+    cost = packed_tokens(rows, 0) / packed_tokens(rows, PACK_TOKENS)
+    assert cost > 1.5
+    planned = 600.0
+    for plan in ("t4_seconds", "cpu_seconds"):
+        manifest["estimate"][plan] = {member["name"]: planned * manifest["estimate"]["rows"] / len(df)}
+    deadline = time.monotonic() + planned * (1 + cost) / 2
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        assert predict(tmp_path / "bundle", manifest, space, df, deadline=deadline)[1] == [member["name"]]
+        assert predict(tmp_path / "bundle", manifest, space, df, deadline=deadline, pack_tokens=0)[1] == []
+    assert f"planned at {cost:.2f}x its tokens" in caplog.text and f"DROPPED member {member['name']}" in caplog.text
 
 
 def test_int8_moves_with_pack_mates_only_as_its_rounding_moves_with_last_bit_noise(family_model, tmp_path):

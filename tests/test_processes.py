@@ -62,7 +62,7 @@ class Drain:
 
 def long_test(path: Path, rows: int) -> Path:
     """The sample test rows, each explanation made unique (token ids are deduplicated), `rows` of them."""
-    df = pd.read_csv(SAMPLE_TEST)
+    df = pd.read_csv(SAMPLE_TEST, dtype=str, keep_default_na=False)
     df = pd.concat([df] * (rows // len(df) + 1), ignore_index=True).head(rows)
     df["row_id"] = range(rows)
     df["StudentExplanation"] = [" ".join(str(i)) + " " + t for i, t in enumerate(df["StudentExplanation"])]  # digits are in the vocabulary
@@ -139,3 +139,31 @@ def test_a_closed_or_broken_stderr_costs_no_member(tiny_pipeline, tmp_path, stde
     for r in runs.values():
         assert r.result["members_run"] == ["m0-bert-fp32"] and r.result["faults"] == [], r.result
     assert (tmp_path / f"{stderr}.csv").read_text() == (tmp_path / "open.csv").read_text()
+
+
+def descendants(pid: int) -> dict[int, str]:
+    found = children(pid)
+    for child in list(found):
+        found |= descendants(child)
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_verify_exits_130_and_leaves_no_kernel_running(kaggle_bundle, tmp_path):
+    """Ctrl-C while the twin's notebook runs the runtime: the terminal sends SIGINT to mapbuild's process group (the
+    Jupyter kernel has a session of its own). It read as a broken bundle: "the notebook stopped ... KeyboardInterrupt",
+    exit 1."""
+    rows = long_test(tmp_path / "rows.csv", 20_000)  # long enough to be interrupted mid-run
+    verify = subprocess.Popen([sys.executable, "-m", "builder", "verify", str(kaggle_bundle), "--test", str(rows)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not any("runtime.submit" in c for c in descendants(verify.pid).values()):
+        assert verify.poll() is None and time.monotonic() < deadline, verify.communicate()
+        time.sleep(0.2)
+    running = descendants(verify.pid)
+    os.killpg(verify.pid, signal.SIGINT)
+    out, err = verify.communicate(timeout=120)
+    assert verify.returncode == 130, err.decode()
+    assert "Interrupted" in err.decode() and "notebook stopped" not in err.decode() and "Traceback" not in err.decode()
+    time.sleep(1)
+    assert not [c for pid, c in running.items() if alive(pid)]  # the kernel and the runtime went with it

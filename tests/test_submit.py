@@ -8,6 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
+from builder.launch import launch
 from runtime.data import read_rows
 from runtime.manifest import load_manifest
 from runtime.submission import check_submission
@@ -103,3 +104,15 @@ def test_nothing_to_find_is_a_one_line_error(tiny_pipeline, tmp_path, missing):
     args += ["--test", str(SAMPLE_TEST)] if missing == "--bundle" else ["--bundle", "."]
     done = run_kernel(tiny_pipeline["bundle"], *args)
     assert done.returncode == 2 and done.stderr.startswith("error: no ") and missing in done.stderr
+
+
+@pytest.mark.parametrize("package", ["pandas", "tokenizers", "tqdm"])
+def test_an_image_without_a_package_the_runtime_needs_stops_in_one_line(package, tiny_pipeline, tmp_path):
+    """The kernel's own entry (python -P -m runtime.submit from the bundle) in a Python where PACKAGE is absent:
+    one line naming it and exit 2, not a ModuleNotFoundError traceback from whichever module imported it first."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules[{package!r}] = None  # as if not installed\n")
+    done = launch(tiny_pipeline["bundle"], "--bundle", ".", "--test", str(SAMPLE_TEST), "--out", str(tmp_path / "s.csv"), path=(str(site),))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and f"has no {package}," in done.stderr and f"pip install {package}" in done.stderr
