@@ -101,11 +101,11 @@ def onnx_text(path: Path) -> bytes:
     return "\n".join(texts).encode()
 
 
-def public(path: str | os.PathLike) -> str:
-    """What a public dataset may say of a build machine's path: a hub id as it is, a local folder by its last two
+def public(path: str | os.PathLike, parts: int = 2) -> str:
+    """What a public dataset may say of a build machine's path: a hub id as it is, a local folder by its last `parts`
     parts (a bundle must not publish /home/you/...)."""
     p = Path(path)
-    return p.as_posix() if not p.is_absolute() and not p.exists() else "/".join(p.resolve().parts[-2:])
+    return p.as_posix() if not p.is_absolute() and not p.exists() else "/".join(p.resolve().parts[-parts:])
 
 
 def kernel_slug(slug: str) -> str:
@@ -206,7 +206,7 @@ def package(
         members, dropped, named = [], [], {}
         for i, (d, m, weight, oof_map3) in enumerate(zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"])):
             if weight == 0:
-                dropped.append({"dir": public(d), "oof_map3": oof_map3})
+                dropped.append({"dir": public(d, parts=3), "oof_map3": oof_map3})  # NAME/foldK/onnx: the fold alone names no member
                 continue
             name = named[i] = f"m{len(members)}-{m['model_type']}-{m['precision']}"
             (tmp / "models" / name).mkdir(parents=True)

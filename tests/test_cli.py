@@ -163,6 +163,9 @@ def test_build_chains_every_stage(tmp_path, tiny_bert):
     assert json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())["ensemble"]["method"] == "rank"  # overrides the file's prob
     assert "== words, fold 0: MAP@3" in result.output and "== tiny, fold 0: MAP@3" in result.output
     assert json.loads((tmp_path / "out" / "words" / "fold0" / "onnx" / "mapbuild.json").read_text())["config"]["min_df"] == 1
+    manifest = json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())
+    named = [m["name"] for m in manifest["members"]] + [d["dir"] for d in manifest["ensemble"]["dropped"]]
+    assert len(named) == 2 and all(d["dir"] in ("tiny/fold0/onnx", "words/fold0/onnx") for d in manifest["ensemble"]["dropped"])
     for stage in ("tiny/fold0/run", "tiny/fold0/merged", "tiny/fold0/onnx", "words/fold0/onnx", "bundle"):
         assert (tmp_path / "out" / stage / ("manifest.json" if stage == "bundle" else "mapbuild.json")).is_file()
     assert (tmp_path / "out" / "submission.csv").is_file()
