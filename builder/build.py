@@ -13,13 +13,13 @@ import click
 from runtime.ensemble import METHODS
 from runtime.errors import MapbuildError
 
-from .export import EXPORT_PRECISIONS
+from .export import EXPORT_PRECISIONS, check_drift
 from .folds import SplitConfig
 from .kinds import KINDS
 from .launch import launch
 from .options import check_types, known_keys, one_of
 from .package import check_dataset_id, package
-from .stages import META, read_meta
+from .stages import META, data_sha256, read_meta
 from .wheels import CUDA, ORT_GPU, PYTHONS, cp_tag
 
 DEMO = Path(__file__).parent / "data" / "demo.toml"
@@ -55,6 +55,10 @@ class BuildConfig:
         if not self.models:
             raise MapbuildError("build config: add at least one [[models]] table")
         names = [m.get("name") for m in self.models]
+        # a name is a folder under OUT and the bundle: `./t` would share `t`'s folder, `a/b` or `..` leave OUT's layout
+        plain = lambda n: isinstance(n, str) and n[:1] not in ("", ".") and all(c.isascii() and (c.isalnum() or c in "-_.") for c in n)
+        if bad := next((i for i, n in enumerate(names, 1) if n is not None and not plain(n)), None):
+            raise MapbuildError(f"build config: [[models]] table {bad}: name = {names[bad - 1]!r} is not a plain folder name; use letters, digits, -, _ and ., not starting with .")
         if None in names or len(set(names)) != len(names):
             raise MapbuildError("build config: every [[models]] table needs a unique `name`")
 
@@ -145,12 +149,29 @@ def member_dir(root: Path, member: Member) -> Path:
     return fold_dir(root, member.name, None if member.config.full else member.config.fold)
 
 
-def done(dest: Path, spec: SplitConfig) -> bool:
-    """Whether dest holds a finished model of exactly `spec`; one of other options is an error, never reused."""
+def done(dest: Path, member: Member) -> bool:
+    """Whether dest holds a finished model of exactly `member` (its config, export precision and drift gate) on the
+    data file as it is now, with the run files cv and package read; any other is an error, never reused."""
     if not (dest / "onnx" / META).is_file():  # stage folders appear whole or not at all
         return False
-    if not spec.matches(read_meta(dest / "onnx", "onnx")["config"]):
+    meta, spec = read_meta(dest / "onnx", "onnx"), member.config
+    if not spec.matches(meta["config"]):
         raise MapbuildError(f"{dest}: trained with other options than the config's now; remove it, or give the changed recipe a new name or --out")
+    wanted = "fp32" if member.kind == "tfidf" else member.quantize  # a TF-IDF member is fp32 whatever quantize says
+    if meta["precision"] != wanted:
+        raise MapbuildError(f"{dest}: exported at {meta['precision']}, but the config now asks quantize = {member.quantize!r}; remove the folder, or set quantize back")
+    if "map3_onnx" in meta.get("drift", {}):  # a transformer's drift gate, which `force = true` may have overridden then
+        try:
+            check_drift(meta["drift"], meta["precision"], member.force)
+        except MapbuildError:
+            raise MapbuildError(f"{dest}: its {meta['precision']} export fails the drift gate and was kept with force = true, which the config no longer sets; remove the folder, or set force back") from None
+    # A folder written before provenance existed records no hash: it is kept unchecked, as it was before.
+    recorded = (meta.get("provenance") or {}).get("data", {}).get("sha256")
+    if recorded and recorded != (now := data_sha256(spec.data)):
+        raise MapbuildError(f"{dest}: trained on data of sha256 {recorded[:12]}… but {spec.data} now has {now[:12]}…; remove the folder, or restore the file")
+    run = Path(meta["run"])
+    if missing := [run / f for f in ("oof.npz", "metrics.json") if not (run / f).is_file()]:
+        raise MapbuildError(f"{missing[0]}: missing, and cv and package read it; remove {dest} to train the fold again")
     return True
 
 
@@ -160,7 +181,7 @@ def build_member(member: Member, root: Path) -> Path:
     name, kind, spec, quantize, force = member
     what = "full refit" if spec.full else f"fold {spec.fold}"
     dest = member_dir(root, member)
-    if done(dest, spec):
+    if done(dest, member):
         click.echo(f"== {name}, {what}: done before, kept", err=True)  # progress: stdout is for results
         return dest / "onnx"
     metrics = KINDS[kind].build(name, spec, dest, quantize, force)

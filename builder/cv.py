@@ -2,7 +2,8 @@
 
 Layout under OUT: <name>/fold<k>/{run,merged,onnx} (a TF-IDF recipe: onnx alone), <name>/oof.npz (the union of its
 folds' out-of-fold rows), <name>/full/... for the refit, and cv.json; `build` writes and reuses the same folders. A
-fold whose onnx folder exists is done and never trained again, so folds can be added run by run."""
+fold whose onnx folder exists is done and never trained again, so folds can be added run by run (`done`: unless
+its recipe, export or data file changed since, which is refused)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ def recipe_report(root: Path, member: Member, folds: list[int]) -> dict:
     scores = [json.loads((Path(m["run"]) / "metrics.json").read_text())["map3"] for m in metas]
     z = np.load(union_oof(root, member, folds))
     cfg = member.config
-    rows = load_labelled(cfg.data, cfg.sample, cfg.seed).drop_duplicates("row_id").set_index("row_id", drop=False).loc[z["row_id"].tolist()]
+    rows = load_labelled(cfg.data, cfg.sample, cfg.seed).drop_duplicates("row_id").set_index("row_id", drop=False)
+    if lost := len(set(z["row_id"].tolist()) - set(rows.index)):  # folds older than provenance, whose data `done` cannot check
+        raise MapbuildError(f"{root / member.name}: its folds hold {lost} rows that {cfg.data} no longer has; remove the folds, or restore the file")
+    rows = rows.loc[z["row_id"].tolist()]
     space = LabelSpace.from_json(metas[0]["label_space"])
     ranked = np.array(space.labels)[top3(z["probs"], space.candidate_mask(rows))]
     truth = labels_of(rows).to_numpy()
@@ -91,7 +95,7 @@ def cv(
         timing[m.name] = round(time.perf_counter() - start, 1)
     report = {"recipes": {}, "seconds": timing}
     for m in members:
-        finished = [k for k in range(m.config.folds) if done(fold_dir(root, m.name, k), fold_spec(m, k))]
+        finished = [k for k in range(m.config.folds) if done(fold_dir(root, m.name, k), m._replace(config=fold_spec(m, k)))]
         if finished:
             report["recipes"][m.name] = recipe_report(root, m, finished)
     dirs = [str(fold_dir(root, m.name, k) / "onnx") for m in members for k in report["recipes"].get(m.name, {}).get("folds", [])]

@@ -45,10 +45,21 @@ def recipe(meta: dict) -> str:
 def oof_of(meta: dict) -> dict[str, np.ndarray]:
     """Row id -> probabilities on rows the model never trained on: its fold's, or for a full refit its recipe's
     cross-validation out-of-fold file (config `oof`), or none."""
-    own = np.load(Path(meta["run"]) / "oof.npz")
+    own = load_oof(Path(meta["run"]) / "oof.npz", "the run folder the export recorded holds it: restore that folder, or train and export again")
     path = meta["config"].get("oof") if not len(own["row_id"]) else None
-    z = np.load(path) if path else own
+    z = load_oof(Path(path), "the cross-validation file this refit recorded: run its `cv` folds again") if path else own
     return dict(zip(z["row_id"].tolist(), z["probs"]))
+
+
+def load_oof(path: Path, fix: str) -> dict[str, np.ndarray]:
+    """An out-of-fold file, or one line naming it and `fix`: people delete run folders once they are exported."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in ("row_id", "probs")}
+    except FileNotFoundError:
+        raise MapbuildError(f"{path}: not found; package weighs members by their out-of-fold rows, and {fix}") from None
+    except (OSError, ValueError, KeyError) as e:  # not an .npz, a truncated one, a pickle (never loaded), a key missing
+        raise MapbuildError(f"{path}: unreadable out-of-fold file ({type(e).__name__}); {fix}") from None
 
 
 def select(parts: list[np.ndarray], score, rounds: int = 20) -> np.ndarray:

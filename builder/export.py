@@ -269,10 +269,25 @@ def measure_drift(got: np.ndarray, reference: np.ndarray, allowed: np.ndarray, t
     }
 
 
+def check_finite(got: np.ndarray, reference: np.ndarray, merged: str | os.PathLike) -> None:
+    """Refuse NaN or inf logits, --force or not: they compare false against every threshold, so an all-NaN model
+    would pass the MAP@3 gate with top-1 agreement 1.000."""
+    for what, z, fix in (("PyTorch fp32", reference, "train it again"), ("ONNX", got, "export it at another --quantize")):
+        if rows := int((~np.isfinite(z)).any(1).sum()):
+            raise MapbuildError(f"{merged}: its {what} logits hold NaN or inf on {rows} of {len(z)} held-out rows; {fix}")
+
+
+def check_recorded_drift(drift: dict, folder: str | os.PathLike) -> None:
+    """Refuse an ONNX folder of any kind whose recorded drift has a figure that is not a finite number (fail closed:
+    one written before the export gate refused NaN, or edited since)."""
+    if bad := next(((k, v) for k, v in drift.items() if isinstance(v, float) and not np.isfinite(v)), None):
+        raise MapbuildError(f"{folder}: its recorded drift has {bad[0]} = {bad[1]}; export it again from a model with finite outputs")
+
+
 def check_drift(drift: dict, precision: str, force: bool, max_drop: float = MAX_MAP3_DROP) -> None:
     """Refuse a quantized model that scores more than `max_drop` MAP@3 below PyTorch fp32 on the held-out rows."""
     drop = drift["map3_reference"] - drift["map3_onnx"]
-    if precision != "fp32" and drop > max_drop and not force:
+    if precision != "fp32" and not drop <= max_drop and not force:  # a NaN drop fails too
         raise MapbuildError(
             f"--quantize {precision} lowers MAP@3 from {drift['map3_reference']:.4f} to {drift['map3_onnx']:.4f} on {drift['rows']} "
             f"held-out rows (limit {max_drop}); export fp32 instead, or pass --force to keep it"
@@ -317,6 +332,7 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         ids = whole(meta, kernel)
         # unpacked: so the drift of a packed graph includes any error of packing itself
         reference = torch_logits(model, ids, pad_id, desc="torch")
+        check_finite(got, reference, merged)
         drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
         drift |= {"reference": what, "onnx_provider": provider}
         check_drift(drift, quantize, force)

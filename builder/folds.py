@@ -16,7 +16,7 @@ from runtime.labels import LabelSpace, fit_label_space
 from runtime.metrics import masked_map3
 
 from .dataset import clean
-from .options import one_of, require
+from .options import check_finite, one_of, require
 
 
 # How rows are dealt into folds. A stage folder written before `fold_scheme` existed used round-robin: `canonical`
@@ -55,6 +55,7 @@ class SplitConfig:
     })  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_finite(self)  # every config kind runs this: inf and nan are no setting
         require(
             (bool(self.data), "--data: give a labelled train.csv"),
             (self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),

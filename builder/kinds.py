@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from runtime.errors import MapbuildError
+
 from . import export, knn, tfidf
 from .folds import SplitConfig
 from .knn import KnnConfig, train_knn
@@ -51,11 +53,20 @@ def build_knn(name: str, spec: KnnConfig, dest: Path, quantize: str, force: bool
 class Kind:
     config: type[SplitConfig]  # its `[[models]]` keys and `mapbuild` options
     build: Callable[[str, SplitConfig, Path, str, bool], dict]  # (name, config, dest, quantize, force) -> metrics
-    files: dict[str, str]  # role -> file of its ONNX folder that the bundle carries (the .data file only when present)
+    files: dict[str, str]  # role -> file of its ONNX folder that the bundle carries
+    optional: frozenset[str] = frozenset()  # roles of `files` a folder may lack; every other one it must hold
+
+    def present(self, folder: Path) -> dict[str, str]:
+        """The files of `folder` the bundle carries; a required one missing is refused, as its member would score
+        nothing and the kernel fall back on the label prior."""
+        if lost := next((f for k, f in self.files.items() if k not in self.optional and not (folder / f).is_file()), None):
+            raise MapbuildError(f"{folder}: {lost} is missing, and its member needs it; write the folder again with the command that made it")
+        return {k: f for k, f in self.files.items() if (folder / f).is_file()}
 
 
 KINDS: dict[str, Kind] = {
-    "transformer": Kind(TrainConfig, build_transformer, export.FILES),
+    # the .data file is written only for weights over export.EXTERNAL_DATA_BYTES
+    "transformer": Kind(TrainConfig, build_transformer, export.FILES, frozenset({"data"})),
     "tfidf": Kind(TfidfConfig, build_tfidf, tfidf.FILES),
     "knn": Kind(KnnConfig, build_knn, knn.FILES),
 }

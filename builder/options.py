@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import difflib
 import typing
@@ -18,6 +19,15 @@ def require(*checks: tuple[bool, str]) -> None:
     for ok, message in checks:
         if not ok:
             raise MapbuildError(message)
+
+
+def check_finite(config: object) -> None:
+    """Every number setting of a config dataclass finite: click and TOML both read inf and nan as numbers, and
+    `--epochs inf` reached the Trainer (OverflowError) while `nan` failed every comparison of its checks."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MapbuildError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
 def one_of(value: object, choices: typing.Iterable, name: str) -> None:

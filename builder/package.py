@@ -18,11 +18,13 @@ import runtime
 from runtime.ensemble import METHODS
 from runtime.errors import MapbuildError
 from runtime.cards import CARD, card
-from runtime.manifest import FORMAT, LABEL, MANIFEST, hash_tree, sha256_file
+from runtime.data import LABEL
+from runtime.manifest import FORMAT, MANIFEST, hash_tree, sha256_file
 from runtime.plan import CPU_KINDS, LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, manifest_plan, on_gpu, verdict
 from runtime.preflight import COMPETITION
 
 from .ensemble import fit
+from .export import check_recorded_drift
 from .kinds import KINDS
 from .options import one_of
 from .stages import BUNDLE, atomic_dir, read_meta
@@ -194,6 +196,7 @@ def package(
     for d, m in zip(onnx_dirs, metas):
         if m["label_space"]["labels"] != labels:
             raise MapbuildError(f"{d}: its label list differs from {onnx_dirs[0]}'s; ensemble members must share one")
+        check_recorded_drift(m["drift"], d)
     bad = next((x for x in labels if not LABEL.fullmatch(x)), None)
     if bad is not None:  # the kernel refuses it, and packaging again cannot mend what the model was trained on
         raise MapbuildError(f"{onnx_dirs[0]}: label {bad!r} is not Category:Misconception without whitespace; fix the training data's labels and train again")
@@ -211,7 +214,7 @@ def package(
             name = named[i] = f"m{len(members)}-{m['model_type']}-{m['precision']}"
             (tmp / "models" / name).mkdir(parents=True)
             kind = m.get("kind", "transformer")
-            files = {k: f for k, f in KINDS[kind].files.items() if (Path(d) / f).is_file()}  # .data: external weights over 2 GiB
+            files = KINDS[kind].present(Path(d))
             for f in files.values():
                 if (Path(d) / f).is_symlink():
                     raise MapbuildError(f"package: {Path(d) / f} is a symlink; a bundle holds real files only")

@@ -148,14 +148,25 @@ def git_commit(folder: Path) -> str | None:
         return None
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, mtime, size) -> sha256: a command hashes its data once, not per fold
+
+
+def data_sha256(data: str | os.PathLike) -> str:
+    """The sha256 of a data file, computed again only when the file was replaced or written since."""
+    st = os.stat(data)
+    key = (str(Path(data).resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _DIGESTS:
+        with open(data, "rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _DIGESTS[key]
+
+
 def provenance(data: str | os.PathLike, rows: int) -> dict:
     """What a training stage records to be reproduced and compared: package versions, the data file's sha256 and
     the rows the run used of it (after --sample), and the code's git commit."""
     from .package import versions
 
-    with open(data, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"versions": versions(), "data": {"path": str(data), "sha256": digest, "rows_used": rows}, "git_commit": git_commit(Path(__file__).parent)}
+    return {"versions": versions(), "data": {"path": str(data), "sha256": data_sha256(data), "rows_used": rows}, "git_commit": git_commit(Path(__file__).parent)}
 
 
 def write_meta(folder: Path, meta: StageMeta) -> None:

@@ -19,6 +19,7 @@ LABEL_COLUMNS = ("Category", "Misconception")
 TEXT_COLUMNS = ("QuestionId", "QuestionText", "MC_Answer", "StudentExplanation")
 MAX_TEXT = 20_000  # characters kept of one field: students write far less, and a 50 MB field must not sink a member
 INTEGER = re.compile(r"\+?0*(\d+)(?:\.0*)?")  # 31772, 31772.0, +031772: one question id
+LABEL = re.compile(r"[^\s:]+:[^\s:]+")  # Category:Misconception, as the submission writes it: space-separated
 log = logging.getLogger("mapbuild")
 
 
@@ -109,7 +110,17 @@ def check_labels(path: Path, df: pd.DataFrame, labelled: bool) -> None:
     if not all(c in df.columns for c in LABEL_COLUMNS):
         return
     empty = (df["Category"].str.strip() == "") | (df["Misconception"].str.strip() == "")
-    if not empty.any() or (not labelled and empty.all()):
+    if not empty.any():
+        bad = ~labels_of(df).str.fullmatch(LABEL)
+        if bad.any():  # the kernel refuses such a label; found here, before hours of training on it
+            first = int(bad.to_numpy().argmax())
+            raise InputError(
+                f"{path}: {int(bad.sum())} rows have a label that is not Category:Misconception without spaces or a "
+                f"second ':' (first: row_id {df['row_id'].iloc[first]!r}, {labels_of(df).iloc[first]!r}); a submission "
+                "separates labels by spaces: fix those Category or Misconception values"
+            )
+        return
+    if not labelled and empty.all():
         return
     first = int(empty.to_numpy().argmax())
     blank = "Misconception" if df["Category"].iloc[first].strip() else "Category"

@@ -53,10 +53,12 @@ def vote(
         rows, train = np.flatnonzero(questions == q), np.flatnonzero(tq == q)
         if not len(train):
             continue
-        sim = np.where(candidates[rows][:, y[train]], query[rows] @ emb[train].T, -np.inf)
+        ok = candidates[rows][:, y[train]]
+        sim = np.where(ok, query[rows] @ emb[train].T, -np.inf)
         kk = min(k, len(train))
         nn = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
-        w = np.maximum(np.take_along_axis(sim, nn, 1), 0.0) ** power  # -inf, outside the candidates, votes 0
+        # masked, not left to 0 ** power: at power 0 that is 1, and non-candidates would vote
+        w = np.where(np.take_along_axis(ok, nn, 1), np.maximum(np.take_along_axis(sim, nn, 1), 0.0) ** power, 0.0)
         votes = np.zeros((len(rows), n_labels))
         np.add.at(votes, (np.repeat(np.arange(len(rows)), kk), y[train][nn].ravel()), w.ravel())
         prior = np.bincount(y[train], minlength=n_labels) + 1e-3  # a label unseen here still ranks, last

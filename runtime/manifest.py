@@ -6,16 +6,15 @@ import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 
+from .data import LABEL
 from .ensemble import METHODS
 from .errors import BundleError
 from .packing import PACKED
 
 MANIFEST = "manifest.json"
 FORMAT = "mapbuild-bundle/2"  # 2: every member carries its card (runtime.cards)
-LABEL = re.compile(r"[^\s:]+:[^\s:]+")  # Category:Misconception, as the submission writes it
 MEMBER_KINDS = ("transformer", "tfidf", "knn")  # the kinds of member a bundle may hold: runtime.predict.SCORERS scores each
 
 

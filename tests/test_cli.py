@@ -464,3 +464,24 @@ def test_other_packages_warnings_reach_the_console_only_under_v(flag):
     done = subprocess.run([sys.executable, "-c", code, "models", *([flag] if flag else [])], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "OURS" in done.stderr and ("THEIRS" in done.stderr) == (flag == "-v"), done.stderr
+
+
+def test_package_after_the_run_folder_was_removed_is_one_line(tiny_pipeline, tmp_path):
+    """People delete run folders once exported; package reads its out-of-fold rows there (a FileNotFoundError
+    traceback before)."""
+    import shutil
+
+    onnx = tmp_path / "onnx"
+    shutil.copytree(tiny_pipeline["onnx"], onnx)
+    meta = json.loads((onnx / "mapbuild.json").read_text())
+    (onnx / "mapbuild.json").write_text(json.dumps(meta | {"run": str(tmp_path / "run")}))  # as if deleted
+    result = invoke("package", str(onnx), "--out", str(tmp_path / "b"), "--dataset-id", "me/abcdef", "--no-wheels")
+    assert_one_line_error(result, f"{tmp_path / 'run' / 'oof.npz'}: not found", "restore that folder")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", "inf"), ("--learning-rate", "nan"), ("--warmup", "nan")])
+def test_a_setting_of_inf_or_nan_is_one_line(option, value, tiny_bert, tmp_path):
+    """click and TOML read inf and nan as numbers: --epochs inf reached the Trainer (OverflowError traceback)."""
+    result = invoke("train", "--model", str(tiny_bert), "--data", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r"), option, value)
+    assert_one_line_error(result, f"{option} must be a finite number, got {value}")

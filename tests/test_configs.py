@@ -110,3 +110,11 @@ def test_a_shipped_config_plans_and_cross_validates_from_a_fresh_clone_with_the_
     assert json.loads(cv.stdout)["recipes"]["tfidf"]["folds"] == [0]
     meta = json.loads((tmp_path / "clone" / "build" / "cpu" / "tfidf" / "fold0" / "onnx" / "mapbuild.json").read_text())
     assert meta["config"]["data"] == str(tmp_path / "data" / "train.csv")
+
+
+@pytest.mark.parametrize("name", ['"./t"', '"../t"', '"a/b"', '".t"', '""', '"t "', "3"])
+def test_a_member_name_is_a_plain_folder_name(tmp_path, name):
+    """Before: `t` and `./t` shared one folder (the second overwrote the first) and `name = 3` was a traceback."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'dataset_id = "me/abcdef"\n[[models]]\nname = "t"\nkind = "tfidf"\n[[models]]\nname = {name}\nkind = "tfidf"\n')
+    assert_one_line_error(invoke("plan", str(config), "--data", str(SAMPLE_TRAIN)), "[[models]] table 2: name", "plain folder name")

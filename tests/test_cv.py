@@ -111,9 +111,9 @@ def test_a_fold_trained_before_an_option_existed_is_kept_while_that_option_is_at
     meta = json.loads((dest / "onnx" / "mapbuild.json").read_text())
     del meta["config"]["relabel"]  # as folders written before `relabel` was a split option
     (dest / "onnx" / "mapbuild.json").write_text(json.dumps(meta))
-    assert done(dest, fold_spec(member, 0))
+    assert done(dest, member._replace(config=fold_spec(member, 0)))
     with pytest.raises(MapbuildError, match="trained with other options"):
-        done(dest, fold_spec(member._replace(config=dataclasses.replace(member.config, relabel=True)), 0))
+        done(dest, member._replace(config=fold_spec(member._replace(config=dataclasses.replace(member.config, relabel=True)), 0)))
 
 
 def test_cv_names_unknown_recipes_and_bad_folds(cv_root):
@@ -152,3 +152,71 @@ def test_build_refuses_a_member_folder_of_the_old_layout_in_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["build", str(config)])
     assert_one_line_error(result, f"{old.parent}: holds onnx of an older build", f"move them into {old.parent / 'fold0'} or remove them")
     assert sorted(p.name for p in old.parent.iterdir()) == ["onnx"]
+
+
+def own_data_config(root: Path, recipe: str = 'kind = "tfidf"\nmin_df = 1') -> tuple[Path, Path]:
+    """A config of one recipe `t` on a copy of the sample that a test may change between sessions; (config, data)."""
+    data = root / "train.csv"
+    data.write_bytes(SAMPLE_TRAIN.read_bytes())
+    config = root / "t.toml"
+    config.write_text(f'dataset_id = "me/tiny-t"\nout = "out"\nwheels = false\n[[models]]\nname = "t"\ndata = "train.csv"\nfolds = 3\n{recipe}\n')
+    return config, data
+
+
+@pytest.mark.parametrize("change", ["fewer rows", "reordered"])
+def test_cv_refuses_a_fold_trained_on_a_data_file_changed_since(tmp_path, change):
+    """Before: fewer rows were reported as one cross-validation of folds dealt from two files (rows held out twice,
+    others never); reordered rows, a traceback."""
+    config, data = own_data_config(tmp_path)
+    assert CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"]).exit_code == 0
+    header, *lines = data.read_text().splitlines(keepends=True)
+    data.write_text(header + "".join(lines[:-40] if change == "fewer rows" else lines[::-1]))
+    fold = tmp_path / "out" / "t" / "fold0"
+    assert_one_line_error(CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"]), f"{fold}: trained on data of sha256 ", f"but {data} now has ", "restore the file")
+    meta = json.loads((fold / "onnx" / "mapbuild.json").read_text())
+    del meta["provenance"]  # as folders written before provenance was recorded: nothing to compare, kept
+    (fold / "onnx" / "mapbuild.json").write_text(json.dumps(meta))
+    kept = CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"])
+    if change == "reordered":
+        assert kept.exit_code == 0 and "t, fold 0: done before, kept" in kept.stderr, kept.output
+    else:  # rows it held out are gone from the file: the report says so, in one line
+        last = kept.output.strip().splitlines()[-1]  # after the progress line "done before, kept"
+        assert kept.exit_code == 1 and "Traceback" not in kept.output and f"{fold.parent}: its folds hold 18 rows that {data} no longer has" in last
+
+
+def test_cv_refuses_a_fold_exported_at_another_precision_than_the_recipe_now_asks(tmp_path, tiny_bert):
+    """Before: the int8 fold was kept with "done before, kept" for a recipe that now asks fp32."""
+    config, _ = own_data_config(tmp_path, f'kind = "knn"\nmodel = "{tiny_bert}"\nmax_length = 64\nquantize = "int8"')
+    first = CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"])
+    assert first.exit_code == 0, first.output
+    config.write_text(config.read_text().replace('quantize = "int8"', 'quantize = "fp32"'))
+    result = CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"])
+    assert_one_line_error(result, f"{tmp_path / 'out' / 't' / 'fold0'}: exported at int8, but the config now asks quantize = 'fp32'")
+
+
+@pytest.mark.parametrize("lost", ["oof.npz", "metrics.json"])
+def test_cv_names_a_run_file_a_finished_fold_lost(tmp_path, lost):
+    """Before: a traceback from cv's report (np.load, read_text)."""
+    config, _ = own_data_config(tmp_path)
+    assert CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"]).exit_code == 0
+    gone = tmp_path / "out" / "t" / "fold0" / "onnx" / lost
+    gone.unlink()
+    assert_one_line_error(CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"]), f"{gone}: missing", "to train the fold again")
+
+
+def test_a_fold_kept_with_force_past_the_drift_gate_is_refused_once_the_recipe_drops_force(tmp_path):
+    from builder.build import done, load_config
+    from builder.cv import fold_spec
+
+    config, _ = own_data_config(tmp_path)
+    assert CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"]).exit_code == 0
+    fold = tmp_path / "out" / "t" / "fold0"
+    meta = json.loads((fold / "onnx" / "mapbuild.json").read_text())
+    # as a transformer's int8 export that lost 0.1 MAP@3 to PyTorch, kept with force = true
+    meta |= {"precision": "int8", "drift": {"rows": 10, "map3_reference": 0.8, "map3_onnx": 0.7}}
+    (fold / "onnx" / "mapbuild.json").write_text(json.dumps(meta))
+    member = load_config(config)[1][0]
+    forced = member._replace(config=fold_spec(member, 0), kind="transformer", quantize="int8", force=True)
+    assert done(fold, forced)
+    with pytest.raises(MapbuildError, match="fails the drift gate and was kept with force = true, which the config no longer sets"):
+        done(fold, forced._replace(force=False))

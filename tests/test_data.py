@@ -226,3 +226,17 @@ def test_a_quote_closed_in_the_same_field_of_the_next_row_is_refused(tmp_path, k
     path = write(tmp_path, HEADER, ",".join(a), ",".join(b), "3,31772,q,a,z")
     with pytest.raises(InputError, match="holds another row inside a quoted field"):
         read_rows(path)
+
+
+@pytest.mark.parametrize("column, value", [("Category", "Incomplete answer"), ("Misconception", "Wrong:fraction"), ("Misconception", "")])
+def test_labels_the_submission_cannot_write_are_refused_when_read(tmp_path, column, value):
+    """A label with a space or a second ':' passed tfidf and package, and only the kernel refused it (advising to
+    package again, which cannot help); an empty one is the label NA after a pandas round trip."""
+    df = read_rows(SAMPLE_TRAIN, labelled=True)
+    df.loc[df.index[5], column] = value
+    df.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputError, match=rf"row_id '{df['row_id'].iloc[5]}'") as e:
+        read_rows(tmp_path / "t.csv", labelled=True)
+    assert "\n" not in str(e.value) and ("1 of" in str(e.value) or "1 rows" in str(e.value))
+    with pytest.raises(InputError):  # verify's labelled --test and the kernel read it without labelled=True
+        read_rows(tmp_path / "t.csv")

@@ -180,3 +180,48 @@ def test_a_rows_scores_do_not_depend_on_its_batch_mates(tiny_pipeline, precision
     together[order] = forward(*pad([seqs[i] for i in order], meta["pad_token_id"]))
     assert len({len(s) for s in seqs}) > 5  # the batch really pads
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_an_all_nan_model_fails_the_export_gate_even_forced(tiny_pipeline, tmp_path):
+    """Before: NaN compares false against every threshold, so int8 reported top-1 agreement 1.000 and passed."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from builder.export import export
+
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_pipeline["merged"], merged)
+    weights = load_file(merged / "model.safetensors")
+    weights["classifier.bias"] = torch.full_like(weights["classifier.bias"], float("nan"))
+    save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MapbuildError, match=f"^{merged}: .*NaN or inf") as e:
+        export(merged, tmp_path / "onnx", "int8", rows=64, force=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "onnx").exists()
+
+
+def test_package_refuses_a_member_whose_recorded_drift_is_not_finite(tiny_pipeline, tmp_path):
+    import shutil
+
+    from builder.package import package
+
+    member = tmp_path / "onnx"
+    shutil.copytree(tiny_pipeline["onnx"], member)
+    meta = json.loads((member / "mapbuild.json").read_text())
+    meta["drift"]["max_abs_logit_diff"] = float("nan")
+    (member / "mapbuild.json").write_text(json.dumps(meta))
+    with pytest.raises(MapbuildError, match=f"^{member}: its recorded drift has max_abs_logit_diff = nan"):
+        package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
+
+
+def test_inf_in_either_logits_is_refused_and_a_nan_drop_fails_the_gate():
+    from builder.export import check_finite
+
+    bad = REF.copy()
+    bad[3, 1] = np.inf
+    for got, ref, what in [(bad, REF, "ONNX"), (REF, bad, "PyTorch fp32")]:
+        with pytest.raises(MapbuildError, match=f"^m: its {what} logits hold NaN or inf on 1 of 100"):
+            check_finite(got, ref, "m")
+    with pytest.raises(MapbuildError, match="lowers MAP@3"):
+        check_drift({"map3_reference": 1.0, "map3_onnx": float("nan"), "rows": 1}, "int8", force=False)

@@ -128,3 +128,11 @@ def test_two_worker_processes_give_exactly_the_single_device_votes(member, tmp_p
     two, used_two = predict(tmp_path / "bundle", manifest, space, df, batch_size=16, devices=2)
     assert used_one == used_two == [manifest["members"][0]["name"]]
     assert np.array_equal(one, two) and not np.allclose(one, one[:1])  # rows differ: the votes are real
+
+
+def test_vote_with_power_0_gives_nothing_to_a_non_candidate():
+    # 0 ** 0 == 1: a neighbour outside the candidates must still weigh 0, whatever the power
+    candidates = np.array([[False, True, True]])
+    got = vote(np.array([[1.0, 0.0]], dtype=np.float32), np.array(["q1"]), candidates, TABLE, 3, k=3, power=0, prior_share=0.1)
+    # labels 1 and 2 vote 1 each (a plain majority at power 0); label 0 keeps its prior share alone
+    np.testing.assert_allclose(got[0], 0.9 * np.array([0, 0.5, 0.5]) + 0.1 * np.full(3, 1 / 3), rtol=1e-5)

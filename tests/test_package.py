@@ -134,3 +134,17 @@ def test_fp16_advice_only_for_a_cpu_member_that_costs_hours(caplog):
     advice = [r for r in caplog.records if "--quantize fp16" in r.getMessage()]
     assert [r.levelname for r in advice] == ["WARNING"] and "member slow" in advice[0].getMessage() and "2.2 h" in advice[0].getMessage()
     assert "member minilm (int8) runs on the kernel's CPU, planned at 400 s" in caplog.text
+
+
+@pytest.mark.parametrize("lost", ["model.onnx", "tokenizer.json"])
+def test_package_refuses_a_member_folder_missing_a_file_its_kind_needs(tiny_pipeline, tmp_path, lost):
+    """Before: the filter meant for the optional .data file dropped any missing file, and the kernel ran on the prior."""
+    from builder.package import package
+    from runtime.errors import MapbuildError
+
+    member = tmp_path / "onnx"
+    shutil.copytree(tiny_pipeline["onnx"], member)
+    (member / lost).unlink()
+    with pytest.raises(MapbuildError, match=f"^{member}: {lost} is missing") as e:
+        package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "bundle").exists()

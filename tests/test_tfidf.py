@@ -1,6 +1,7 @@
 """The TF-IDF member: its n-grams, its ONNX scorer against scikit-learn, odd rows, and the kernel run."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ from builder.folds import assign_folds, load_labelled
 from builder.package import package
 from builder.tfidf import TfidfConfig, train_tfidf
 from runtime.data import labels_of, read_rows
+from runtime.errors import MapbuildError
 from runtime.submission import check_submission
 from runtime.tfidf import grams, tfidf_probs
 
@@ -89,3 +91,11 @@ def test_bundle_with_a_tfidf_member_runs_in_the_kernel(tiny_pipeline, member, tm
     assert done.returncode == 0 and "SKIPPED" not in done.stderr, done.stderr[-2000:]
     assert kept["tfidf"]["name"] in done.stdout + done.stderr
     assert check_submission(out, read_rows(SAMPLE_TEST)["row_id"].tolist()) == []
+
+
+def test_package_refuses_a_tfidf_member_without_its_vocabulary(member, tmp_path):
+    lost = tmp_path / "onnx"
+    shutil.copytree(member, lost)
+    (lost / "tfidf.json").unlink()
+    with pytest.raises(MapbuildError, match=f"^{lost}: tfidf.json is missing"):
+        package([str(lost)], tmp_path / "bundle", "tester/tfidf-ensemble", wheels=False)
