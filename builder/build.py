@@ -48,19 +48,19 @@ class BuildConfig:
             for python in self.python:
                 cp_tag(python)
         except MapbuildError:
-            raise MapbuildError(f'build config: python = {self.python!r}: give CPython versions such as ["3.11", "3.12"]') from None
+            raise MapbuildError(f'python = {self.python!r}: give CPython versions such as ["3.11", "3.12"]') from None
         if self.cuda not in ORT_GPU:
-            raise MapbuildError(f"build config: cuda must be one of {', '.join(map(str, ORT_GPU))}, got {self.cuda!r}")
-        one_of(self.ensemble, METHODS, "build config: ensemble")
+            raise MapbuildError(f"cuda must be one of {', '.join(map(str, ORT_GPU))}, got {self.cuda!r}")
+        one_of(self.ensemble, METHODS, "ensemble")
         if not self.models:
-            raise MapbuildError("build config: add at least one [[models]] table")
+            raise MapbuildError("add at least one [[models]] table")
         names = [m.get("name") for m in self.models]
         # a name is a folder under OUT and the bundle: `./t` would share `t`'s folder, `a/b` or `..` leave OUT's layout
         plain = lambda n: isinstance(n, str) and n[:1] not in ("", ".") and all(c.isascii() and (c.isalnum() or c in "-_.") for c in n)
         if bad := next((i for i, n in enumerate(names, 1) if n is not None and not plain(n)), None):
-            raise MapbuildError(f"build config: [[models]] table {bad}: name = {names[bad - 1]!r} is not a plain folder name; use letters, digits, -, _ and ., not starting with .")
+            raise MapbuildError(f"[[models]] table {bad}: name = {names[bad - 1]!r} is not a plain folder name; use letters, digits, -, _ and ., not starting with .")
         if None in names or len(set(names)) != len(names):
-            raise MapbuildError("build config: every [[models]] table needs a unique `name`")
+            raise MapbuildError("every [[models]] table needs a unique `name`")
 
 
 class Member(NamedTuple):
@@ -112,7 +112,7 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
     raw.update({k: str(Path(v).resolve()) if k in ("out", "test", "find_links", "data") else v for k, v in given.items()})
     try:
         cfg = BuildConfig(**raw)
-    except TypeError as e:
+    except (TypeError, MapbuildError) as e:  # its checks name the key; this names the file
         raise MapbuildError(f"{path}: {e}") from None
     members = []
     for m in cfg.models:

@@ -6,8 +6,11 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
+
+import click
 
 from runtime.errors import MapbuildError
 from runtime.manifest import load_manifest
@@ -100,13 +103,28 @@ def status_name(resp) -> str:
 ENDED = ("complete", "error", "cancel_acknowledged")
 
 
+MISSED_POLLS = 10  # in a row, at `poll` apart, before --wait gives up on the network: one blip must not end hours
+
+
 def wait(api, kernel_id: str, timeout: float, poll: float = 60.0) -> str:
     """Poll the kernel's latest run until it ends; a run that did not complete is a one-line error with Kaggle's
-    failure message, so the command's exit status is the run's."""
-    start = time.monotonic()
+    failure message, so the command's exit status is the run's. A poll the network loses is tried again."""
+    import requests
+
+    start, missed = time.monotonic(), 0
     while True:
         with kaggle_errors("kernel --wait", Path("kernel-metadata.json")):
-            resp = api.kernels_status(kernel_id)
+            try:
+                resp, missed = api.kernels_status(kernel_id), 0
+            except requests.RequestException as e:
+                missed += 1
+                if missed >= MISSED_POLLS:
+                    raise
+                resp = None
+                click.echo(f"kernel --wait: could not reach Kaggle ({type(e).__name__}); trying again in {poll:.0f} s ({missed} of {MISSED_POLLS} in a row)", err=True)
+        if resp is None:
+            time.sleep(poll)
+            continue
         status = status_name(resp)
         if status == "complete":
             return status
@@ -152,5 +170,8 @@ def round_trip(bundle: str | os.PathLike, push: bool, timeout: float, output: st
         if output:
             meta["output"] = str(fetch_output(api, meta["id"], output))
         if submit_message:
+            if not output:  # its result is checked for fallbacks all the same: a run that fell back is no submission
+                with tempfile.TemporaryDirectory(prefix="mapbuild-output-") as tmp:
+                    fetch_output(api, meta["id"], Path(tmp) / "output")
             meta["submitted"] = submit(api, meta["id"], meta.get("version"), submit_message)
     return meta

@@ -117,4 +117,4 @@ def test_a_member_name_is_a_plain_folder_name(tmp_path, name):
     """Before: `t` and `./t` shared one folder (the second overwrote the first) and `name = 3` was a traceback."""
     config = tmp_path / "c.toml"
     config.write_text(f'dataset_id = "me/abcdef"\n[[models]]\nname = "t"\nkind = "tfidf"\n[[models]]\nname = {name}\nkind = "tfidf"\n')
-    assert_one_line_error(invoke("plan", str(config), "--data", str(SAMPLE_TRAIN)), "[[models]] table 2: name", "plain folder name")
+    assert_one_line_error(invoke("plan", str(config), "--data", str(SAMPLE_TRAIN)), f"{config}: [[models]] table 2: name", "plain folder name")

@@ -88,7 +88,10 @@ class FakeKaggle:
 
     def kernels_status(self, kernel_id):
         self.calls.append(("status", kernel_id))
-        return SimpleNamespace(status=SimpleNamespace(name=self.statuses.pop(0)), failure_message=self.failure)
+        status = self.statuses.pop(0)
+        if isinstance(status, Exception):  # the network lost this poll
+            raise status
+        return SimpleNamespace(status=SimpleNamespace(name=status), failure_message=self.failure)
 
     def kernels_output(self, kernel_id, path, quiet):
         self.calls.append(("output", kernel_id))
@@ -139,3 +142,31 @@ def test_a_failed_kernel_run_exits_non_zero_in_one_line_and_submits_nothing(tiny
     assert_one_line_error(done, "the run fell back: m0 SKIPPED: lost")
     assert "submit" not in [c[0] for c in fell_back.calls] and not (tmp_path / "o").exists()
     assert_one_line_error(CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--submit", "x"]), "add --wait")
+
+
+def test_submit_without_output_still_refuses_a_run_that_fell_back(tiny_pipeline, fake_kaggle):
+    """Without --output the result was never read, and a run whose members fell back was submitted."""
+    fake = fake_kaggle(FakeKaggle(["COMPLETE"], {"submission.csv": "x", "mapbuild_result.json": '{"faults": ["m0 SKIPPED: lost"]}'}))
+    done = CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--wait", "--submit", "x"])
+    assert_one_line_error(done, "the run fell back: m0 SKIPPED: lost")
+    assert [c[0] for c in fake.calls] == ["status", "output"]
+    clean = fake_kaggle(FakeKaggle(["COMPLETE"], {"submission.csv": "x", "mapbuild_result.json": '{"faults": []}'}))
+    assert CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--wait", "--submit", "x"]).exit_code == 0
+    assert [c[0] for c in clean.calls] == ["status", "output", "submit"]
+
+
+def test_wait_outlasts_a_network_blip_but_not_an_outage(tiny_pipeline, fake_kaggle):
+    """One transient network error ended hours of --wait with exit 1."""
+    import requests
+
+    from builder.publish import MISSED_POLLS
+
+    lost = requests.ConnectionError("Connection reset by peer")
+    fake = fake_kaggle(FakeKaggle(["RUNNING", lost, lost, "RUNNING", "COMPLETE"]))
+    done = CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--wait"])
+    assert done.exit_code == 0 and "trying again" in done.output, done.output
+    assert [c[0] for c in fake.calls].count("status") == 5
+    down = fake_kaggle(FakeKaggle(["RUNNING"] + [lost] * MISSED_POLLS))
+    done = CliRunner().invoke(cli, ["kernel", str(tiny_pipeline["bundle"]), "--wait"])
+    assert done.exit_code == 1 and done.output.strip().splitlines()[-1].startswith("Error: kernel --wait: could not reach Kaggle (ConnectionError")
+    assert [c[0] for c in down.calls].count("status") == 1 + MISSED_POLLS
