@@ -48,6 +48,10 @@ def grow(merged: Path, out: Path, params_m: float) -> int:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
+    sys.path.insert(0, str(ROOT))
+    from builder.stages import seal
+
+    seal(out)  # its record now lists the grown weights, which export checks the folder against
     return sum(p.numel() for p in model.parameters())
 
 

@@ -224,5 +224,6 @@ def analyze(train_csv: str | os.PathLike, out: str | os.PathLike, test_csv: str 
         if test is not None and len(test) >= MIN_SHIFT_ROWS:
             length_plot({"train": words(train), "test": words(test)}, "Explanation length, test against train", tmp / "length_shift.png")
         (tmp / "report.md").write_text(report_markdown(f, train, samples))
-        (tmp / "summary.json").write_text(json.dumps(f, indent=1, default=int))
+        # the files written, so that analyzing into this folder again replaces these alone (stages.check_out)
+        (tmp / "summary.json").write_text(json.dumps(f | {"files": sorted(p.name for p in tmp.iterdir())}, indent=1, default=int))
     return f

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,7 +19,7 @@ from .kinds import KINDS
 from .launch import launch
 from .options import check_types, known_keys, one_of
 from .package import check_dataset_id, package
-from .stages import META, data_sha256, read_meta
+from .stages import META, check_data, read_meta, run_file
 from .wheels import CUDA, ORT_GPU, PYTHONS, cp_tag
 
 DEMO = Path(__file__).parent / "data" / "demo.toml"
@@ -110,6 +110,8 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
             raw[key] = str(here / raw[key])
     given = {k: v for k, v in overrides.items() if v is not None}
     raw.update({k: str(Path(v).resolve()) if k in ("out", "test", "find_links", "data") else v for k, v in given.items()})
+    if missing := [f.name for f in fields(BuildConfig) if f.default is MISSING and f.default_factory is MISSING and f.name not in raw]:
+        raise MapbuildError(f"{path}: needs {', '.join(missing)} at the top level")
     try:
         cfg = BuildConfig(**raw)
     except (TypeError, MapbuildError) as e:  # its checks name the key; this names the file
@@ -154,7 +156,7 @@ def done(dest: Path, member: Member) -> bool:
     data file as it is now, with the run files cv and package read; any other is an error, never reused."""
     if not (dest / "onnx" / META).is_file():  # stage folders appear whole or not at all
         return False
-    meta, spec = read_meta(dest / "onnx", "onnx"), member.config
+    meta, spec = read_meta(dest / "onnx", "onnx", f"remove {dest} to train the fold again"), member.config
     if not spec.matches(meta["config"]):
         raise MapbuildError(f"{dest}: trained with other options than the config's now; remove it, or give the changed recipe a new name or --out")
     wanted = "fp32" if member.kind == "tfidf" else member.quantize  # a TF-IDF member is fp32 whatever quantize says
@@ -165,13 +167,12 @@ def done(dest: Path, member: Member) -> bool:
             check_drift(meta["drift"], meta["precision"], member.force)
         except MapbuildError:
             raise MapbuildError(f"{dest}: its {meta['precision']} export fails the drift gate and was kept with force = true, which the config no longer sets; remove the folder, or set force back") from None
-    # A folder written before provenance existed records no hash: it is kept unchecked, as it was before.
-    recorded = (meta.get("provenance") or {}).get("data", {}).get("sha256")
-    if recorded and recorded != (now := data_sha256(spec.data)):
-        raise MapbuildError(f"{dest}: trained on data of sha256 {recorded[:12]}… but {spec.data} now has {now[:12]}…; remove the folder, or restore the file")
+    check_data(meta, spec.data, f"restore the file, or remove {dest} to train the fold again")
     run = Path(meta["run"])
     if missing := [run / f for f in ("oof.npz", "metrics.json") if not (run / f).is_file()]:
         raise MapbuildError(f"{missing[0]}: missing, and cv and package read it; remove {dest} to train the fold again")
+    for f in ("oof.npz", "metrics.json"):
+        run_file(meta, f)  # the run trained again since it was exported, say
     return True
 
 

@@ -33,7 +33,8 @@ from .wheels import CUDA, ORT_GPU, PYTHONS
 
 class Group(click.Group):
     """Every command's MapbuildError becomes a one-line ClickException here, once; so does a full disk that no stage
-    folder's writer named (stages.disk_full)."""
+    folder's writer named (stages.disk_full), and, as the kernel does, any other exception: a line naming it, with
+    the traceback under -v."""
 
     VERBOSITY = ("-v", "--verbose", "-q", "--quiet")
 
@@ -52,9 +53,12 @@ class Group(click.Group):
             click.echo("Interrupted: no half-written folder is left; `train --resume` continues a run from its last checkpoint.", err=True)
             ctx.exit(130)
         except Exception as e:
-            if (full := disk_full(e, None)) is None:
+            if (full := disk_full(e, None)) is not None:
+                raise click.ClickException(str(full)) from None
+            if ctx.params.get("verbose"):
                 raise
-            raise click.ClickException(str(full)) from None
+            what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise click.ClickException(f"internal error ({type(e).__name__}) {what}; run again with -v for the traceback, and please report it") from None
 
 
 def json_stdout(ctx: click.Context, param: click.Parameter, as_json: bool) -> bool:

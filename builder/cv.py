@@ -24,7 +24,7 @@ from runtime.metrics import map_at_3
 from .build import Member, build_member, done, fold_dir, load_config
 from .ensemble import fit
 from .folds import load_labelled
-from .stages import read_meta
+from .stages import read_meta, run_file
 
 REPORT = "cv.json"
 
@@ -35,7 +35,7 @@ def fold_spec(member: Member, fold: int):
 
 def union_oof(root: Path, member: Member, folds: list[int]) -> Path:
     """The recipe's out-of-fold probabilities over every finished fold, written to <name>/oof.npz."""
-    parts = [np.load(Path(read_meta(fold_dir(root, member.name, k) / "onnx", "onnx")["run"]) / "oof.npz") for k in folds]
+    parts = [np.load(run_file(read_meta(fold_dir(root, member.name, k) / "onnx", "onnx"), "oof.npz")) for k in folds]
     path = root / member.name / "oof.npz"
     with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
         np.savez(f, row_id=np.concatenate([z["row_id"] for z in parts]), probs=np.concatenate([z["probs"] for z in parts]))
@@ -46,7 +46,7 @@ def recipe_report(root: Path, member: Member, folds: list[int]) -> dict:
     """MAP@3 per fold (each with its own fold's candidate mask, as trained), their mean and standard deviation, and
     per question on the union of the folds' rows (with the label space of all rows)."""
     metas = [read_meta(fold_dir(root, member.name, k) / "onnx", "onnx") for k in folds]
-    scores = [json.loads((Path(m["run"]) / "metrics.json").read_text())["map3"] for m in metas]
+    scores = [json.loads(run_file(m, "metrics.json").read_text())["map3"] for m in metas]
     z = np.load(union_oof(root, member, folds))
     cfg = member.config
     rows = load_labelled(cfg.data, cfg.sample, cfg.seed).drop_duplicates("row_id").set_index("row_id", drop=False)

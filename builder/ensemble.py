@@ -21,7 +21,7 @@ from runtime.metrics import map_at_3
 
 from .folds import assign_folds, load_labelled, scheme_of
 from .kinds import KINDS
-from .stages import read_meta
+from .stages import read_meta, run_file
 
 PER_FOLD = ("fold", "full", "oof")  # config keys that differ between the models of one recipe
 SPLIT = ("data", "folds", "seed", "sample", "fold_scheme")  # config keys every member must share for their rows to line up
@@ -45,7 +45,7 @@ def recipe(meta: dict) -> str:
 def oof_of(meta: dict) -> dict[str, np.ndarray]:
     """Row id -> probabilities on rows the model never trained on: its fold's, or for a full refit its recipe's
     cross-validation out-of-fold file (config `oof`), or none."""
-    own = load_oof(Path(meta["run"]) / "oof.npz", "the run folder the export recorded holds it: restore that folder, or train and export again")
+    own = load_oof(run_file(meta, "oof.npz"), "the run folder the export recorded holds it: restore that folder, or train and export again")
     path = meta["config"].get("oof") if not len(own["row_id"]) else None
     z = load_oof(Path(path), "the cross-validation file this refit recorded: run its `cv` folds again") if path else own
     return dict(zip(z["row_id"].tolist(), z["probs"]))

@@ -25,7 +25,7 @@ from runtime.predict import kernel_rows, prompts, run_rows
 from .folds import input_key, load_labelled, scheme_of, split_fold
 from .models import FAMILIES, load_hf_tokenizer
 from .options import one_of
-from .stages import StageMeta, atomic_dir, read_meta, write_meta
+from .stages import StageMeta, atomic_dir, check_data, read_meta, write_meta
 
 # What an exported transformer's ONNX folder holds, by role: the bundle carries these (the .data file only when the
 # weights are over EXTERNAL_DATA_BYTES, written by `save`).
@@ -312,6 +312,7 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
 
     one_of(quantize, EXPORT_PRECISIONS, "--quantize")
     meta = read_meta(merged, "merged")
+    check_data(meta, meta["config"]["data"], "restore the file, or train again")  # the held-out rows come from it
     packed = meta.get("inputs") == PACKED
     if packed:
         meta = {**meta, "pack_tokens": meta.get("pack_tokens", PACK_TOKENS)}  # the kernel's pack size, and its pace's

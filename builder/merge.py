@@ -8,8 +8,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from .models import Source, load_classifier, quantization_config
-from .stages import ADAPTER, FULL, StageMeta, atomic_dir, read_meta, write_meta
+from .models import Source, base_files, load_classifier, quantization_config
+from .stages import ADAPTER, FULL, StageMeta, atomic_dir, check_read, folder_files, read_meta, write_meta
 
 
 def load_trained_model(run: str | os.PathLike):
@@ -31,11 +31,17 @@ def load_trained_model(run: str | os.PathLike):
 
 
 def merge(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The merged folder of a run whose files (read_meta) and base model (check_read) are what training left: an
+    adapter merged into other weights than it learned against is a quietly worse model."""
     meta = read_meta(run, "run")
+    if not (Path(run) / FULL).is_dir():
+        check_read(meta, "base_model", base_files(Source(meta["base_model"], meta.get("gguf_file")))["files"])
     with atomic_dir(out, "merged") as tmp:  # OUT is checked before the model loads
         model = load_trained_model(run)
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(Path(run) / "tokenizer", tmp, dirs_exist_ok=True)
-        write_meta(tmp, replace(StageMeta.from_json(meta), stage="merged", run=str(Path(run).resolve())))
+        # the run as merge read it, its record included: package checks the out-of-fold file it weighs by against it
+        ran = {"path": str(Path(run).resolve()), "files": meta.get("files") or folder_files(Path(run))}
+        write_meta(tmp, replace(StageMeta.from_json(meta), stage="merged", run=ran["path"], read={**(meta.get("read") or {}), "run": ran}))
     return Path(out)

@@ -6,18 +6,21 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from runtime.errors import MapbuildError
 from runtime.manifest import FORMAT, MANIFEST, MEMBER_KINDS
 from runtime.packing import PACKED
+
+from .models import FAMILIES
 
 META = "mapbuild.json"
 ADAPTER, FULL = "adapter", "model"  # a run folder keeps a LoRA adapter, or the fully fine-tuned weights (--lora-r 0)
@@ -77,6 +80,10 @@ class StageMeta:
     params: int | None = _help("parameters a row passes through, for the time plan")
     mean_tokens: float | None = _help("tokens a row costs the kernel (its share of a pack, where packed)")
     knn: dict | None = _help("the kNN member's settings (runtime.knn.SETTINGS)")
+    read: dict | None = _help("what the stages so far read, to know it again: role (base_model, run, merged) -> "
+                              "{'path', 'files': sha256 by file}; the next stage refuses an input that changed since")
+    files: dict | None = _help(f"sha256 of every file the stage wrote, by path in the folder ({META}: of this record "
+                               "but this field); written by atomic_dir, checked by read_meta")
 
     def __post_init__(self) -> None:
         if problem := self.problem():
@@ -95,6 +102,10 @@ class StageMeta:
         if self.kind not in MEMBER_KINDS:
             return f"kind {self.kind!r} is not one of {', '.join(MEMBER_KINDS)}"
         transformer = self.kind == "transformer"
+        if transformer and self.model_type not in FAMILIES:
+            return f"model_type {self.model_type!r} is not a family this mapbuild knows ({', '.join(sorted(FAMILIES))})"
+        if self.max_length is not None and self.max_length < 1:
+            return f"max_length {self.max_length} is not a positive number of tokens"
         if not transformer and self.stage != "onnx":
             return f"a {self.kind} member writes its onnx folder directly, not a {self.stage!r} one"
         needs = [k for s in STAGES[: STAGES.index(self.stage) + 1] if transformer or s == "onnx" for k in NEEDS[s]]
@@ -123,9 +134,10 @@ class StageMeta:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def read_meta(folder: str | os.PathLike, stage: str) -> dict:
+def read_meta(folder: str | os.PathLike, stage: str, fix: str | None = None) -> dict:
     """The metadata of a stage folder as StageMeta.to_json() wrote it, checked to be a whole record of the stage
-    `stage` expects as input."""
+    `stage` expects as input, over files that are still the ones its stage wrote (`fix`: the advice when they are
+    not, writing the folder again by default)."""
     path = Path(folder) / META
     if not path.is_file():
         raise MapbuildError(f"{folder}: not a mapbuild stage folder (no {META})")
@@ -136,7 +148,56 @@ def read_meta(folder: str | os.PathLike, stage: str) -> dict:
         StageMeta.from_json(meta)
     except ValueError as e:  # unreadable JSON, or a record StageMeta refuses
         raise MapbuildError(f"{path}: {str(e).removeprefix(f'{META}: ')}; write the folder again with this mapbuild") from None
+    # A folder written before custody records has no `files`, and is read unchecked as it was before.
+    if problem := changed(meta.get("files") or {}, Path(folder), f"{writer(meta)} wrote it"):
+        raise MapbuildError(f"{problem}; {fix or f'write the folder again with `mapbuild {writer(meta)}`'}")
     return meta
+
+
+def writer(meta: dict) -> str:
+    """The command that writes a stage folder."""
+    return {"run": "train", "merged": "merge"}.get(meta["stage"], "export" if meta.get("kind", "transformer") == "transformer" else meta["kind"])
+
+
+def check_read(meta: dict, role: str, now: dict[str, str] | Path, names: tuple[str, ...] = ()) -> None:
+    """Refuse, in one line naming the file, an input `role` (base_model, run) that changed since the stage that read
+    it recorded it: `now` is its files' sha256 (or its folder, hashed here); `names` limits the check to the files
+    the reader needs. An input no record names (a folder older than custody records) is not checked."""
+    recorded = (meta.get("read") or {}).get(role)
+    if not recorded:
+        return
+    files = {k: v for k, v in recorded["files"].items() if not names or k in names}
+    folder = Path(recorded["path"])
+    by = {"base_model": "train", "run": "merge"}[role]
+    if isinstance(now, Path):
+        problem = changed(files, now, f"{by} read it")
+    else:
+        problem = next((f"{folder / k}: {'changed' if k in now else 'missing'} since {by} read it" for k, v in files.items() if now.get(k) != v), None)
+    if problem:
+        again = {"base_model": "put back the base the run trained on, or train again", "run": "restore the run, or merge and export it again"}[role]
+        raise MapbuildError(f"{problem}; {again}")
+
+
+def run_file(meta: dict, name: str) -> Path:
+    """A file of the run folder a stage record names (oof.npz, metrics.json), refused in one line when it is not the
+    one the record's model was trained with (the run trained again since it was merged, say). A missing one is
+    left to its reader, which says why it needs it."""
+    path = Path(meta["run"]) / name
+    if path.is_file():
+        check_read(meta, "run", path.parent, (name,))
+    return path
+
+
+def check_data(meta: dict, data: str | os.PathLike, fix: str) -> None:
+    """Refuse `data` unless it is the file the run trained on, by the sha256 train recorded: another file's folds
+    and held-out rows are not the run's (a folder written before provenance records none, and is not checked)."""
+    recorded = ((meta.get("provenance") or {}).get("data") or {}).get("sha256")
+    if not recorded:
+        return
+    if not Path(data).is_file():
+        raise MapbuildError(f"{data}: missing, and the run's rows are read from it; {fix}")
+    if (now := file_sha256(data)) != recorded:
+        raise MapbuildError(f"{data}: changed since train read it (sha256 {recorded[:12]}… then, {now[:12]}… now); {fix}")
 
 
 def git_commit(folder: Path) -> str | None:
@@ -148,17 +209,49 @@ def git_commit(folder: Path) -> str | None:
         return None
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, inode, mtime, size) -> sha256: a command hashes its data once, not per fold
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, mtime, size) -> sha256: a command hashes a file once, not per read
 
 
-def data_sha256(data: str | os.PathLike) -> str:
-    """The sha256 of a data file, computed again only when the file was replaced or written since."""
-    st = os.stat(data)
-    key = (str(Path(data).resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, computed again only when the file was replaced or written since."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
     if key not in _DIGESTS:
-        with open(data, "rb") as f:
+        with open(path, "rb") as f:
             _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
     return _DIGESTS[key]
+
+
+def folder_files(folder: Path, pattern: str = "**/*") -> dict[str, str]:
+    """sha256 of the files under `folder` that match `pattern`, by POSIX path inside it; a stage's own record and
+    hidden files (a download's .cache) aside. A hub cache's file is a link to a blob named by its sha256: the name
+    is taken for it, as the hub checked it when it downloaded."""
+    out = {}
+    for p in sorted(folder.glob(pattern)):
+        rel = p.relative_to(folder)
+        if rel.as_posix() == META or any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        blob = p.resolve().name
+        out[rel.as_posix()] = blob if p.is_symlink() and re.fullmatch("[0-9a-f]{64}", blob) else file_sha256(p)
+    return out
+
+
+def record_digest(meta: dict) -> str:
+    """The sha256 of a stage record as written, but for its `files` (which hold this digest)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "files"}, sort_keys=True).encode()).hexdigest()
+
+
+def changed(recorded: dict[str, str], folder: Path, by: str) -> str | None:
+    """How `folder` differs from what `by` recorded of it (one file missing or changed, the first found), or None."""
+    for rel, sha in recorded.items():
+        if rel == META:
+            if not (folder / META).is_file() or record_digest(_json(folder / META)) != sha:
+                return f"{folder / META}: edited since {by}"
+        elif not (folder / rel).is_file():
+            return f"{folder / rel}: missing since {by}"
+        elif file_sha256(folder / rel) != sha:
+            return f"{folder / rel}: changed since {by} (sha256 {sha[:12]}… then, {file_sha256(folder / rel)[:12]}… now)"
+    return None
 
 
 def provenance(data: str | os.PathLike, rows: int) -> dict:
@@ -166,11 +259,18 @@ def provenance(data: str | os.PathLike, rows: int) -> dict:
     the rows the run used of it (after --sample), and the code's git commit."""
     from .package import versions
 
-    return {"versions": versions(), "data": {"path": str(data), "sha256": data_sha256(data), "rows_used": rows}, "git_commit": git_commit(Path(__file__).parent)}
+    return {"versions": versions(), "data": {"path": str(data), "sha256": file_sha256(data), "rows_used": rows}, "git_commit": git_commit(Path(__file__).parent)}
 
 
 def write_meta(folder: Path, meta: StageMeta) -> None:
-    (folder / META).write_text(json.dumps(meta.to_json(), indent=1, ensure_ascii=False))
+    """The folder's record; atomic_dir adds its `files` once the block has written every file."""
+    (folder / META).write_text(json.dumps(replace(meta, files=None).to_json(), indent=1, ensure_ascii=False))
+
+
+def seal(folder: Path) -> None:
+    meta = _json(folder / META)
+    meta["files"] = {**folder_files(folder), META: record_digest(meta)}
+    (folder / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
 
 
 def _json(path: Path) -> dict:
@@ -192,19 +292,39 @@ def stage_of(folder: Path) -> str | None:
     return None
 
 
+def owned(folder: Path, stage: str) -> set[str] | None:
+    """The files a `stage` folder's writer recorded as its own (its record, its manifest), or None where it records
+    none (a folder written before it did)."""
+    if stage == BUNDLE:
+        files = _json(folder / MANIFEST).get("files")
+        return None if files is None else {*files, MANIFEST}
+    if stage == REPORT:
+        files = _json(folder / "summary.json").get("files")
+        return None if files is None else {*files, "summary.json"}
+    files = _json(folder / META).get("files")
+    return None if files is None else {*files, META}
+
+
 def check_out(out: str | os.PathLike, stage: str | None) -> None:
     """Refuse an --out that writing a `stage` folder would destroy: only a missing or empty folder, or one the same
-    stage wrote, may be replaced (None: a writer that marks nothing, which replaces nothing)."""
-    out = Path(out)
+    stage wrote holding nothing but what it wrote, may be replaced (None: a writer that marks nothing, which
+    replaces nothing). A symlink is checked, and replaced, as the folder it points to."""
+    out = Path(os.path.realpath(out))
     if not out.exists():
         return
     if not out.is_dir():
         raise MapbuildError(f"--out {out}: is a file, not a folder; choose another --out")
     found, held = stage_of(out), sorted(p.name for p in out.iterdir())
-    if not held or (found is not None and found == stage):
-        return
-    what = f"a '{found}' folder" if found else f"files mapbuild did not write ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
     by = f"a '{stage}' folder" if stage else "a new one"
+    if not held:
+        return
+    if found is not None and found == stage:
+        own = owned(out, found)
+        theirs = [] if own is None else sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir() and p.relative_to(out).as_posix() not in own and "__pycache__" not in p.parts)
+        if not theirs:
+            return
+        raise MapbuildError(f"--out {out}: holds {', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}, which the '{found}' folder's writer did not write and writing {by} there would delete; move it away or choose another --out")
+    what = f"a '{found}' folder" if found else f"files mapbuild did not write ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
     raise MapbuildError(f"--out {out}: holds {what}, which writing {by} there would delete; choose another --out")
 
 
@@ -245,8 +365,10 @@ def disk_full(e: BaseException, folder: Path | None, written: int = 0) -> Mapbui
 def atomic_dir(out: str | os.PathLike, stage: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; it replaces `out` only when the block succeeds, and only where `out` is
     missing, empty or a `stage` folder (check_out: checked before the block and again before replacing). `stage`
-    defaults to the one the block's folder turns out to be (stage_of). A full disk is a one-line MapbuildError."""
-    out = Path(out)
+    defaults to the one the block's folder turns out to be (stage_of). A stage folder's record gets the sha256 of
+    every file written (`files`). A symlinked `out` is replaced where it points, the link left as it was. A full disk
+    is a one-line MapbuildError."""
+    out = Path(os.path.realpath(out))
     if stage is not None:
         check_out(out, stage)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,6 +377,8 @@ def atomic_dir(out: str | os.PathLike, stage: str | None = None) -> Iterator[Pat
     _PENDING.add(tmp)
     try:
         yield tmp
+        if (tmp / META).is_file():
+            seal(tmp)
         check_out(out, stage or stage_of(tmp))  # `out` may have appeared while the block ran
     except BaseException as e:
         written = size_of(tmp)

@@ -27,7 +27,7 @@ from runtime.prompts import TEMPLATES
 from .chat import chat_parts
 from .folds import SplitConfig, absolute, validate
 from .hardware import TRAIN_DTYPES, TRAIN_PRECISIONS, choose_precision, detect
-from .models import check_model, family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
+from .models import base_files, check_model, family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
 from .options import one_of, require
 from .stages import ADAPTER, FULL, StageMeta, atomic_dir, check_out, disk_full, provenance, size_of, write_meta
 
@@ -407,6 +407,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
             provenance=provenance(cfg.data, len(df)),
             base_model=source.path,
             gguf_file=source.gguf_file,
+            read={"base_model": base_files(source)},
             model_type=model_type,
             **prompting,
             pad_token_id=tok.pad_token_id,

@@ -11,9 +11,9 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from logging.handlers import QueueHandler, QueueListener
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -79,30 +79,34 @@ def run_batches(
     inverse = np.array([first.setdefault(tuple(s), len(first)) for s in seqs], dtype=np.int64) if dedupe else np.arange(len(seqs))
     todo = list(first) if dedupe else list(seqs)
     order = batches([len(s) for s in todo], batch_size, sort)
-    padded = [pad([todo[i] for i in idx], pad_id) for idx in order]
-    return run_feeds(forward, padded, order, len(todo), desc, deadline, warmup)[inverse]
+    cost = [len(idx) * max(len(todo[i]) for i in idx) for idx in order]
+    return run_feeds(forward, lambda k: pad([todo[i] for i in order[k]], pad_id), order, cost, len(todo), desc, deadline, warmup)[inverse]
 
 
 def run_feeds(
     forward: Forward,
-    feeds: list[tuple[np.ndarray, ...]],
+    build: Callable[[int], tuple[np.ndarray, ...]],
     rows: list[np.ndarray],
+    cost: Sequence[int],
     n_rows: int,
     desc: str,
     deadline: float | None = None,
     warmup: int = 1,
     take: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """The outputs of `n_rows` rows: batch k's inputs are `feeds[k]` (the session's inputs in order, input_ids first),
-    its outputs, through `take(k, out)` where given, are the rows `rows[k]` (run_batches, runtime.packing)."""
-    if isinstance(forward, DevicePool):  # every batch queued at once, as map() would; a retry queues its halves
-        queued = [forward.submit(_pool_forward, b) for b in feeds]
-        results = (halving(lambda f=f: forward.take(f.result()), forward, b, desc) for f, b in zip(queued, feeds))
+    """The outputs of `n_rows` rows: batch k's inputs are `build(k)` (the session's inputs in order, input_ids
+    first), its outputs, through `take(k, out)` where given, are the rows `rows[k]` (run_batches, runtime.packing).
+
+    A batch is built as the run reaches it, never all up front: a packed batch's mask is [B, 1, T, T] bools, and
+    every batch's at once held GiBs, enough for the OOM killer to end the kernel (issue 40). `cost[k]` is batch k's
+    padded tokens, known before it is built, for the pace."""
+    if isinstance(forward, DevicePool):
+        results = queued_results(forward, build, len(rows), desc)
     else:
-        results = (halving(lambda b=b: forward(*b), forward, b, desc) for b in feeds)
+        results = one_by_one(forward, build, len(rows), desc)
     # Cost grows with the tokens of a batch, and sorted batches grow longer: pace by tokens, not rows.
-    cost = np.cumsum([b[0].size for b in feeds])
-    pace = Pace(deadline, float(cost[-1]), warmup, desc) if deadline is not None and len(cost) else None
+    done = np.cumsum(cost)
+    pace = Pace(deadline, float(done[-1]), warmup, desc) if deadline is not None and len(done) else None
     out: np.ndarray | None = None
     for k, (idx, logits) in enumerate(progress(zip(rows, results), desc, len(rows))):
         logits = take(k, logits) if take else logits
@@ -110,8 +114,32 @@ def run_feeds(
             out = np.empty((n_rows, logits.shape[1]), dtype=np.float32)
         out[idx] = logits
         if pace:
-            pace.done(k + 1, float(cost[k]))
+            pace.done(k + 1, float(done[k]))
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def one_by_one(forward: Forward, build: Callable[[int], tuple[np.ndarray, ...]], n: int, desc: str) -> Iterator[np.ndarray]:
+    """The outputs of batches 0 to n - 1, each built only once the one before has run."""
+    for k in range(n):
+        feed = build(k)
+        logits = halving(lambda: forward(*feed), forward, feed, desc)
+        del feed  # before the next batch is built, not after: one mask held at a time
+        yield logits
+
+
+def queued_results(pool: DevicePool, build: Callable[[int], tuple[np.ndarray, ...]], n: int, desc: str) -> Iterator[np.ndarray]:
+    """The outputs of batches 0 to n - 1 through a pool's workers, in order, with at most two batches a worker
+    queued ahead: enough that a worker freeing up finds the next batch waiting, few enough that a run never holds
+    every batch's mask (the pool also pickles each queued batch). A retry in halves queues its halves."""
+    queued: deque[tuple[Future, tuple[np.ndarray, ...]]] = deque()
+    built = 0
+    for _ in range(n):
+        while built < n and len(queued) < 2 * pool.workers:
+            feed = build(built)
+            queued.append((pool.submit(_pool_forward, feed), feed))
+            built += 1
+        future, feed = queued.popleft()
+        yield halving(lambda: pool.take(future.result()), pool, feed, desc)
 
 
 # How onnxruntime (CPU: bad_alloc; CUDA: its arena's "Failed to allocate memory", cudaMalloc's "out of memory") and
@@ -206,6 +234,7 @@ class DevicePool(ProcessPoolExecutor):
         for device in worker_devices(workers, gpu_count()):
             ids.put(device)
         super().__init__(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), str(path), ids, threads, records))
+        self.workers = workers
         self.providers: set[str] = set()
         self.listener = QueueListener(records, _Relay())
         self.listener.start()

@@ -10,11 +10,14 @@ Bidirectional encoders are not exact under packing (the head would see the tails
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .engine import Forward, run_feeds
+
+log = logging.getLogger("mapbuild")
 
 # texts, add_special_tokens -> token ids: the kernel's tokenizers.Tokenizer and the builder's transformers
 # tokenizer behind one signature, so both tokenize by the same function.
@@ -27,10 +30,16 @@ PACKED = "packed"  # a member's `inputs` when its rows are (head, tail) and its 
 # Tokens a pack holds at most, by default: the head once and tails after it. Attention over a pack costs T^2, so
 # longer packs spend more of it on masked pairs (docs/packing.md has the measurement behind this choice).
 PACK_TOKENS = 512
+# The share of max_length a row's head may take at most. A longer head (a question text far longer than training's)
+# would leave its rows little or no tail, and they would all be one input. At 3/4 no head of the shared data is cut
+# but one question's under the `context` template at max_length 256 (docs/packing.md).
+HEAD_SHARE = 0.75
 
 
 def kernel_encoder(tok) -> Encode:
-    """`Encode` of a tokenizers.Tokenizer (the bundle's tokenizer.json)."""
+    """`Encode` of a tokenizers.Tokenizer (the bundle's tokenizer.json). It stops truncating: split_ids cuts, as it
+    does training's tokenizer's whole parts, and a head cut in its middle keeps its end."""
+    tok.no_truncation()
     return lambda texts, special: [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=special)]
 
 
@@ -43,18 +52,32 @@ def special_ends(encode: Encode) -> tuple[list[int], list[int]]:
     raise ValueError("the tokenizer rewrites a text when it adds special tokens: its rows cannot be split into head and tail")
 
 
+def cut_middle(ids: list[int], keep: int) -> list[int]:
+    """`keep` of `ids`: its start (special tokens, instruction) and its end (the last lines before the row's own)."""
+    start = keep // 2
+    return ids[:start] + ids[len(ids) - (keep - start) :]
+
+
 def split_ids(encode: Encode, parts: Sequence[tuple[str, str]], max_length: int) -> list[Row]:
     """Each (head, tail) text as (head ids, tail ids): the special tokens once, around the whole, each part
-    tokenized alone, then cut at `max_length` tokens from the end (as whole-prompt truncation cuts)."""
+    tokenized alone, then cut at `max_length` tokens from the end (as whole-prompt truncation cuts). A head over
+    HEAD_SHARE of `max_length` first loses its middle, so its rows keep tokens of their own (logged)."""
     before, after = special_ends(encode)
     heads = {h: None for h, _ in parts}  # a question's head is tokenized once
     head_ids = dict(zip(heads, encode(list(heads), False)))
     tails = encode([t for _, t in parts], False)
-    out = []
+    room = int(max_length * HEAD_SHARE)
+    out, cut = [], 0
     for (h, _), t in zip(parts, tails):
         head, tail = before + head_ids[h], t + after
-        cut = max(max_length - len(head), 0)
-        out.append((head[:max_length], tail[:cut]))
+        if len(head) > room:
+            head, cut = cut_middle(head, room), cut + 1
+        out.append((head, tail[: max_length - len(head)]))
+    if cut:
+        log.warning(
+            "%d of %d rows have a head (question) of over %d of their %d tokens: its middle is cut, so their own tokens fit",
+            cut, len(parts), room, max_length,
+        )
     return out
 
 
@@ -137,6 +160,32 @@ def pack_batches(rows: Sequence[Row], pack_tokens: int, batch_rows: int) -> list
     return out
 
 
+def batch_tokens(rows: Sequence[Row], batch: Sequence[tuple[tuple[int, ...], list[int]]]) -> int:
+    """The padded tokens of a batch's input_ids (pack_feed's [B, T]), known without building its mask."""
+    return len(batch) * max(pack_length(rows, p) for p in batch)
+
+
+def run_batched(
+    forward: Forward,
+    rows: Sequence[Row],
+    batched: list[list[tuple[tuple[int, ...], list[int]]]],
+    pad_id: int,
+    desc: str,
+    deadline: float | None,
+    warmup: int,
+) -> np.ndarray:
+    """Logits of every row of `rows`, running the batches of packs `batched` (each fed by pack_feed as it comes)."""
+    order = [np.array([i for _, members in b for i in members], dtype=np.int64) for b in batched]
+
+    def filled(k: int, logits: np.ndarray) -> np.ndarray:  # row-major over [packs, slots]: `order`'s rows
+        used = np.array([len(m) for _, m in batched[k]])
+        return logits[np.arange(logits.shape[1])[None, :] < used[:, None]]
+
+    cost = [batch_tokens(rows, b) for b in batched]
+    build = lambda k: pack_feed(rows, batched[k], pad_id)  # noqa: E731
+    return run_feeds(forward, build, order, cost, len(rows), desc, deadline, warmup, take=filled)
+
+
 def run_packs(
     forward: Forward,
     rows: Sequence[Row],
@@ -148,14 +197,22 @@ def run_packs(
     warmup: int = 1,
 ) -> np.ndarray:
     """Logits of every row in input order, from a packed graph (or a DevicePool of its sessions); identical rows
-    run once. Deadline and out-of-memory retries as in engine.run_batches."""
+    run once. Deadline and out-of-memory retries as in engine.run_batches.
+
+    A row of NaN or inf logits in a pack of several is run again alone: NaN in one row's states reaches its pack
+    mates through attention (a weight of 0 times NaN is NaN), and would cost them too (predict.checked)."""
     first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     inverse = np.array([first.setdefault((tuple(h), tuple(t)), len(first)) for h, t in rows], dtype=np.int64)
     todo = [(list(h), list(t)) for h, t in first]
     batched = pack_batches(todo, pack_tokens, batch_rows)
-    feeds = [pack_feed(todo, b, pad_id) for b in batched]
-    order = [np.array([i for _, members in b for i in members], dtype=np.int64) for b in batched]
-    # Row-major over [packs, slots]: the filled slots of each pack, in its rows' order, are `order`'s.
-    filled = [np.array([[k < len(m) for k in range(f[3].shape[1])] for _, m in b]) for b, f in zip(batched, feeds)]
-    out = run_feeds(forward, feeds, order, len(todo), desc, deadline, warmup, take=lambda k, logits: logits[filled[k]])
+    out = run_batched(forward, todo, batched, pad_id, desc, deadline, warmup)
+    bad = ~np.isfinite(out).all(axis=1)
+    again = [i for b in batched for _, members in b if len(members) > 1 for i in members if bad[i]]
+    if again:
+        alone = [todo[i] for i in again]
+        out[again] = run_batched(forward, alone, pack_batches(alone, 0, batch_rows), pad_id, f"{desc} alone", deadline, 1)
+        log.warning(
+            "%s: %d rows of packs with NaN or inf logits run again one a pack; %d of them still have NaN or inf",
+            desc, len(again), int((~np.isfinite(out[again]).all(axis=1)).sum()),
+        )
     return out[inverse] if len(todo) else out

@@ -44,6 +44,16 @@ def repacked_cost(bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpac
     return packed_tokens(rows, pack_tokens) / max(packed_tokens(rows, member.get("pack_tokens", PACK_TOKENS)), 1)
 
 
+def pack_size(member: dict, pack_tokens: int | None) -> int:
+    """The pack size a packed member runs at under --pack-tokens. Its own `pack_tokens` is the largest it was
+    exported and checked for, and a longer pack's [T, T] mask and attention may not fit the device: a larger
+    --pack-tokens is capped there (logged), a smaller one (0 included) is taken."""
+    own = member.get("pack_tokens", PACK_TOKENS)
+    if pack_tokens is not None and pack_tokens > own:
+        log.warning("%s: --pack-tokens %d capped at %d, the largest pack it was exported and checked for", member["name"], pack_tokens, own)
+    return own if pack_tokens is None else min(pack_tokens, own)
+
+
 def run_rows(forward, member: dict, rows: list, batch_size: int, deadline: float | None = None, warmup: int = 1) -> np.ndarray:
     """The member's graph over its `kernel_rows`: padded batches of `batch_size` rows, or packs of up to the member's
     `pack_tokens` in batches of as many rows (packing is exact, so the pack size moves the pace, not the scores)."""
@@ -142,7 +152,7 @@ def predict(
     pack_tokens: int | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """The members' combined scores (the manifest's ensemble method), and the names of the members that ran.
-    `pack_tokens`: the pack size of packed members instead of their own (runtime.packing).
+    `pack_tokens`: the pack size of packed members instead of their own, at most their own (pack_size).
 
     Members run heaviest weight first. With a `deadline` (plan.now()), a member whose own plan needs more than the
     time left is dropped, and a running one stops as soon as its own pace says it would overrun (runtime.plan).
@@ -160,10 +170,11 @@ def predict(
     on_cpu = not gpus
     for m in sorted(manifest["members"], key=lambda m: -m["weight"]):
         planned = planned_seconds(manifest.get("estimate", {}), m["name"], len(df), on_cpu)
-        if pack_tokens is not None and m.get("inputs") == PACKED and pack_tokens != m.get("pack_tokens", PACK_TOKENS):
-            cost = repacked_cost(bundle, m, df, space, pack_tokens)
-            log.info("%s: packs of %d tokens, not its own %d: planned at %.2fx its tokens", m["name"], pack_tokens, m.get("pack_tokens", PACK_TOKENS), cost)
-            planned, m = planned * cost, m | {"pack_tokens": pack_tokens}
+        size = pack_size(m, pack_tokens) if m.get("inputs") == PACKED else None
+        if size is not None and size != m.get("pack_tokens", PACK_TOKENS):
+            cost = repacked_cost(bundle, m, df, space, size)
+            log.info("%s: packs of %d tokens, not its own %d: planned at %.2fx its tokens", m["name"], size, m.get("pack_tokens", PACK_TOKENS), cost)
+            planned, m = planned * cost, m | {"pack_tokens": size}
         if drop(m["name"], m["weight"], planned, deadline):
             continue
         problems = check_files(bundle, manifest, list(m["files"].values()))

@@ -78,7 +78,7 @@ def run(
 ) -> dict:
     """Write the submission; returns what ran: rows, members, seconds, and MAP@3 when the test rows carry labels.
     `deadline`: the plan.now() by which predictions must be done; `pack_tokens`: packed members' pack size, instead
-    of the one each was exported with."""
+    of the one each was exported with (at most that one)."""
     manifest = load_manifest(bundle)
     df = read_rows(test)
     dups = duplicate_row_ids(df)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="rows per inference batch")
     parser.add_argument(
         "--pack-tokens", type=int,
-        help="tokens per pack for packed (decoder) members, 0 for one row a pack (default: each member's, set at export)",
+        help="tokens per pack for packed (decoder) members, 0 for one row a pack; at most each member's own, set at export (the default)",
     )
     parser.add_argument("--result", type=Path, help="also write what ran as JSON: rows, members run, fallbacks, seconds, MAP@3, error")
     parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and the competition")

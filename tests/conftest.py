@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -126,6 +127,16 @@ def make_tiny(model_type: str, folder: Path, dtype: str = "float32") -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny("bert", tmp_path_factory.mktemp("tiny-bert"))
+
+
+def rewrite_record(folder: Path, meta: dict) -> None:
+    """A stage folder's record changed by hand, then sealed as atomic_dir seals what a stage writes: the folder as
+    its stage would have written it (a record without `files` reads as one written before custody records)."""
+    from builder.stages import META, seal
+
+    (folder / META).write_text(json.dumps(meta))
+    if "files" in meta:
+        seal(folder)
 
 
 @pytest.fixture(scope="session")

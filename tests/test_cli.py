@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from builder.cli import cli
 
-from .conftest import SAMPLE_TEST, SAMPLE_TRAIN
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, rewrite_record
 
 
 def invoke(*args: str):
@@ -287,6 +287,20 @@ def test_package_and_merge_never_replace_another_stages_or_a_users_folder(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "notes", "onnx"]
 
 
+def test_an_error_no_check_foresaw_is_one_line_and_its_traceback_is_one_flag_away(tmp_path, tiny_pipeline, monkeypatch):
+    """Issue 40: only MapbuildError and a full disk were one line; any other exception was a traceback."""
+    import builder.package
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("estimate\nsecond line")
+
+    monkeypatch.setattr(builder.package, "check_plan", broken)
+    args = ("package", str(tiny_pipeline["onnx"]), "--out", str(tmp_path / "b"), "--dataset-id", "me/abcdef", "--no-wheels")
+    assert_handled(invoke(*args), "internal error (RuntimeError) estimate; run again with -v for the traceback, and please report it")
+    assert isinstance(invoke("-v", *args).exception, RuntimeError)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_in_package_is_one_line_and_leaves_nothing(tmp_path, tiny_pipeline, monkeypatch):
     import shutil
 
@@ -474,7 +488,7 @@ def test_package_after_the_run_folder_was_removed_is_one_line(tiny_pipeline, tmp
     onnx = tmp_path / "onnx"
     shutil.copytree(tiny_pipeline["onnx"], onnx)
     meta = json.loads((onnx / "mapbuild.json").read_text())
-    (onnx / "mapbuild.json").write_text(json.dumps(meta | {"run": str(tmp_path / "run")}))  # as if deleted
+    rewrite_record(onnx, meta | {"run": str(tmp_path / "run")})  # as if deleted
     result = invoke("package", str(onnx), "--out", str(tmp_path / "b"), "--dataset-id", "me/abcdef", "--no-wheels")
     assert_one_line_error(result, f"{tmp_path / 'run' / 'oof.npz'}: not found", "restore that folder")
     assert not (tmp_path / "b").exists()

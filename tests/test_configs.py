@@ -81,6 +81,13 @@ def test_a_members_own_data_and_no_data_at_all_name_the_table(tmp_path):
     assert_one_line_error(invoke("build", str(config), "--data", "nope.csv"), "--data nope.csv: file not found")
 
 
+def test_a_config_without_a_required_top_level_key_names_it(tmp_path):
+    """Before: "BuildConfig.__init__() missing 1 required positional argument: 'dataset_id'"."""
+    config = tmp_path / "c.toml"
+    config.write_text('[[models]]\nname = "words"\nkind = "tfidf"\n')
+    assert_one_line_error(invoke("plan", str(config), "--data", str(SAMPLE_TRAIN)), f"{config}: needs dataset_id at the top level")
+
+
 def test_members_inherit_the_top_level_data_unless_they_set_their_own(tmp_path):
     tmp_path = tmp_path.resolve()
     for csv in ("top.csv", "own.csv"):

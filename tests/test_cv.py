@@ -17,7 +17,7 @@ from runtime.errors import MapbuildError
 from runtime.manifest import load_manifest
 from runtime.submission import check_submission
 
-from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, rewrite_record, run_kernel
 from .test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.slow  # five tiny trainings and exports in one fixture
@@ -109,7 +109,7 @@ def test_a_fold_trained_before_an_option_existed_is_kept_while_that_option_is_at
     dest = tmp_path / "fold0"
     shutil.copytree(cv_root["root"] / "words" / "fold0", dest)
     meta = json.loads((dest / "onnx" / "mapbuild.json").read_text())
-    del meta["config"]["relabel"]  # as folders written before `relabel` was a split option
+    del meta["config"]["relabel"], meta["files"]  # as folders written before `relabel` was a split option
     (dest / "onnx" / "mapbuild.json").write_text(json.dumps(meta))
     assert done(dest, member._replace(config=fold_spec(member, 0)))
     with pytest.raises(MapbuildError, match="trained with other options"):
@@ -172,9 +172,9 @@ def test_cv_refuses_a_fold_trained_on_a_data_file_changed_since(tmp_path, change
     header, *lines = data.read_text().splitlines(keepends=True)
     data.write_text(header + "".join(lines[:-40] if change == "fewer rows" else lines[::-1]))
     fold = tmp_path / "out" / "t" / "fold0"
-    assert_one_line_error(CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"]), f"{fold}: trained on data of sha256 ", f"but {data} now has ", "restore the file")
+    assert_one_line_error(CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"]), f"{data}: changed since train read it (sha256 ", f"restore the file, or remove {fold} to train the fold again")
     meta = json.loads((fold / "onnx" / "mapbuild.json").read_text())
-    del meta["provenance"]  # as folders written before provenance was recorded: nothing to compare, kept
+    del meta["provenance"], meta["files"]  # as folders written before provenance was recorded: nothing to compare, kept
     (fold / "onnx" / "mapbuild.json").write_text(json.dumps(meta))
     kept = CliRunner().invoke(cli, ["cv", str(config), "--folds", "0"])
     if change == "reordered":
@@ -214,7 +214,7 @@ def test_a_fold_kept_with_force_past_the_drift_gate_is_refused_once_the_recipe_d
     meta = json.loads((fold / "onnx" / "mapbuild.json").read_text())
     # as a transformer's int8 export that lost 0.1 MAP@3 to PyTorch, kept with force = true
     meta |= {"precision": "int8", "drift": {"rows": 10, "map3_reference": 0.8, "map3_onnx": 0.7}}
-    (fold / "onnx" / "mapbuild.json").write_text(json.dumps(meta))
+    rewrite_record(fold / "onnx", meta)
     member = load_config(config)[1][0]
     forced = member._replace(config=fold_spec(member, 0), kind="transformer", quantize="int8", force=True)
     assert done(fold, forced)

@@ -1,13 +1,15 @@
 
 import io
 import sys
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from runtime.data import read_rows
-from runtime.engine import batches, pad, run_batches, softmax
+from runtime.engine import CPU, DevicePool, batches, pad, run_batches, softmax
 from runtime.labels import LabelSpace
 from runtime.manifest import load_manifest
 
@@ -89,6 +91,53 @@ def test_a_batch_out_of_memory_is_retried_in_halves_down_to_one_row(caplog):
         run_batches(fitting(20, []), seqs, 0, batch_size=4)
     with pytest.raises(ZeroDivisionError):  # and any other error is no reason to retry
         run_batches(lambda ids, mask: 1 / 0, seqs, 0, batch_size=4)
+
+
+class ThreadDevicePool(DevicePool):
+    """A DevicePool whose workers are threads running `forward`: run_feeds' pool path without processes."""
+
+    def __init__(self, forward, workers: int) -> None:  # noqa: super().__init__ would spawn processes
+        self.forward, self.workers, self.providers = forward, workers, set()
+        self.threads = ThreadPoolExecutor(workers)
+
+    def submit(self, fn, feed):
+        return self.threads.submit(lambda: (self.forward(*feed), CPU))
+
+
+def live_counter(build):
+    """`build` wrapped to count the feeds it made that are still alive, and the most alive at once."""
+    seen = {"live": 0, "most": 0, "built": 0}
+
+    def gone():
+        seen["live"] -= 1
+
+    def counted(*args):
+        feed = build(*args)
+        seen["live"] += 1
+        seen["built"] += 1
+        seen["most"] = max(seen["most"], seen["live"])
+        weakref.finalize(feed[0], gone)
+        return feed
+
+    return counted, seen
+
+
+def test_a_device_pool_queues_a_few_batches_per_worker_not_the_whole_run(monkeypatch):
+    """Every batch was queued at once, so every batch's inputs were held from the start: a packed run's masks
+    are GiBs (issue 40). A pool now holds at most two batches a worker ahead, and still returns every row in order."""
+    import runtime.engine as engine
+
+    counted, seen = live_counter(engine.pad)
+    monkeypatch.setattr(engine, "pad", counted)
+    seqs = [[1] * (1 + i % 13) for i in range(200)]
+    forward = lambda ids, mask: mask.sum(1, keepdims=True).astype(np.float32)  # noqa: E731
+    pool = ThreadDevicePool(forward, 2)
+    try:
+        got = run_batches(pool, seqs, 0, batch_size=2, dedupe=False)
+    finally:
+        pool.threads.shutdown()
+    assert got[:, 0].tolist() == [len(s) for s in seqs] and seen["built"] == 100
+    assert seen["most"] <= 2 * 2 + 1, seen
 
 
 def test_softmax_rows_sum_to_one():

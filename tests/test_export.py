@@ -12,7 +12,7 @@ from runtime.labels import LabelSpace
 from runtime.prompts import render
 from runtime.submission import check_submission
 
-from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel, sample_ids
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, rewrite_record, run_kernel, sample_ids
 
 REF = np.tile(np.array([[3.0, 2.0, 0.0]], dtype=np.float32), (100, 1))
 
@@ -196,6 +196,7 @@ def test_an_all_nan_model_fails_the_export_gate_even_forced(tiny_pipeline, tmp_p
     weights = load_file(merged / "model.safetensors")
     weights["classifier.bias"] = torch.full_like(weights["classifier.bias"], float("nan"))
     save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+    rewrite_record(merged, json.loads((merged / "mapbuild.json").read_text()))  # as a merge of a run that diverged
     with pytest.raises(MapbuildError, match=f"^{merged}: .*NaN or inf") as e:
         export(merged, tmp_path / "onnx", "int8", rows=64, force=True)
     assert "\n" not in str(e.value) and not (tmp_path / "onnx").exists()
@@ -210,7 +211,7 @@ def test_package_refuses_a_member_whose_recorded_drift_is_not_finite(tiny_pipeli
     shutil.copytree(tiny_pipeline["onnx"], member)
     meta = json.loads((member / "mapbuild.json").read_text())
     meta["drift"]["max_abs_logit_diff"] = float("nan")
-    (member / "mapbuild.json").write_text(json.dumps(meta))
+    rewrite_record(member, meta)
     with pytest.raises(MapbuildError, match=f"^{member}: its recorded drift has max_abs_logit_diff = nan"):
         package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
 

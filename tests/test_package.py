@@ -6,7 +6,10 @@ import shutil
 import nbformat
 import pytest
 
+from builder.stages import META
 from runtime.manifest import check_files, load_manifest
+
+from .conftest import rewrite_record
 
 
 def test_bundle_describes_itself(tiny_pipeline):
@@ -86,6 +89,7 @@ def test_package_refuses_a_member_file_that_is_a_symlink(tiny_pipeline, tmp_path
     (tmp_path / "kaggle.json").write_text(KEYS["kaggle.json"])
     (member / "tokenizer.json").unlink()
     (member / "tokenizer.json").symlink_to(tmp_path / "kaggle.json")
+    rewrite_record(member, json.loads((member / META).read_text()))  # else refused as changed since export
     with pytest.raises(MapbuildError, match="tokenizer.json is a symlink"):
         package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
     assert not (tmp_path / "bundle").exists()
@@ -100,7 +104,6 @@ def test_package_refuses_a_credential_in_what_it_writes_last(tiny_pipeline, tmp_
     import onnx
 
     from builder.package import package
-    from builder.stages import META
     from runtime.cards import CARD
     from runtime.errors import MapbuildError
 
@@ -110,10 +113,11 @@ def test_package_refuses_a_credential_in_what_it_writes_last(tiny_pipeline, tmp_
         model = onnx.load(str(member / "model.onnx"))
         onnx.helper.set_model_props(model, {"note": KEYS["hugging face"]})
         onnx.save(model, str(member / "model.onnx"))
+        rewrite_record(member, json.loads((member / META).read_text()))  # else refused as changed since export
     else:
         meta = json.loads((member / META).read_text())
         meta |= {"base_model": "org/" + KEYS["hugging face"]} if where == "base_model" else {"chat": {"prefix": KEYS["github"], "suffix": ""}}
-        (member / META).write_text(json.dumps(meta))
+        rewrite_record(member, meta)
     expected = {"onnx metadata": "model.onnx holds what looks like a credential in its metadata", "base_model": "manifest.json holds",
                 "chat prefix": f"m0-bert-fp32/{CARD} holds"}[where]
     with pytest.raises(MapbuildError, match=expected):
@@ -145,6 +149,11 @@ def test_package_refuses_a_member_folder_missing_a_file_its_kind_needs(tiny_pipe
     member = tmp_path / "onnx"
     shutil.copytree(tiny_pipeline["onnx"], member)
     (member / lost).unlink()
+    with pytest.raises(MapbuildError, match=f"^{member / lost}: missing since export wrote it"):
+        package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
+    meta = json.loads((member / META).read_text())
+    del meta["files"]  # a folder exported before custody records: its kind's list of files still holds
+    rewrite_record(member, meta)
     with pytest.raises(MapbuildError, match=f"^{member}: {lost} is missing") as e:
         package([str(member)], tmp_path / "bundle", "tester/tiny-bundle", wheels=False)
     assert "\n" not in str(e.value) and not (tmp_path / "bundle").exists()
