@@ -10,8 +10,10 @@ import platform
 import signal
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TextIO
 
 import click
 from tabulate import tabulate
@@ -47,6 +49,8 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own: a usage error, a command's --help, a declined prompt
         except MapbuildError as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:  # click's own handling says "Aborted!" and exits 1; the convention is 128 + SIGINT
@@ -65,19 +69,55 @@ def json_stdout(ctx: click.Context, param: click.Parameter, as_json: bool) -> bo
     """Under --json, whatever the command or a library prints while it works (the Trainer's loss lines, progress,
     a twin being built) goes to stderr until the command ends: stdout holds the JSON alone."""
     if as_json:
-        ctx.meta["json_stdout"] = sys.stdout
-        ctx.with_resource(contextlib.redirect_stdout(sys.stderr))
+        ctx.meta["json_stdout"] = ctx.with_resource(stdout_to_stderr())
     return as_json
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[TextIO]:
+    """Point stdout at stderr, and yield the real stdout. At the file descriptor too where stdout has one: a child
+    process writes there itself (the kernel that `build` and `demo` run on test rows prints its MAP@3)."""
+    real = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            fd, err = real.fileno(), sys.stderr.fileno()
+        except (AttributeError, ValueError, OSError):  # CliRunner's streams: no descriptor, and no child writes there
+            yield real
+            return
+        real.flush()
+        saved = os.dup(fd)
+        os.dup2(err, fd)
+        try:
+            with open(saved, "w", encoding=real.encoding, closefd=False) as json_out:
+                yield json_out
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 # One --json for every command with a report (simonw/llm's style): the whole result on stdout, nothing else there.
-json_option = click.option("--json", "as_json", is_flag=True, callback=json_stdout, help="Print the result as JSON instead of text lines.")
+# No command reads the flag: `emit` does, so no command can print its JSON where the text would go.
+json_option = click.option("--json", is_flag=True, expose_value=False, callback=json_stdout, help="Print the result as JSON instead of text lines.")
 # plan, cv and build: a shipped config runs unchanged wherever the data is
 data_option = click.option("--data", type=click.Path(dir_okay=False), help="Labelled train.csv for every [[models]] table, replacing the config's `data`.")
 
 
-def echo_json(obj: object) -> None:
-    click.echo(json.dumps(obj, indent=1, default=str), file=click.get_current_context().meta["json_stdout"])
+def emit(result: Any, text: Callable[[Any], str]) -> None:
+    """Print a command's one result: as JSON on the real stdout under --json, otherwise as `text(result)`. Both come
+    from the same object, so a figure cannot be in one and missing from the other."""
+    ctx = click.get_current_context()
+    if "json_stdout" in ctx.meta:
+        click.echo(json.dumps(result, indent=1, default=str), file=ctx.meta["json_stdout"])
+    else:
+        click.echo(text(result))
+
+
+def fit_text(m: dict, took: str = "") -> str:
+    """What train, tfidf and knn say of the member folder they wrote."""
+    if "map3" not in m:
+        return f"full refit on {m['rows_train']} rows{took} -> {m['out']}"
+    unmasked = f" (unmasked {m['map3_unmasked']:.4f})" if "map3_unmasked" in m else ""
+    return f"fold MAP@3 {m['map3']:.4f}{unmasked}, label prior alone {m['map3_prior']:.4f}{took} -> {m['out']}"
 
 
 def kaggle_ready(manifest: dict) -> str:
@@ -141,6 +181,7 @@ def cli(verbose: bool, quiet: bool) -> None:
 @config_options(TrainConfig, required=("data",))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT.checkpoints, with the same options.")
+@json_option
 def train(out: str, resume: bool, **kwargs) -> None:
     """Fine-tune MODEL as a LoRA classifier on one fold (or, with --full, all rows) and save the run folder.
 
@@ -151,16 +192,14 @@ def train(out: str, resume: bool, **kwargs) -> None:
     from .train import train as run
 
     metrics = run(TrainConfig(**kwargs), out, resume)
-    if metrics is not None and "map3" in metrics:
-        unmasked = f" (unmasked {metrics['map3_unmasked']:.4f})" if "map3_unmasked" in metrics else ""
-        click.echo(f"fold MAP@3 {metrics['map3']:.4f}{unmasked}, label prior alone {metrics['map3_prior']:.4f} -> {out}")
-    elif metrics is not None:
-        click.echo(f"full refit on {metrics['rows_train']} rows -> {out}")
+    if metrics is not None:  # None on DDP ranks other than 0: rank 0 alone reports
+        emit({**metrics, "out": out}, fit_text)
 
 
 @cli.command()
 @config_options(TfidfConfig, required=("data",))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Member folder to write (an ONNX folder for `package`).")
+@json_option
 def tfidf(out: str, **kwargs) -> None:
     """Fit one TF-IDF + logistic-regression model per question and write it as an ONNX member folder.
 
@@ -168,17 +207,14 @@ def tfidf(out: str, **kwargs) -> None:
     step: package OUT beside the exported transformers, on the same folds, and the ensemble weighs it."""
     from .tfidf import train_tfidf
 
-    metrics = train_tfidf(TfidfConfig(**kwargs), out)
-    if "map3" in metrics:
-        click.echo(f"fold MAP@3 {metrics['map3']:.4f}, label prior alone {metrics['map3_prior']:.4f} ({metrics['train_seconds']:.0f} s) -> {out}")
-    else:
-        click.echo(f"full refit on {metrics['rows_train']} rows ({metrics['train_seconds']:.0f} s) -> {out}")
+    emit({**train_tfidf(TfidfConfig(**kwargs), out), "out": out}, lambda m: fit_text(m, f" ({m['train_seconds']:.0f} s)"))
 
 
 @cli.command()
 @config_options(KnnConfig, required=("data",))
 @click.option("--quantize", type=click.Choice(list(EXPORT_PRECISIONS)), default="int8", show_default=True, help="Precision of the exported encoder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Member folder to write (an ONNX folder for `package`).")
+@json_option
 def knn(out: str, quantize: str, **kwargs) -> None:
     """Embed the training rows with a sentence encoder and write a nearest-neighbours ONNX member folder.
 
@@ -187,11 +223,7 @@ def knn(out: str, quantize: str, **kwargs) -> None:
     on the same folds, and the ensemble weighs it."""
     from .knn import train_knn
 
-    metrics = train_knn(KnnConfig(**kwargs), out, quantize)
-    if "map3" in metrics:
-        click.echo(f"fold MAP@3 {metrics['map3']:.4f}, label prior alone {metrics['map3_prior']:.4f} ({metrics['train_seconds']:.0f} s to embed) -> {out}")
-    else:
-        click.echo(f"full refit on {metrics['rows_train']} rows ({metrics['train_seconds']:.0f} s to embed) -> {out}")
+    emit({**train_knn(KnnConfig(**kwargs), out, quantize), "out": out}, lambda m: fit_text(m, f" ({m['train_seconds']:.0f} s to embed)"))
 
 
 @cli.command()
@@ -212,6 +244,7 @@ def merge(run_dir: str, out: str) -> None:
 @click.option("--quantize", type=click.Choice(list(EXPORT_PRECISIONS)), default="int8", show_default=True, help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16).")
 @click.option("--rows", type=int, default=1024, show_default=True, help="Held-out rows for the drift check.")
 @click.option("--force", is_flag=True, help=f"Keep a quantized model that loses more than {MAX_MAP3_DROP} MAP@3 on the held-out rows.")
+@json_option
 def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> None:
     """Export MERGED_DIR to ONNX and record its logit drift against PyTorch fp32 on held-out rows.
 
@@ -219,12 +252,11 @@ def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> 
     more than the limit is refused unless --force."""
     from .export import export as run
 
-    d = run(merged_dir, out, quantize, rows, force)
-    click.echo(
-        f"{quantize} ONNX -> {out}: max |logit diff| {d['max_abs_logit_diff']:.2e}, top-1 agreement "
+    emit({**run(merged_dir, out, quantize, rows, force), "precision": quantize, "out": out}, lambda d: (
+        f"{d['precision']} ONNX -> {d['out']}: max |logit diff| {d['max_abs_logit_diff']:.2e}, top-1 agreement "
         f"{d['top1_agreement']:.3f} ({d['masked_top1_agreement']:.3f} masked), MAP@3 {d['map3_onnx']:.4f} against "
         f"{d['map3_reference']:.4f} on {d['rows']} rows"
-    )
+    ))
 
 
 @cli.command()
@@ -240,7 +272,6 @@ def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> 
 @json_option
 def package(
     onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, pythons: str, cuda: str, find_links: str | None, ensemble: str,
-    as_json: bool,
 ) -> None:
     """Package ONNX_DIRS with the runtime, a kernel notebook and onnxruntime wheels into a Kaggle dataset folder.
 
@@ -251,30 +282,29 @@ def package(
     from .package import package as run
 
     manifest = run(list(onnx_dirs), out, dataset_id, title, wheels, find_links, ensemble, tuple(pythons.split(",")), int(cuda))
-    if as_json:
-        size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
-        keep = ("name", "weight", "oof_map3", "precision", "inputs", "pack_tokens")
-        return echo_json({
-            "bundle": str(out), "members": [{k: m[k] for k in keep if k in m} for m in manifest["members"]], "ensemble": manifest["ensemble"],
-            "files": len(manifest["files"]), "mib": round(size / 2**20, 1), "kaggle_ready": bool(manifest.get("wheels")),
-        })
-    echo_bundle(manifest, out)
+    emit(bundle_result(manifest, out), bundle_text)
 
 
-def echo_bundle(manifest: dict, out: str | os.PathLike) -> None:
-    """What `package` and `build` say of a bundle: each member's weight, what was dropped and why, the ensemble's
-    MAP@3, the size, and whether it can run on Kaggle."""
+def bundle_result(manifest: dict, out: str | os.PathLike) -> dict:
+    """What `package`, `build` and `demo` report of a bundle: each member's weight, what was dropped and why, the
+    ensemble's MAP@3, the size, and the wheels that make it Kaggle-ready."""
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
-    fmt = lambda x: "-" if x is None else f"{x:.4f}"
-    for m in manifest["members"]:
-        click.echo(f"  {m['name']:32s} weight {m['weight']:.2f}  OOF MAP@3 {fmt(m['oof_map3'])}")
-    e = manifest["ensemble"]
-    for d in e["dropped"]:
-        click.echo(f"  dropped {d['dir']}: weight 0, OOF MAP@3 {fmt(d['oof_map3'])} (adding it never raised the ensemble's)")
+    keep = ("name", "weight", "oof_map3", "precision", "inputs", "pack_tokens")
+    return {
+        "bundle": str(out), "members": [{k: m[k] for k in keep if k in m} for m in manifest["members"]], "ensemble": manifest["ensemble"],
+        "files": len(manifest["files"]), "mib": round(size / 2**20, 1), "kaggle_ready": bool(manifest.get("wheels")), "wheels": manifest.get("wheels") or [],
+    }
+
+
+def bundle_text(r: dict) -> str:
+    fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    lines = [f"  {m['name']:32s} weight {m['weight']:.2f}  OOF MAP@3 {fmt(m['oof_map3'])}" for m in r["members"]]
+    e = r["ensemble"]
+    lines += [f"  dropped {d['dir']}: weight 0, OOF MAP@3 {fmt(d['oof_map3'])} (adding it never raised the ensemble's)" for d in e["dropped"]]
     held = f"; {e['map3_held_out']:.4f} held out (fitted on the other folds' rows, or the other half of one fold's)" if e.get("map3_held_out") is not None else ""
-    click.echo(f"  {e['method']} ensemble of {e['recipes']} recipe(s): OOF MAP@3 {fmt(e['map3'])} on {e['rows']} shared rows{held}")
-    click.echo(f"bundle -> {out}: {len(manifest['members'])} member(s), {len(manifest['files'])} files, {size / 2**20:.1f} MiB")
-    click.echo(kaggle_ready(manifest))
+    lines.append(f"  {e['method']} ensemble of {e['recipes']} recipe(s): OOF MAP@3 {fmt(e['map3'])} on {e['rows']} shared rows{held}")
+    lines.append(f"bundle -> {r['bundle']}: {len(r['members'])} member(s), {r['files']} files, {r['mib']:.1f} MiB")
+    return "\n".join([*lines, kaggle_ready(r)])
 
 
 @cli.command()
@@ -282,7 +312,7 @@ def echo_bundle(manifest: dict, out: str | os.PathLike) -> None:
 @click.option("--test", type=click.Path(dir_okay=False, exists=True), help="Test CSV to run (default: the embedded sample test rows).")
 @click.option("--image", type=click.Choice(list(IMAGES)), default=DEFAULT_IMAGE, show_default=True, help="Which Kaggle image the twin copies.")
 @json_option
-def verify(bundle_dir: str, test: str | None, image: str, as_json: bool) -> None:
+def verify(bundle_dir: str, test: str | None, image: str) -> None:
     """Run BUNDLE_DIR's own notebook in a twin of Kaggle's image, before you upload it.
 
     The twin has the image's Python and packages but no onnxruntime (the bundle brings it), no network, and
@@ -292,13 +322,13 @@ def verify(bundle_dir: str, test: str | None, image: str, as_json: bool) -> None
     runs the embedded sample rows, and scores them only for a bundle trained on the sample's questions."""
     from .verify import verify as run
 
-    r = run(bundle_dir, test, image)
-    if as_json:
-        return echo_json(r)
-    map3 = f", MAP@3 {r['map3']:.4f} (label prior {r['prior_map3']:.4f})" if r["map3"] is not None else ""
+    emit(run(bundle_dir, test, image), lambda r: f"verified {bundle_dir} in the {image} twin: {r['rows']} rows, notebook {r['seconds']} s{verify_score(r)}, checksums intact")
+
+
+def verify_score(r: dict) -> str:
     if r["unscored"]:
-        map3 = f", unscored ({r['unscored']}: give --test with labelled rows of its data to score it)"
-    click.echo(f"verified {bundle_dir} in the {image} twin: {r['rows']} rows, notebook {r['seconds']} s{map3}, checksums intact")
+        return f", unscored ({r['unscored']}: give --test with labelled rows of its data to score it)"
+    return f", MAP@3 {r['map3']:.4f} (label prior {r['prior_map3']:.4f})" if r["map3"] is not None else ""
 
 
 @cli.command()
@@ -320,6 +350,7 @@ def upload(bundle_dir: str, message: str | None) -> None:
 @click.option("--wait", "wait_hours", type=float, is_flag=False, flag_value=10.0, default=None, metavar="[HOURS]", help="Wait for the run to end (up to 10 h, or --wait=H hours); exit 1 if it did not complete.")
 @click.option("--output", type=click.Path(file_okay=False), help="After --wait, fetch the run's output into this new folder and check it.")
 @click.option("--submit", "message", metavar="MESSAGE", help="After --wait, submit the run's submission.csv to the competition with this description.")
+@json_option
 def kernel(bundle_dir: str, push: bool, wait_hours: float | None, output: str | None, message: str | None) -> None:
     """Show BUNDLE_DIR's submission notebook settings; with --push, push it to run with a T4, internet off.
 
@@ -329,15 +360,12 @@ def kernel(bundle_dir: str, push: bool, wait_hours: float | None, output: str | 
 
     if (output or message) and not wait_hours:
         raise MapbuildError("--output and --submit need a finished run: add --wait")
-    meta = round_trip(bundle_dir, push, (wait_hours or 0) * 3600, output, message)
-    click.echo(
+    emit(round_trip(bundle_dir, push, (wait_hours or 0) * 3600, output, message), lambda meta: "\n".join([
         f"kernel {meta['id']}: {meta['code_file']}, GPU {meta['enable_gpu']}, internet {meta['enable_internet']}, "
         f"datasets {', '.join(meta['dataset_sources'])}, competitions {', '.join(meta['competition_sources'])}"
-        + (f" -> pushed {meta['url']} (version {meta['version']})" if push else " (not pushed: add --push)")
-    )
-    for key, what in (("status", "run"), ("output", "output ->"), ("submitted", "submission:")):
-        if key in meta:
-            click.echo(f"{what} {meta[key]}")
+        + (f" -> pushed {meta['url']} (version {meta['version']})" if push else " (not pushed: add --push)"),
+        *(f"{what} {meta[key]}" for key, what in (("status", "run"), ("output", "output ->"), ("submitted", "submission:")) if key in meta),
+    ]))
 
 
 @cli.command()
@@ -349,7 +377,7 @@ def kernel(bundle_dir: str, push: bool, wait_hours: float | None, output: str | 
 @click.option("--efficiency", type=float, default=0.25, show_default=True, help="Share of the T4's peak FLOPs reached.")
 @data_option
 @json_option
-def plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, data: str | None, as_json: bool) -> None:
+def plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, data: str | None) -> None:
     """Estimate kernel time per member of SOURCE (a bundle folder, or a CONFIG.toml before training) and --add
     models on T4s against the 9-hour limit.
 
@@ -359,10 +387,10 @@ def plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, g
     CONFIG.toml, whose members have not run, at their FLOPs on Kaggle's CPU, with tokens counted on their data."""
     if not 0 < efficiency <= 1 or gpus < 1 or rows < 0:
         raise MapbuildError("--efficiency must be in (0, 1], --gpus at least 1 and --rows not negative")
-    echo_plan(source, extra, tokens, rows, gpus, efficiency, as_json, data)
+    echo_plan(source, extra, tokens, rows, gpus, efficiency, data)
 
 
-def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, as_json: bool, data: str | None = None) -> None:
+def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, data: str | None = None) -> None:
     """What `plan` and `build --dry-run` print: a table, or JSON, of each member's hours and weights."""
     from .models import ALIASES
 
@@ -371,7 +399,7 @@ def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: i
             raise MapbuildError(f"--add {spec}: {alias} is not an alias (`mapbuild models`){did_you_mean(alias, ALIASES)}")
     from runtime.manifest import load_manifest
 
-    from .forecast import planned_members
+    from .forecast import pace_notes, planned_members
 
     members, notes = [], []
     config = bool(source) and Path(source).is_file()
@@ -381,25 +409,29 @@ def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: i
         members, notes = planned_members(source, tokens, data)
     elif source:
         members = load_manifest(source)["members"]
+        notes = pace_notes(members)  # a pace timed on the build machine's every core may be one Kaggle's CPU cannot keep
     members += [added_member(spec, {a: m.params_m for a, m in ALIASES.items()}, tokens) for spec in extra]
-    if not members:
+    if not members and not config:  # a config of TF-IDF members alone plans to nothing, and its notes say why
         raise MapbuildError("plan: give a bundle folder, a CONFIG.toml or at least one --add ALIAS")
     plan = estimate(members, rows, gpus, efficiency)
     total = sum(e.seconds for e in plan)
-    if as_json:
-        return echo_json({
-            "rows": rows, "gpus": gpus, "efficiency": efficiency, "limit_hours": LIMIT_HOURS, "total_hours": total / 3600, "verdict": verdict(total),
-            "members": [{**asdict(e), "precision": m["precision"], "hours": e.seconds / 3600, "size_mib": m.get("size_mib")} for m, e in zip(members, plan)],
-            "notes": notes,
-        })
-    mib = lambda m: f"{m['size_mib']:.0f}" if "size_mib" in m else "-"  # noqa: E731
-    table = [(e.name, m["precision"], e.device, f"{e.params / 1e6:.1f}M", mib(m), f"{e.mean_tokens:.1f}", f"{e.seconds / 3600:.3f}") for m, e in zip(members, plan)]
-    note = {"ok": "fits", "warn": f"inside the {MARGIN_HOURS:.0f} h safety margin", "over": "OVER the limit"}[verdict(total)]
-    table.append(("total", "", "", "", "", "", f"{total / 3600:.3f}"))
-    click.echo(tabulate(table, headers=("member", "precision", "runs on", "params", "MiB", "tokens", "hours"), tablefmt="plain", disable_numparse=True))
-    for n in notes:
-        click.echo(f"note: {n}")
-    click.echo(f"{rows:,} rows, {gpus}x T4: {note}, limit {LIMIT_HOURS:.0f} h")
+    emit({
+        "rows": rows, "gpus": gpus, "efficiency": efficiency, "limit_hours": LIMIT_HOURS, "total_hours": total / 3600, "verdict": verdict(total),
+        "members": [{**asdict(e), "precision": m["precision"], "hours": e.seconds / 3600, "size_mib": m.get("size_mib")} for m, e in zip(members, plan)],
+        "notes": notes,
+    }, plan_text)
+
+
+def plan_text(p: dict) -> str:
+    mib = lambda m: "-" if m["size_mib"] is None else f"{m['size_mib']:.0f}"  # noqa: E731
+    table = [(m["name"], m["precision"], m["device"], f"{m['params'] / 1e6:.1f}M", mib(m), f"{m['mean_tokens']:.1f}", f"{m['hours']:.3f}") for m in p["members"]]
+    table.append(("total", "", "", "", "", "", f"{p['total_hours']:.3f}"))
+    note = {"ok": "fits", "warn": f"inside the {MARGIN_HOURS:.0f} h safety margin", "over": "OVER the limit"}[p["verdict"]]
+    return "\n".join([
+        tabulate(table, headers=("member", "precision", "runs on", "params", "MiB", "tokens", "hours"), tablefmt="plain", disable_numparse=True),
+        *(f"note: {n}" for n in p["notes"]),
+        f"{p['rows']:,} rows, {p['gpus']}x T4: {note}, limit {LIMIT_HOURS:.0f} h",
+    ])
 
 
 def read_data(path: str, labelled: bool = False):
@@ -419,6 +451,7 @@ def pick_row(df, row: int, path: str):
 @click.option("--test", type=click.Path(dir_okay=False), help="Compare a test CSV with the training data.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
 @click.option("--samples", type=int, default=3, show_default=True, help="Sample rows shown per question.")
+@json_option
 def analyze(train_csv: str, test: str | None, out: str, samples: int) -> None:
     """Write a data report: report.md with PNG plots, and summary.json with every figure.
 
@@ -426,11 +459,10 @@ def analyze(train_csv: str, test: str | None, out: str, samples: int) -> None:
     count, explanation lengths, duplicates and conflicting labels, and the correctness rule's agreement."""
     from .analyze import analyze as run
 
-    f = run(train_csv, out, test, samples)
-    click.echo(
+    emit(run(train_csv, out, test, samples), lambda f: (
         f"{f['rows']} rows, {f['questions']} questions, {f['labels']} labels; {f['exact_duplicates']} exact duplicates, "
         f"{f['conflict_groups']} conflicting inputs, {f['disagreeing_rows']} rows disagree with correctness -> {Path(out) / 'report.md'}"
-    )
+    ))
 
 
 @cli.command()
@@ -441,7 +473,7 @@ def analyze(train_csv: str, test: str | None, out: str, samples: int) -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for the padding figures.")
 @click.option("--plot", type=click.Path(dir_okay=False), default="token_lengths.png", show_default=True, help="Histogram PNG to write.")
 @json_option
-def tokens(data_csv: str, model: str, template: str, chat: bool, batch_size: int, plot: str, as_json: bool) -> None:
+def tokens(data_csv: str, model: str, template: str, chat: bool, batch_size: int, plot: str) -> None:
     """Token lengths of DATA_CSV's prompts: percentiles, truncation per max_length, a recommendation, padding waste.
 
     For a decoder, also the tokens and attention per row that shared-prefix packing computes at each --pack-tokens
@@ -457,30 +489,32 @@ def tokens(data_csv: str, model: str, template: str, chat: bool, batch_size: int
     decoder = family_of(resolve(model))[1].kind == "decoder"
     r["packing"] = pack_report(split_rows(df, model, template, chat)) if decoder else None
     histogram(lengths, r, f"{Path(data_csv).name}: {model}, {template}", Path(plot))
-    if as_json:
-        click.echo(json.dumps(r, indent=2))
-        return
-    click.echo(f"{r['rows']} prompts ({model}, {template}): p50 {r['p50']:.0f}, p95 {r['p95']:.0f}, p99 {r['p99']:.0f}, max {r['max']}")
-    click.echo("truncated at max_length " + ", ".join(f"{n}: {share:.2%}" for n, share in r["truncated"].items()))
-    click.echo(f"recommended --max-length {r['recommended_max_length']} (covers 99.5% of rows)")
+    emit({**r, "model": model, "template": template, "batch_size": batch_size, "histogram": plot}, tokens_text)
+
+
+def tokens_text(r: dict) -> str:
     w = r["padding_waste"]
-    click.echo(f"padding waste at batch {batch_size}: random {w['random']:.1%}, length-sorted {w['sorted']:.1%}")
-    click.echo(f"histogram -> {plot}")
-    if r["packing"] is None:
-        click.echo("packing: does not apply to encoders (their head would see the tails); rows run unpacked")
-        return
-    echo_packing(r["packing"])
+    return "\n".join([
+        f"{r['rows']} prompts ({r['model']}, {r['template']}): p50 {r['p50']:.0f}, p95 {r['p95']:.0f}, p99 {r['p99']:.0f}, max {r['max']}",
+        "truncated at max_length " + ", ".join(f"{n}: {share:.2%}" for n, share in r["truncated"].items()),
+        f"recommended --max-length {r['recommended_max_length']} (covers 99.5% of rows)",
+        f"padding waste at batch {r['batch_size']}: random {w['random']:.1%}, length-sorted {w['sorted']:.1%}",
+        f"histogram -> {r['histogram']}",
+        packing_text(r["packing"]) if r["packing"] else "packing: does not apply to encoders (their head would see the tails); rows run unpacked",
+    ])
 
 
-def echo_packing(p: dict) -> None:
+def packing_text(p: dict) -> str:
     """The packing table: per --pack-tokens size, what a packed run computes per row against the unpacked run."""
-    click.echo(f"shared-prefix packing (rows split head + tail, untruncated): unpacked {p['tokens_per_row']:.1f} tokens/row, attention {p['attention_per_row']:,.0f}/row")
     table = [
         (s["pack_tokens"], s["packs"], f"{s['tokens_per_row']:.1f}", f"{s['token_ratio']:.2f}x", f"{s['attention_per_row']:,.0f}", f"{s['attention_ratio']:.2f}x")
         for s in p["packed"]
     ]
     headers = ("--pack-tokens", "packs", "tokens/row", "fewer tokens", "attention/row", "attention vs unpacked")
-    click.echo(tabulate(table, headers=headers, tablefmt="plain", disable_numparse=True))
+    return (
+        f"shared-prefix packing (rows split head + tail, untruncated): unpacked {p['tokens_per_row']:.1f} tokens/row, attention {p['attention_per_row']:,.0f}/row\n"
+        + tabulate(table, headers=headers, tablefmt="plain", disable_numparse=True)
+    )
 
 
 @cli.group()
@@ -600,19 +634,20 @@ def explain(model: str, data: str, row: int, max_new_tokens: int, temperature: f
 @click.option("--ensemble", type=click.Choice(METHODS), help="Override how members combine.")
 @click.option("--dry-run", is_flag=True, help="Only print the members' kernel plan and weight sizes (as `plan CONFIG.toml`); train nothing.")
 @data_option
+@json_option
 def build(config: str, pythons: str | None, cuda: str | None, dry_run: bool, **overrides) -> None:
     """Run every stage from CONFIG.toml: train, merge and export each model, then package the bundle.
 
     Options given here replace the file's top-level keys (--data every model's too). A model's fold that `cv`
     (or an earlier build) finished with the same options is kept, not trained again."""
     if dry_run:
-        return echo_plan(config, (), 80.0, TEST_ROWS, 2, 0.25, as_json=False, data=overrides["data"])
+        return echo_plan(config, (), 80.0, TEST_ROWS, 2, 0.25, data=overrides["data"])
     from runtime.manifest import load_manifest
 
     from .build import build as run
 
     bundle = run(config, python=pythons.split(",") if pythons else None, cuda=int(cuda) if cuda else None, **overrides)
-    echo_bundle(load_manifest(bundle), bundle)
+    emit(bundle_result(load_manifest(bundle), bundle), bundle_text)
 
 
 @cli.command()
@@ -623,7 +658,7 @@ def build(config: str, pythons: str | None, cuda: str | None, dry_run: bool, **o
 @click.option("--only", multiple=True, metavar="NAME", help="Train only this [[models]] recipe (repeatable); the report still covers all.")
 @data_option
 @json_option
-def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[str, ...], data: str | None, as_json: bool) -> None:
+def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[str, ...], data: str | None) -> None:
     """Cross-validate every recipe of CONFIG.toml: train each missing fold, report MAP@3 per fold, mean and standard
     deviation, per question, and for the ensemble; write OUT/cv.json.
 
@@ -634,38 +669,43 @@ def cv(config: str, out: str | None, which: str | None, full: bool, only: tuple[
         folds = [int(k) for k in which.split(",")] if which else None
     except ValueError:
         raise click.BadParameter(f"{which!r}: give fold numbers such as 0,1", param_hint="--folds") from None
-    report = run(config, out, folds, full, list(only) or None, data)
-    if as_json:
-        return echo_json(report)
+    emit(run(config, out, folds, full, list(only) or None, data), cv_text)
+
+
+def cv_text(report: dict) -> str:
+    lines = []
     for name, r in report["recipes"].items():
         spread = f" ± {r['std']:.4f}" if r["std"] is not None else ""
-        click.echo(f"{name:16s} folds {','.join(map(str, r['folds']))}: MAP@3 {r['mean']:.4f}{spread} ({', '.join(f'{x:.4f}' for x in r['fold_map3'])}) on {r['rows']} rows")
+        lines.append(f"{name:16s} folds {','.join(map(str, r['folds']))}: MAP@3 {r['mean']:.4f}{spread} ({', '.join(f'{x:.4f}' for x in r['fold_map3'])}) on {r['rows']} rows")
     if e := report.get("ensemble"):
         held = f", {e['map3_held_out']:.4f} held out (fitted on the other folds, or the other half of one)" if e["map3_held_out"] is not None else ""
         map3 = f"{e['map3']:.4f}" if e["map3"] is not None else "-"
-        click.echo(f"{'ensemble':16s} {e['method']}: MAP@3 {map3} on {e['rows']} shared rows{held}; weights {e['weights']}")
+        lines.append(f"{'ensemble':16s} {e['method']}: MAP@3 {map3} on {e['rows']} shared rows{held}; weights {e['weights']}")
+    return "\n".join(lines)
 
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="build/demo", show_default=True, help="Where the stages go.")
+@json_option
 def demo(out: str) -> None:
     """Build a bundle from the embedded default (MiniLM, TF-IDF and kNN on the shipped sample) and run it on the sample test rows."""
     from .build import DEMO
     from .build import build as run
 
     bundle = run(DEMO, out=out)
-    echo_bundle(json.loads((bundle / "manifest.json").read_text()), bundle)
-    click.echo(f"submission -> {Path(out) / 'submission.csv'}")
+    result = {**bundle_result(json.loads((bundle / "manifest.json").read_text()), bundle), "submission": str(Path(out) / "submission.csv")}
+    emit(result, lambda r: f"{bundle_text(r)}\nsubmission -> {r['submission']}")
 
 
 @cli.command()
+@json_option
 def env() -> None:
     """Versions of Python, mapbuild and its stack, the GPUs and the cache folders: paste them into a bug report."""
     import onnxruntime
     import torch
 
     from .hardware import detect
-    from .package import versions
+    from .versions import versions
     from .wheels import cache_dir
 
     hw = detect()
@@ -674,29 +714,30 @@ def env() -> None:
     capability = f", compute capability {hw.capability[0]}.{hw.capability[1]}" if hw.capability else ""
     rows += [("training device", f"{hw.count} x {hw.name}{capability}" if hw.device == "cuda" else hw.device)]
     rows += [("mapbuild cache", str(cache_dir())), ("Hugging Face cache", os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface")))]
-    click.echo("\n".join(f"- {k}: {v}" for k, v in rows))
+    emit(dict(rows), lambda r: "\n".join(f"- {k}: {v}" for k, v in r.items()))
 
 
 @cli.command()
 @json_option
-def models(as_json: bool) -> None:
+def models() -> None:
     """List model aliases: hub id, family, size, and whether the weights fit one T4 (15 GiB) at fp16 and int4."""
     from .models import ALIASES, fits_t4, weights_gib
 
-    if as_json:
-        return echo_json([
-            {"alias": name, "hub_id": a.hub_id, "family": a.family, "params_m": a.params_m, "fp16_gib": round(weights_gib(a.params_m, 16), 2),
-             "t4_fp16": fits_t4(a.params_m, 16), "int4_gib": round(weights_gib(a.params_m, 4), 2), "t4_int4": fits_t4(a.params_m, 4), "wheel": a.wheel}
-            for name, a in ALIASES.items()
-        ])  # fmt: skip
+    emit([
+        {"alias": name, "hub_id": a.hub_id, "family": a.family, "params_m": a.params_m, "fp16_gib": round(weights_gib(a.params_m, 16), 2),
+         "t4_fp16": fits_t4(a.params_m, 16), "int4_gib": round(weights_gib(a.params_m, 4), 2), "t4_int4": fits_t4(a.params_m, 4), "wheel": a.wheel}
+        for name, a in ALIASES.items()
+    ], models_text)  # fmt: skip
+
+
+def models_text(models: list[dict]) -> str:
     header = ("alias", "hub id", "family", "params", "fp16 GiB", "T4 fp16", "int4 GiB", "T4 int4", "weights from")
     rows = [
         (
-            name, a.hub_id, a.family, f"{a.params_m / 1000:.2f}B" if a.params_m >= 1000 else f"{a.params_m:.1f}M",
-            f"{weights_gib(a.params_m, 16):.2f}", "yes" if fits_t4(a.params_m, 16) else "no",
-            f"{weights_gib(a.params_m, 4):.2f}", "yes" if fits_t4(a.params_m, 4) else "no",
-            f"pip: {a.wheel}" if a.wheel else "hub",
+            m["alias"], m["hub_id"], m["family"], f"{m['params_m'] / 1000:.2f}B" if m["params_m"] >= 1000 else f"{m['params_m']:.1f}M",
+            f"{m['fp16_gib']:.2f}", "yes" if m["t4_fp16"] else "no", f"{m['int4_gib']:.2f}", "yes" if m["t4_int4"] else "no",
+            f"pip: {m['wheel']}" if m["wheel"] else "hub",
         )
-        for name, a in ALIASES.items()
+        for m in models
     ]
-    click.echo(tabulate(rows, headers=header, tablefmt="plain", disable_numparse=True))
+    return tabulate(rows, headers=header, tablefmt="plain", disable_numparse=True)

@@ -19,10 +19,11 @@ from runtime.errors import MapbuildError
 from runtime.external_data import locations
 from runtime.packing import PACK_TOKENS, PACKED, PACKED_INPUTS, packed_tokens
 from runtime.labels import LabelSpace
+from runtime.plan import KERNEL_THREADS
 from runtime.metrics import masked_map3
 from runtime.predict import kernel_rows, prompts, run_rows
 
-from .folds import input_key, load_labelled, scheme_of, split_fold
+from .folds import across_questions, input_key, load_labelled, scheme_of, split_fold
 from .models import FAMILIES, load_hf_tokenizer
 from .options import one_of
 from .stages import StageMeta, atomic_dir, check_data, read_meta, write_meta
@@ -34,17 +35,19 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf cannot serialize 2 GiB: above th
 
 
 def held_out_rows(meta: dict, n: int) -> pd.DataFrame:
-    """Up to n real rows the model never trained on: its validation fold's, then, for a run on a --sample, the rows
-    outside the sample whose input it never saw. A full refit has none, and checks its export on rows it trained on."""
+    """Up to n real rows the model never trained on, across every question (folds.across_questions): the drift gate,
+    the paces and the tokens per row are measured on them. Its validation fold's, then, for a run on a --sample, the
+    rows outside the sample whose input it never saw. A full refit has none, and checks its export on rows it
+    trained on."""
     cfg = meta["config"]
     split = split_fold(cfg["data"], cfg.get("sample"), cfg["folds"], None if cfg.get("full") else cfg["fold"], cfg["seed"], dedupe=False, scheme=scheme_of(cfg))
     if not len(split.valid):
-        return split.rows.head(n)
+        return across_questions(split.rows, n, cfg["seed"])
     if not cfg.get("sample") or len(split.valid) >= n:
-        return split.valid.head(n)
+        return across_questions(split.valid, n, cfg["seed"])
     every = load_labelled(cfg["data"])
     outside = every[~every["row_id"].isin(split.rows["row_id"]) & ~input_key(every).isin(set(input_key(split.train)))]
-    return pd.concat([split.valid, outside]).head(n)
+    return pd.concat([split.valid, across_questions(outside, n - len(split.valid), cfg["seed"])])
 
 
 def wrapped(model, pooled: bool = False):
@@ -323,7 +326,7 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         kernel = checked_kernel_rows(tmp / FILES["tokenizer"], merged, meta, prompts(meta, sample, space))
         write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[meta["model_type"]].ort_fusion, packed=packed)
         pad_id = meta["pad_token_id"]
-        forward = onnx_forward(tmp / FILES["model"])
+        forward = onnx_forward(tmp / FILES["model"], KERNEL_THREADS)  # a CPU session's pace is the kernel's
         start = time.perf_counter()
         got = run_rows(forward, {**meta, "name": "onnx"}, kernel, 32)  # packed as the kernel packs
         seconds = time.perf_counter() - start
@@ -335,7 +338,7 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         reference = torch_logits(model, ids, pad_id, desc="torch")
         check_finite(got, reference, merged)
         drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
-        drift |= {"reference": what, "onnx_provider": provider}
+        drift |= {"reference": what, "onnx_provider": provider, **({"cpu_threads": KERNEL_THREADS} if provider == CPU else {})}
         check_drift(drift, quantize, force)
         write_meta(tmp, replace(
             StageMeta.from_json(meta),

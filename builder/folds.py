@@ -147,10 +147,29 @@ def split_fold(
     return FoldSplit(df, tr, va, labels, space, cleaning)
 
 
-def check_rows(split: FoldSplit) -> pd.DataFrame:
+def across_questions(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """n of `rows` (all when they are fewer) drawn seeded and stratified by question, in their order: each question
+    keeps its share, rounded by largest remainder, and at least one row while n reaches every question. The data is
+    sorted by question, so a head() measures a pace, drift or tokens per row on one or two questions."""
+    if n >= len(rows):
+        return rows
+    _, index = np.unique(rows["QuestionId"].to_numpy(str), return_inverse=True)
+    quota = n * np.bincount(index) / len(rows)  # never above a question's rows, as n < len(rows)
+    take = np.floor(quota).astype(np.int64)
+    take[np.argsort(take - quota, kind="stable")[: n - take.sum()]] += 1
+    if n >= len(take):  # a question left out takes its row from the one furthest over its share
+        for _ in range(int((take == 0).sum())):
+            take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1
+        take[take == 0] = 1
+    order = np.random.default_rng(seed).permutation(len(rows))
+    rank = pd.Series(index[order]).groupby(index[order]).cumcount().to_numpy()  # a row's place in its question's draw
+    return rows.iloc[np.sort(order[rank < take[index[order]]])]
+
+
+def check_rows(split: FoldSplit, seed: int) -> pd.DataFrame:
     """The rows a member is scored on: its held-out fold or, for a full refit (none held out), 2,000 training rows
-    that measure its speed and drift alone."""
-    return split.valid if len(split.valid) else split.train.head(2000)
+    across its questions that measure its speed and drift alone."""
+    return split.valid if len(split.valid) else across_questions(split.train, 2000, seed)
 
 
 def record_validation(folder: Path, probs: np.ndarray, split: FoldSplit, seconds: float) -> dict:

@@ -14,6 +14,7 @@ from runtime.errors import MapbuildError
 from runtime.knn import knn_text
 from runtime.labels import fit_label_space
 from runtime.packing import PACK_TOKENS, PACKED, packed_tokens
+from runtime.plan import KERNEL_THREADS, pace_threads
 from runtime.predict import prompts
 
 from .build import load_config
@@ -78,5 +79,20 @@ def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str 
     cpu = [e["name"] for e in entries if e["precision"] == "int8"]
     if cpu:
         notes.append(f"{', '.join(cpu)}: int8 runs on the CPU, planned here at its FLOPs on Kaggle's CPU (an assumption, "
-                     "often pessimistic); the plan of the packaged bundle uses the pace its export measured")  # fmt: skip
+                     f"often pessimistic); the plan of the packaged bundle uses the pace its export measured on {KERNEL_THREADS} threads")  # fmt: skip
     return entries, notes
+
+
+def pace_notes(members: list[dict]) -> list[str]:
+    """What a bundle's CPU paces were timed on: the kernel's KERNEL_THREADS threads, or (exported before the count
+    was recorded) every core of the build machine, a pace Kaggle's CPU may not keep."""
+    notes = []
+    for m in members:
+        if "cpu_rows_per_s" not in m:
+            continue
+        pace, threads = f"{m['name']}: planned on the CPU at {m['cpu_rows_per_s']:g} rows/s", pace_threads(m)
+        if threads:
+            notes.append(f"{pace}, timed on {threads} threads (the kernel has {KERNEL_THREADS} vCPUs)")
+        else:
+            notes.append(f"{pace}, timed on every core of the build machine, not the kernel's {KERNEL_THREADS}: export it again")
+    return notes

@@ -18,10 +18,11 @@ from runtime.data import labels_of
 from runtime.errors import MapbuildError
 from runtime.knn import SETTINGS, bad_setting, knn_text
 from runtime.labels import fit_label_space
+from runtime.plan import KERNEL_THREADS
 from runtime.predict import knn_member_probs, onnx_outputs
 
 from .export import EXPORT_PRECISIONS, checked_kernel_rows, reference_model, write_onnx
-from .folds import SplitConfig, check_rows, record_validation
+from .folds import SplitConfig, across_questions, check_rows, record_validation
 from .models import check_model, family_of, resolve
 from .options import one_of, require
 from .stages import StageMeta, atomic_dir, provenance, write_meta
@@ -79,8 +80,9 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
     pad_id = encoder.config.pad_token_id or 0
     with atomic_dir(out, "onnx") as tmp:
         shutil.copy(Path(source.path) / "tokenizer.json", tmp / FILES["tokenizer"])
-        check = check_rows(split)
-        ids = checked_kernel_rows(tmp / FILES["tokenizer"], source.path, {"max_length": cfg.max_length}, knn_text(check.head(DRIFT_ROWS)))
+        check = check_rows(split, cfg.seed)
+        drifted = across_questions(check, DRIFT_ROWS, cfg.seed)  # also where its tokens per row are counted
+        ids = checked_kernel_rows(tmp / FILES["tokenizer"], source.path, {"max_length": cfg.max_length}, knn_text(drifted))
         write_onnx(source.path, tmp / FILES["model"], quantize, family.ort_fusion, pooled=True)
         member = {"name": "knn", "files": FILES, "max_length": cfg.max_length, "pad_token_id": pad_id,
                   "knn": cfg.settings()}  # fmt: skip
@@ -90,10 +92,10 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
         index = {lab: i for i, lab in enumerate(labels)}
         np.savez(tmp / FILES["neighbours"], emb=emb.astype(np.float16), label=labels_of(tr).map(index).to_numpy(np.int32), question=tr["QuestionId"].to_numpy(str))
         start = time.perf_counter()
-        probs, _ = knn_member_probs(tmp, member, check, split.space, batch_size=64)
+        probs, _ = knn_member_probs(tmp, member, check, split.space, batch_size=64, threads=KERNEL_THREADS)
         rows_per_s = len(check) / (time.perf_counter() - start)
         metrics = record_validation(tmp, probs, split, seconds)
-        got, _ = onnx_outputs(tmp, member, knn_text(check.head(DRIFT_ROWS)), batch_size=32)
+        got, _ = onnx_outputs(tmp, member, knn_text(drifted), batch_size=32)
         cosine = (got * torch_embeddings(encoder, ids, pad_id)).sum(1)
         write_meta(tmp, StageMeta(
             stage="onnx",
@@ -109,7 +111,7 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
             label_space=fit_label_space(split.rows, labels).to_json(),
             config=asdict(cfg),
             metrics=metrics,
-            drift={"rows": len(got), "min_cosine_to_torch": float(cosine.min()), "mean_cosine_to_torch": float(cosine.mean())},
+            drift={"rows": len(got), "min_cosine_to_torch": float(cosine.min()), "mean_cosine_to_torch": float(cosine.mean()), "cpu_threads": KERNEL_THREADS},
             cpu_rows_per_s=round(rows_per_s, 1),
             params=sum(p.numel() for p in encoder.parameters()),
             mean_tokens=round(float(np.mean([len(i) for i in ids])), 1),

@@ -8,8 +8,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from .models import Source, base_files, load_classifier, quantization_config
-from .stages import ADAPTER, FULL, StageMeta, atomic_dir, check_read, folder_files, read_meta, write_meta
+from .models import Source, load_classifier, quantization_config
+from .stages import ADAPTER, FULL, StageMeta, atomic_dir, base_files, check_read, folder_files, read_meta, write_meta
 
 
 def load_trained_model(run: str | os.PathLike):

@@ -168,26 +168,6 @@ def resolve(model: str) -> Source:
     return Source(str(path), alias.gguf or None)
 
 
-# What transformers reads from a model's folder: the configs, weights, vocabularies and templates at its top level.
-MODEL_FILES = ("*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "*.tiktoken")
-
-
-def base_files(source: Source) -> dict:
-    """What train records of its base model, for merge to know it again (stages.check_read): its folder (a hub
-    id's cached snapshot) and the sha256 of each file there transformers reads (the GGUF file alone, for one)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    from .stages import folder_files
-
-    folder = Path(source.path)
-    if not folder.is_dir() and HUB_ID.fullmatch(source.path) and isinstance(found := try_to_load_from_cache(source.path, source.gguf_file or "config.json"), str):
-        folder = Path(found).parent
-    if not folder.is_dir():
-        raise MapbuildError(f"base model {source.path}: not found (no such folder, nor in the Hugging Face cache); put it back where the run trained on it")
-    files = {k: v for pattern in ([source.gguf_file] if source.gguf_file else MODEL_FILES) for k, v in folder_files(folder, pattern).items()}
-    return {"path": str(folder), "files": files}
-
-
 def family_of(source: Source) -> tuple[str, Family]:
     """The `model_type` of a model, with its family defaults."""
     config = Path(source.path) / "config.json"

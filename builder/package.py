@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import string
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from .export import check_recorded_drift
 from .kinds import KINDS
 from .options import one_of
 from .stages import BUNDLE, atomic_dir, read_meta
+from .versions import versions
 from .wheels import CUDA, PYTHONS, fetch
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
@@ -46,7 +45,6 @@ SECRET_TEXT = re.compile(
 )
 UNSCANNED = (".whl", ".onnx", ".data")  # PyPI's wheels and the exported weights: binary, and not ours to hold keys
 MEMBER_KEYS = ("base_model", "model_type", "template", "inputs", "pack_tokens", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "cuda_rows_per_s", "params", "mean_tokens", "knn")
-PACKAGES = ("numpy", "pandas", "tokenizers", "onnxruntime", "onnx", "torch", "transformers", "peft")
 
 
 def dataset_metadata(dataset_id: str, title: str, description: str) -> dict:
@@ -127,16 +125,6 @@ def notebook(dataset_id: str, title: str) -> str:
     nb = new_notebook(cells=cells, metadata={"kernelspec": kernelspec, "language_info": {"name": "python"}})
     nbformat.validate(nb)
     return nbformat.writes(nb)
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "mapbuild": runtime.__version__}
-    for p in PACKAGES:
-        try:
-            found[p] = version(p)
-        except PackageNotFoundError:
-            continue
-    return found
 
 
 CPU_ADVICE_SECONDS = 3600  # a CPU member planned past this would gain hours as fp16 on a T4

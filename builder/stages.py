@@ -20,7 +20,8 @@ from runtime.errors import MapbuildError
 from runtime.manifest import FORMAT, MANIFEST, MEMBER_KINDS
 from runtime.packing import PACKED
 
-from .models import FAMILIES
+from .models import FAMILIES, HUB_ID, Source
+from .versions import versions
 
 META = "mapbuild.json"
 ADAPTER, FULL = "adapter", "model"  # a run folder keeps a LoRA adapter, or the fully fine-tuned weights (--lora-r 0)
@@ -236,6 +237,24 @@ def folder_files(folder: Path, pattern: str = "**/*") -> dict[str, str]:
     return out
 
 
+# What transformers reads from a model's folder: the configs, weights, vocabularies and templates at its top level.
+MODEL_FILES = ("*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+
+
+def base_files(source: Source) -> dict:
+    """What train records of its base model, for merge to know it again (check_read): its folder (a hub id's cached
+    snapshot) and the sha256 of each file there transformers reads (the GGUF file alone, for one)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    folder = Path(source.path)
+    if not folder.is_dir() and HUB_ID.fullmatch(source.path) and isinstance(found := try_to_load_from_cache(source.path, source.gguf_file or "config.json"), str):
+        folder = Path(found).parent
+    if not folder.is_dir():
+        raise MapbuildError(f"base model {source.path}: not found (no such folder, nor in the Hugging Face cache); put it back where the run trained on it")
+    files = {k: v for pattern in ([source.gguf_file] if source.gguf_file else MODEL_FILES) for k, v in folder_files(folder, pattern).items()}
+    return {"path": str(folder), "files": files}
+
+
 def record_digest(meta: dict) -> str:
     """The sha256 of a stage record as written, but for its `files` (which hold this digest)."""
     return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "files"}, sort_keys=True).encode()).hexdigest()
@@ -257,8 +276,6 @@ def changed(recorded: dict[str, str], folder: Path, by: str) -> str | None:
 def provenance(data: str | os.PathLike, rows: int) -> dict:
     """What a training stage records to be reproduced and compared: package versions, the data file's sha256 and
     the rows the run used of it (after --sample), and the code's git commit."""
-    from .package import versions
-
     return {"versions": versions(), "data": {"path": str(data), "sha256": file_sha256(data), "rows_used": rows}, "git_commit": git_commit(Path(__file__).parent)}
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from runtime.data import labels_of
 from runtime.labels import fit_label_space
+from runtime.plan import KERNEL_THREADS
 from runtime.tfidf import grams, tfidf_probs
 
 from .folds import SplitConfig, check_rows, record_validation
@@ -139,9 +140,9 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
     with atomic_dir(out, "onnx") as tmp:
         (tmp / FILES["model"]).write_bytes(model)
         (tmp / FILES["vocab"]).write_text(json.dumps(vocab, ensure_ascii=False))
-        check = check_rows(split)
+        check = check_rows(split, cfg.seed)
         start = time.perf_counter()
-        probs = tfidf_probs(tmp / FILES["model"], tmp / FILES["vocab"], check, len(labels))
+        probs = tfidf_probs(tmp / FILES["model"], tmp / FILES["vocab"], check, len(labels), threads=KERNEL_THREADS)
         rows_per_s = len(check) / (time.perf_counter() - start)
         metrics = record_validation(tmp, probs, split, seconds)
         write_meta(tmp, StageMeta(
@@ -154,7 +155,7 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
             label_space=fit_label_space(split.rows, labels).to_json(),
             config=asdict(cfg),
             metrics=metrics,
-            drift={"max_abs_prob_diff": sklearn_drift(fitted, check, probs), "rows": len(check)},
+            drift={"max_abs_prob_diff": sklearn_drift(fitted, check, probs), "rows": len(check), "cpu_threads": KERNEL_THREADS},
             cpu_rows_per_s=round(rows_per_s, 1),
             # Estimated like a dense pass over every weight: a gather touches far fewer, so this is an upper bound.
             params=int(sum(m.coef.size for m in fitted.values())),

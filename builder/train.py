@@ -27,9 +27,9 @@ from runtime.prompts import TEMPLATES
 from .chat import chat_parts
 from .folds import SplitConfig, absolute, validate
 from .hardware import TRAIN_DTYPES, TRAIN_PRECISIONS, choose_precision, detect
-from .models import base_files, check_model, family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
+from .models import check_model, family_of, load_classifier, load_hf_tokenizer, quantization_config, resolve
 from .options import one_of, require
-from .stages import ADAPTER, FULL, StageMeta, atomic_dir, check_out, disk_full, provenance, size_of, write_meta
+from .stages import ADAPTER, FULL, StageMeta, atomic_dir, base_files, check_out, disk_full, provenance, size_of, write_meta
 
 log = logging.getLogger("mapbuild")
 REPORTERS = ("none", "tensorboard", "wandb")  # the module each integration imports is named as it is

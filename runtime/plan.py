@@ -3,8 +3,9 @@ plan` and the kernel), the pace (a running member's own, measured), and the deci
 
 Rules: a member is planned from its own figures only, never scaled by how another member kept to its plan; what
 runs on a GPU is planned from FLOPs at the precision's T4 peak, what runs on the CPU from the rows/s measured on
-the build machine; a running member is judged by its own pace in padded tokens, timed after a warm-up batch per
-worker, so session creation, worker spawn and CUDA's first-call set-up never count as pace."""
+the build machine on the kernel's KERNEL_THREADS threads; a running member is judged by its own pace in padded
+tokens, timed after a warm-up batch per worker, so session creation, worker spawn and CUDA's first-call set-up
+never count as pace."""
 
 from __future__ import annotations
 
@@ -58,13 +59,23 @@ def estimate(members: list[dict], rows: int = TEST_ROWS, gpus: int = 2, efficien
     return out
 
 
-# What a member exported on a GPU (its pace was measured there, not on a CPU) is planned at on Kaggle's CPU: 4 vCPUs at
-# about 25 GFLOPS each in fp32. An assumption, not a measurement: it only decides what to drop once CUDA is lost.
-KAGGLE_CPU_FLOPS = 1e11
+# Kaggle's kernel has 4 vCPUs: the builder times a CPU pace on this many onnxruntime threads (intra_op_num_threads),
+# so a many-core build machine does not plan a member at a pace the kernel's pace guard then stops mid-run.
+KERNEL_THREADS = 4
+# What a member exported on a GPU (its pace was measured there, not on a CPU) is planned at on Kaggle's CPU: its
+# vCPUs at about 25 GFLOPS each in fp32. An assumption, not a measurement: it only decides what to drop once CUDA is lost.
+KAGGLE_CPU_FLOPS = KERNEL_THREADS * 25e9
+
+
+def pace_threads(member: dict) -> int | None:
+    """The onnxruntime threads a member's CPU pace was timed on, recorded beside its drift; None for a pace timed
+    before they were recorded, with every core of the build machine."""
+    return (member.get("drift") or {}).get("cpu_threads")
 
 
 def cpu_seconds(member: dict, rows: int) -> float:
-    """Seconds on the CPU: at the rows/s the member ran at on the build machine's CPU, else from its FLOPs."""
+    """Seconds on the CPU: at the rows/s the member ran at on the build machine's CPU (on KERNEL_THREADS threads,
+    `pace_threads`), else from its FLOPs."""
     if "cpu_rows_per_s" in member:
         return rows / member["cpu_rows_per_s"]
     return 2 * member["params"] * member["mean_tokens"] * rows / KAGGLE_CPU_FLOPS

@@ -64,10 +64,11 @@ def run_rows(forward, member: dict, rows: list, batch_size: int, deadline: float
 
 
 def onnx_outputs(
-    bundle: Path, member: dict, texts: list, batch_size: int, devices: int = 1, deadline: float | None = None
+    bundle: Path, member: dict, texts: list, batch_size: int, devices: int = 1, deadline: float | None = None, threads: int = 0
 ) -> tuple[np.ndarray, str | None]:
-    """The member's ONNX model over `texts` (its `prompts`, or plain texts), on one session or one worker per
-    device: its output rows and the provider its sessions ran on (the CPU if any worker's did)."""
+    """The member's ONNX model over `texts` (its `prompts`, or plain texts), on one session (of `threads`
+    onnxruntime threads, 0 for its default) or one worker per device: its output rows and the provider its sessions
+    ran on (the CPU if any worker's did)."""
     rows = kernel_rows(bundle / member["files"]["tokenizer"], member, texts)
     model = bundle / member["files"]["model"]
     data = member["files"].get("data")
@@ -79,7 +80,7 @@ def onnx_outputs(
     if not gpu and gpu_count():  # a CPU precision: on CUDA, nodes without kernels there would fall back one by one
         log.warning("%s: %s, a CPU precision: it runs on a CPU session, at the pace measured at export", member["name"], member.get("precision"))
     if devices <= 1 or not gpu:
-        forward = onnx_forward(model, gpu=gpu)
+        forward = onnx_forward(model, threads, gpu=gpu)
         return run_rows(forward, member, rows, batch_size, deadline), getattr(forward, "provider", None)
     log.info("%s: %d worker processes, one per device", member["name"], devices)
     pool = DevicePool(model, devices)
@@ -98,12 +99,12 @@ def transformer_probs(
 
 
 def knn_member_probs(
-    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None, threads: int = 0
 ) -> tuple[np.ndarray, str | None]:
     """An ONNX sentence encoder, then the votes of each question's nearest training rows."""
     settings = check_settings(member.get("knn"))
     table = load_table(bundle / member["files"]["neighbours"], len(space.labels))
-    emb, provider = onnx_outputs(bundle, member, knn_text(df), batch_size, devices, deadline)
+    emb, provider = onnx_outputs(bundle, member, knn_text(df), batch_size, devices, deadline, threads)
     if emb.shape[1] != table["emb"].shape[1]:
         raise ValueError(f"the encoder gives {emb.shape[1]} dimensions, the neighbours have {table['emb'].shape[1]}")
     return vote(emb, df["QuestionId"].to_numpy(str), space.candidate_mask(df), table, len(space.labels), **settings), provider

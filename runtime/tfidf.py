@@ -49,7 +49,7 @@ def load(path: str | Path) -> dict:
 
 
 def tfidf_probs(
-    model: str | Path, vocab: str | Path, df: pd.DataFrame, labels: int, batch_size: int = 256, desc: str = "tfidf"
+    model: str | Path, vocab: str | Path, df: pd.DataFrame, labels: int, batch_size: int = 256, desc: str = "tfidf", threads: int = 0
 ) -> np.ndarray:
     """(rows, labels) probabilities. A question the member never saw gets a uniform row: it adds nothing to the
     ranking of an ensemble, and alone it leaves the ranking to the candidate mask and the tie order."""
@@ -62,7 +62,9 @@ def tfidf_probs(
     seen = np.flatnonzero(df["QuestionId"].isin(list(questions)).to_numpy())
     position = {q: k for k, q in enumerate(questions)}
     classes = [s["classes"] for s in questions.values()]
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])  # a gather and a sum: no GPU needed
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads  # 0: onnxruntime's default
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])  # a gather and a sum: no GPU needed
     pad_col = spec["pad_column"]
     order = seen[np.argsort([len(feats[i][0]) for i in seen], kind="stable")]
     for start in progress(range(0, len(order), batch_size), desc):

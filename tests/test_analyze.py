@@ -136,7 +136,7 @@ def test_tokens_cli_shows_packed_beside_unpacked_tokens_for_a_decoder(tiny_llama
     args = ["tokens", str(SAMPLE_TRAIN), "--model", str(tiny_llama), "--template", "context", "--plot", str(tmp_path / "l.png")]
     text, as_json = CliRunner().invoke(cli, args), CliRunner().invoke(cli, [*args, "--json"])
     assert text.exit_code == 0 and as_json.exit_code == 0, text.output + as_json.output
-    r = json.loads(as_json.output)
+    r = json.loads(as_json.stdout)
     rows = split_rows(read_rows(SAMPLE_TRAIN), str(tiny_llama), "context")
     unpacked = sum(len(h) + len(t) for h, t in rows) / len(rows)
     assert [s["pack_tokens"] for s in r["packing"]["packed"]] == list(PACK_SIZES)

@@ -377,12 +377,12 @@ def test_a_mistyped_toml_key_names_the_key_it_meant(tmp_path, table, key, meant)
 
 def test_an_interrupt_exits_130_and_says_what_continues(monkeypatch):
     """Before: click's "Aborted!" and exit 1."""
-    import builder.package
+    import builder.versions
 
     def interrupted():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(builder.package, "versions", interrupted)
+    monkeypatch.setattr(builder.versions, "versions", interrupted)
     result = invoke("env")
     assert result.exit_code == 130 and "Interrupted" in result.output and "--resume" in result.output, result.output
 

@@ -53,8 +53,8 @@ def test_held_out_rows_of_a_sampled_run_go_on_past_its_fold_to_inputs_it_never_s
     from builder.folds import input_key, split_fold
 
     df = pd.read_csv(SAMPLE_TRAIN, dtype=str, keep_default_na=False)
-    data = tmp_path / "train.csv"  # every input twice, so some copies outside the sample repeat a training row
-    pd.concat([df, df.assign(row_id=df["row_id"].astype(int) + 10_000)]).to_csv(data, index=False)
+    data = tmp_path / "train.csv"  # every input twice, so some copies outside the sample repeat a training row; sorted by question as train.csv is
+    pd.concat([df, df.assign(row_id=df["row_id"].astype(int) + 10_000)]).sort_values("QuestionId", kind="stable").to_csv(data, index=False)
     cfg = {"data": str(data), "sample": 60, "folds": 5, "fold": 0, "seed": 42, "fold_scheme": "stratified-group"}
     split = split_fold(str(data), 60, 5, 0, 42, dedupe=False)
     outside = read_rows(data, labelled=True).query("row_id not in @split.rows.row_id")
@@ -64,17 +64,54 @@ def test_held_out_rows_of_a_sampled_run_go_on_past_its_fold_to_inputs_it_never_s
     assert rows["row_id"].head(len(split.valid)).tolist() == split.valid["row_id"].tolist()
     assert len(split.valid) < len(rows) < len(split.valid) + len(outside) and rows["row_id"].is_unique
     assert not input_key(rows).isin(set(input_key(split.train))).any()
-    assert held_out_rows({"config": cfg}, 5)["row_id"].tolist() == split.valid["row_id"].head(5).tolist()
+    beyond = held_out_rows({"config": cfg}, len(split.valid) + 20).iloc[len(split.valid) :]
+    assert len(beyond) == 20 and beyond["QuestionId"].nunique() == 4  # the rows outside the sample span its questions too
+    few = held_out_rows({"config": cfg}, 5)
+    assert few["row_id"].isin(split.valid["row_id"]).all() and few["QuestionId"].nunique() == min(5, split.valid["QuestionId"].nunique())
 
-def test_a_models_size_is_summed_part_by_part_as_protobuf_would_count_it(tiny_pipeline):
-    """`ByteSize()` of a whole model over 2 GiB raises: the external-data choice sums its parts instead."""
-    import onnx
 
-    from builder.export import EXTERNAL_DATA_BYTES, proto_bytes
+def test_the_export_sample_spans_every_question_of_the_fold_or_of_a_full_refit(tmp_path):
+    """train.csv is sorted by question: the first rows of a fold are one or two questions, and the drift gate, the
+    paces and the tokens per row were measured on them alone."""
+    import pandas as pd
 
-    proto = onnx.load(str(tiny_pipeline["onnx"] / "model.onnx"))
-    assert 0.99 * proto.ByteSize() < proto_bytes(proto) <= proto.ByteSize()
-    assert EXTERNAL_DATA_BYTES < 2**31
+    from builder.export import held_out_rows
+    from builder.folds import split_fold
+
+    data = tmp_path / "train.csv"
+    pd.read_csv(SAMPLE_TRAIN, dtype=str, keep_default_na=False).sort_values("QuestionId", kind="stable").to_csv(data, index=False)
+    cfg = {"data": str(data), "folds": 5, "fold": 0, "seed": 42, "fold_scheme": "stratified-group"}
+    valid = split_fold(str(data), None, 5, 0, 42, dedupe=False).valid
+    assert valid["QuestionId"].nunique() == 4 and valid.head(12)["QuestionId"].nunique() == 1
+    for full in (False, True):
+        rows = held_out_rows({"config": {**cfg, "full": full}}, 12)
+        assert len(rows) == 12 and rows["QuestionId"].nunique() == 4 and rows["row_id"].isin(valid["row_id"]).all() != full
+
+
+def test_the_export_sample_of_the_real_data_holds_every_question_of_fold_0(shared_train):
+    from builder.export import held_out_rows
+    from builder.folds import split_fold
+
+    cfg = {"data": str(shared_train), "folds": 5, "fold": 0, "seed": 42, "fold_scheme": "stratified-group"}
+    valid = split_fold(str(shared_train), None, 5, 0, 42, dedupe=False).valid
+    rows = held_out_rows({"config": cfg}, 1024)  # export's default --rows: questions 31772 and 31774 alone before
+    assert len(rows) == 1024 and rows["row_id"].isin(valid["row_id"]).all()
+    assert set(rows["QuestionId"]) == set(valid["QuestionId"]) and len(set(valid["QuestionId"])) == 15
+    full = held_out_rows({"config": {**cfg, "full": True}}, 1024)  # question 31772 alone before
+    assert full["QuestionId"].nunique() == 15
+
+
+def test_a_cpu_pace_names_the_kernel_threads_it_was_timed_on(tiny_pipeline):
+    from builder.forecast import pace_notes
+    from runtime.manifest import load_manifest
+    from runtime.plan import KERNEL_THREADS, pace_threads
+
+    for folder in ("onnx", "onnx-int8"):
+        meta = json.loads((tiny_pipeline[folder] / "mapbuild.json").read_text())
+        assert pace_threads(meta) == (KERNEL_THREADS if meta.get("cpu_rows_per_s") else None)  # a CUDA pace has no threads
+    member = load_manifest(tiny_pipeline["bundle"])["members"][0]  # the plan reads it from the bundle
+    assert pace_notes([member]) == ([f"{member['name']}: planned on the CPU at {member['cpu_rows_per_s']:g} rows/s, timed on {KERNEL_THREADS} threads "
+                                     f"(the kernel has {KERNEL_THREADS} vCPUs)"] if member.get("cpu_rows_per_s") else [])
 
 
 def test_fragile_ops_run_in_fp32_inside_an_fp16_graph():

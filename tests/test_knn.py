@@ -136,3 +136,10 @@ def test_vote_with_power_0_gives_nothing_to_a_non_candidate():
     got = vote(np.array([[1.0, 0.0]], dtype=np.float32), np.array(["q1"]), candidates, TABLE, 3, k=3, power=0, prior_share=0.1)
     # labels 1 and 2 vote 1 each (a plain majority at power 0); label 0 keeps its prior share alone
     np.testing.assert_allclose(got[0], 0.9 * np.array([0, 0.5, 0.5]) + 0.1 * np.full(3, 1 / 3), rtol=1e-5)
+
+
+def test_its_cpu_pace_names_the_kernels_threads(member):
+    from runtime.plan import KERNEL_THREADS
+
+    meta = json.loads((member / "mapbuild.json").read_text())
+    assert meta["cpu_rows_per_s"] > 0 and meta["drift"]["cpu_threads"] == KERNEL_THREADS

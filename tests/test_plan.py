@@ -48,6 +48,7 @@ def test_plan_command_prints_a_table_for_the_bundle(tiny_pipeline):
     assert result.exit_code == 0, result.output
     name = load_manifest(tiny_pipeline["bundle"])["members"][0]["name"]
     assert name in result.output and "fits" in result.output and "2x T4" in result.output
+    assert f"note: {name}: planned on the CPU at " in result.output and "timed on 4 threads" in result.output  # issue 41
 
 
 def test_plan_adds_registry_models_and_flags_an_overrun():
@@ -229,3 +230,25 @@ def test_plan_of_a_config_counts_params_and_tokens_before_training(tiny_bert, tm
     assert any("no tokenizer for qwen3-8b" in n for n in plan["notes"])  # no hub call: the alias has no wheel
     dry = CliRunner().invoke(cli, ["build", str(config), "--dry-run"])
     assert dry.exit_code == 0 and "bert" in dry.output and "fits" in dry.output and not (tmp_path / "out").exists()
+
+
+def test_the_plan_says_what_threads_a_cpu_pace_was_timed_on():
+    from builder.forecast import pace_notes
+    from runtime.plan import KAGGLE_CPU_FLOPS, KERNEL_THREADS
+
+    timed = {"name": "minilm", "precision": "int8", "cpu_rows_per_s": 100.0, "drift": {"cpu_threads": KERNEL_THREADS}}
+    before = {"name": "old", "precision": "int8", "cpu_rows_per_s": 250.0, "drift": {"rows": 1024}}  # every core of the build box
+    assert pace_notes([timed, before, {"name": "gpu", "precision": "fp16", "cuda_rows_per_s": 900.0}]) == [
+        "minilm: planned on the CPU at 100 rows/s, timed on 4 threads (the kernel has 4 vCPUs)",
+        "old: planned on the CPU at 250 rows/s, timed on every core of the build machine, not the kernel's 4: export it again",
+    ]
+    assert KAGGLE_CPU_FLOPS == 1e11  # the FLOPs plan of Kaggle's CPU is unchanged: 4 vCPUs at 25 GFLOPS
+
+
+def test_a_config_of_tfidf_members_alone_plans_to_nothing_and_says_why(tmp_path):
+    """Before: "plan: give a bundle folder, a CONFIG.toml or at least one --add ALIAS", though a config was given."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'dataset_id = "me/abcdef"\ndata = "{SAMPLE_TRAIN}"\n[[models]]\nname = "words"\nkind = "tfidf"\n')
+    for args in (["plan", str(config)], ["build", str(config), "--dry-run"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0 and "note: words: a TF-IDF member runs on the CPU" in result.output and "fits" in result.output, result.output

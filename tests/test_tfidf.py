@@ -15,7 +15,7 @@ from runtime.errors import MapbuildError
 from runtime.submission import check_submission
 from runtime.tfidf import grams, tfidf_probs
 
-from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, rewrite_record, run_kernel
 
 
 @pytest.fixture(scope="module")
@@ -97,5 +97,20 @@ def test_package_refuses_a_tfidf_member_without_its_vocabulary(member, tmp_path)
     lost = tmp_path / "onnx"
     shutil.copytree(member, lost)
     (lost / "tfidf.json").unlink()
+    with pytest.raises(MapbuildError, match=f"^{lost}/tfidf.json: missing since tfidf wrote it"):  # its custody record
+        package([str(lost)], tmp_path / "bundle", "tester/tfidf-ensemble", wheels=False)
+    meta = json.loads((lost / "mapbuild.json").read_text())
+    rewrite_record(lost, {k: v for k, v in meta.items() if k != "files"})  # written before custody records: its kind's files
     with pytest.raises(MapbuildError, match=f"^{lost}: tfidf.json is missing"):
         package([str(lost)], tmp_path / "bundle", "tester/tfidf-ensemble", wheels=False)
+
+
+def test_its_cpu_pace_is_timed_on_the_kernels_threads_and_says_so(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from runtime.plan import KERNEL_THREADS
+
+    threads, session = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, opts=None, **kw: threads.append(opts and opts.intra_op_num_threads) or session(path, opts, **kw))
+    train_tfidf(TfidfConfig(data=str(SAMPLE_TRAIN), dedupe=False, min_df=1), tmp_path / "onnx")
+    assert threads == [KERNEL_THREADS] and json.loads((tmp_path / "onnx" / "mapbuild.json").read_text())["drift"]["cpu_threads"] == KERNEL_THREADS
