@@ -161,6 +161,76 @@ def pool_params(fitted: dict, named: dict[int, str]) -> dict:
     return {"questions": {q: {"scales": scales(prm), "bias": prm["bias"]} for q, prm in fitted["questions"].items()}}
 
 
+def check_members(onnx_dirs: list[str]) -> list[dict]:
+    """The members' records, refused where they cannot make one bundle: a label list they do not share, an export
+    that drifted, or a label the kernel would refuse."""
+    if not onnx_dirs:
+        raise MapbuildError("package: give at least one ONNX_DIR written by `mapbuild export`")
+    metas = [read_meta(d, "onnx") for d in onnx_dirs]
+    labels = metas[0]["label_space"]["labels"]
+    for d, m in zip(onnx_dirs, metas):
+        if m["label_space"]["labels"] != labels:
+            raise MapbuildError(f"{d}: its label list differs from {onnx_dirs[0]}'s; ensemble members must share one")
+        check_recorded_drift(m["drift"], d)
+    bad = next((x for x in labels if not LABEL.fullmatch(x)), None)
+    if bad is not None:  # the kernel refuses it, and packaging again cannot mend what the model was trained on
+        raise MapbuildError(f"{onnx_dirs[0]}: label {bad!r} is not Category:Misconception without whitespace; fix the training data's labels and train again")
+    return metas
+
+
+def copy_member(tmp: Path, name: str, d: str, m: dict, weight: float, oof_map3: float) -> dict:
+    """Copy one member's files from its ONNX folder `d` into tmp/models/NAME; returns its manifest entry, whose
+    card it writes beside them."""
+    (tmp / "models" / name).mkdir(parents=True)
+    kind = m.get("kind", "transformer")
+    files = KINDS[kind].present(Path(d))
+    for f in files.values():
+        if (Path(d) / f).is_symlink():
+            raise MapbuildError(f"package: {Path(d) / f} is a symlink; a bundle holds real files only")
+        shutil.copy(Path(d) / f, tmp / "models" / name / f)
+    member = {
+        "name": name,
+        "weight": weight,
+        "oof_map3": oof_map3,
+        "files": {k: f"models/{name}/{f}" for k, f in files.items()},
+        "kind": kind,
+        "chat": m.get("chat"),  # folders exported before chat templates have none
+        **{k: m[k] for k in MEMBER_KEYS if k in m},  # a tfidf member has no tokenizer, template or base model
+    }
+    if "base_model" in m:
+        member["base_model"] = public(m["base_model"])
+    tokenizer = tmp / member["files"]["tokenizer"] if "tokenizer" in files else None
+    member["files"]["card"] = f"models/{name}/{CARD}"
+    (tmp / member["files"]["card"]).write_text(
+        json.dumps(card(member, m["label_space"], tokenizer and sha256_file(tokenizer)), indent=1, ensure_ascii=False)
+    )
+    return member
+
+
+def copy_members(tmp: Path, onnx_dirs: list[str], metas: list[dict], fitted: dict) -> tuple[list[dict], list[dict], dict[int, str]]:
+    """The members the ensemble weighs, copied in; those it gave weight 0, left out; each kept one's name by index."""
+    members, dropped, named = [], [], {}
+    for i, (d, m, weight, oof_map3) in enumerate(zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"])):
+        if weight == 0:
+            dropped.append({"dir": public(d, parts=3), "oof_map3": oof_map3})  # NAME/foldK/onnx: the fold alone names no member
+            continue
+        name = named[i] = f"m{len(members)}-{m['model_type']}-{m['precision']}"
+        members.append(copy_member(tmp, name, d, m, weight, oof_map3))
+    return members, dropped, named
+
+
+def write_kernel(tmp: Path, dataset_id: str, title: str, kernel_id: str, n_members: int) -> None:
+    """What runs the members on Kaggle: the runtime's code, the dataset's and kernel's metadata, and the notebook."""
+    (tmp / "runtime").mkdir()
+    for f in sorted(RUNTIME_DIR.glob("*.py")) + [RUNTIME_DIR / "requirements.txt"]:  # the code, nothing else
+        shutil.copy(f, tmp / "runtime" / f.name)
+    description = f"Offline MAP submission bundle with {n_members} model(s), built by mapbuild {runtime.__version__}."
+    metadata = {"dataset-metadata.json": dataset_metadata(dataset_id, title, description), "kernel-metadata.json": kernel_metadata(dataset_id, kernel_id)}
+    for name, content in metadata.items():
+        (tmp / name).write_text(json.dumps(content, indent=1))
+    (tmp / "submit.ipynb").write_text(notebook(dataset_id, title))
+
+
 def package(
     onnx_dirs: list[str],
     out: str | os.PathLike,
@@ -177,61 +247,16 @@ def package(
     Several members are weighted by ensemble selection on their shared out-of-fold rows; a member that never
     raises the OOF MAP@3 gets weight 0 and stays out of the bundle."""
     owner, slug = check_dataset_id(dataset_id)
-    if not onnx_dirs:
-        raise MapbuildError("package: give at least one ONNX_DIR written by `mapbuild export`")
-    metas = [read_meta(d, "onnx") for d in onnx_dirs]
-    labels = metas[0]["label_space"]["labels"]
-    for d, m in zip(onnx_dirs, metas):
-        if m["label_space"]["labels"] != labels:
-            raise MapbuildError(f"{d}: its label list differs from {onnx_dirs[0]}'s; ensemble members must share one")
-        check_recorded_drift(m["drift"], d)
-    bad = next((x for x in labels if not LABEL.fullmatch(x)), None)
-    if bad is not None:  # the kernel refuses it, and packaging again cannot mend what the model was trained on
-        raise MapbuildError(f"{onnx_dirs[0]}: label {bad!r} is not Category:Misconception without whitespace; fix the training data's labels and train again")
+    metas = check_members(onnx_dirs)
     one_of(ensemble, METHODS, "--ensemble")
     fitted = fit(onnx_dirs, ensemble)
     title = title or f"mapbuild {slug}"[:50]
     if not 6 <= len(title) <= 50:
         raise MapbuildError(f"--title {title!r}: Kaggle needs a dataset title of 6-50 characters")
     with atomic_dir(out, BUNDLE) as tmp:
-        members, dropped, named = [], [], {}
-        for i, (d, m, weight, oof_map3) in enumerate(zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"])):
-            if weight == 0:
-                dropped.append({"dir": public(d, parts=3), "oof_map3": oof_map3})  # NAME/foldK/onnx: the fold alone names no member
-                continue
-            name = named[i] = f"m{len(members)}-{m['model_type']}-{m['precision']}"
-            (tmp / "models" / name).mkdir(parents=True)
-            kind = m.get("kind", "transformer")
-            files = KINDS[kind].present(Path(d))
-            for f in files.values():
-                if (Path(d) / f).is_symlink():
-                    raise MapbuildError(f"package: {Path(d) / f} is a symlink; a bundle holds real files only")
-                shutil.copy(Path(d) / f, tmp / "models" / name / f)
-            members.append({
-                "name": name,
-                "weight": weight,
-                "oof_map3": oof_map3,
-                "files": {k: f"models/{name}/{f}" for k, f in files.items()},
-                "kind": kind,
-                "chat": m.get("chat"),  # folders exported before chat templates have none
-                **{k: m[k] for k in MEMBER_KEYS if k in m},  # a tfidf member has no tokenizer, template or base model
-            })
-            if "base_model" in m:
-                members[-1]["base_model"] = public(m["base_model"])
-            tokenizer = tmp / members[-1]["files"]["tokenizer"] if "tokenizer" in files else None
-            members[-1]["files"]["card"] = f"models/{name}/{CARD}"
-            (tmp / members[-1]["files"]["card"]).write_text(
-                json.dumps(card(members[-1], m["label_space"], tokenizer and sha256_file(tokenizer)), indent=1, ensure_ascii=False)
-            )
+        members, dropped, named = copy_members(tmp, onnx_dirs, metas, fitted)
         wheel_entries = fetch(tmp / "wheels", pythons, cuda, find_links) if wheels else []
-        (tmp / "runtime").mkdir()
-        for f in sorted(RUNTIME_DIR.glob("*.py")) + [RUNTIME_DIR / "requirements.txt"]:  # the code, nothing else
-            shutil.copy(f, tmp / "runtime" / f.name)
-        description = f"Offline MAP submission bundle with {len(members)} model(s), built by mapbuild {runtime.__version__}."
-        metadata = {"dataset-metadata.json": dataset_metadata(dataset_id, title, description), "kernel-metadata.json": kernel_metadata(dataset_id, f"{owner}/{kernel_slug(slug)}")}
-        for name, content in metadata.items():
-            (tmp / name).write_text(json.dumps(content, indent=1))
-        (tmp / "submit.ipynb").write_text(notebook(dataset_id, title))
+        write_kernel(tmp, dataset_id, title, f"{owner}/{kernel_slug(slug)}", len(members))
         manifest = {
             "format": FORMAT,
             "dataset_id": dataset_id,

@@ -239,33 +239,9 @@ def can_resume(cfg: TrainConfig, out: str | os.PathLike) -> bool:
     return recipe.is_file() and json.loads(recipe.read_text()) == asdict(cfg) and last_checkpoint(ckpt) is not None
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dict | None:
-    """Train, validate and save a run folder; returns its metrics (None on DDP ranks other than 0).
-
-    Checkpoints go to OUT.checkpoints every `save_steps` and at the end, before validation; `resume` continues from
-    the last one (a finished training only validates again). They are removed once the run folder is written, and
-    never without it: a whole checkpoint there stops a run without `resume`."""
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import DataCollatorWithPadding, TrainingArguments
-
-    from .infer import torch_logits, training_rows, whole
-    from .packed import collate_packs, torch_packed_logits, training_packs
-
-    CandidateTrainer = candidate_trainer()
-
-    if cfg.pack_tokens and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # The packed forward calls the backbone itself, past DDP's forward, so DDP would not average its gradients.
-        raise MapbuildError("--pack-tokens trains on one process: give --pack-tokens 0 under torchrun or accelerate")
-    df, tr, va, labels, space_tr, cleaning = cfg.split()
-    # The model first: a mistyped alias or an option the model cannot take stops before OUT.checkpoints is made.
-    source = resolve(cfg.model)
-    model_type, family = family_of(source)
-    tok = load_hf_tokenizer(source)
-    prompting = prompting_of(cfg, family, tok)
-    if cfg.pack_tokens and family.kind != "decoder":
-        raise MapbuildError(f"--pack-tokens: {model_type} is a bidirectional encoder, and packing is exact for causal decoders only; give --pack-tokens 0")
-
+def prepare_checkpoints(cfg: TrainConfig, out: str | os.PathLike, resume: bool) -> tuple[Path, str | None]:
+    """OUT.checkpoints, made ready for this run, and its last whole checkpoint. Refusals come here, before the hours
+    of training: a resume with nothing or other options to continue, or a fresh run over an earlier one's work."""
     ckpt = checkpoint_dir(out)
     recipe = ckpt / "config.json"
     last = last_checkpoint(ckpt)
@@ -281,28 +257,40 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
             shutil.rmtree(ckpt)  # an earlier crash's partial checkpoints and options must not leak into this run
         ckpt.mkdir(parents=True, exist_ok=True)
         recipe.write_text(json.dumps(asdict(cfg), indent=1))
-    def rows_of(frame: pd.DataFrame) -> list:
-        return training_rows(tok, prompting, prompts(prompting, frame, space_tr))
+    return ckpt, last
+
+
+def training_data(cfg: TrainConfig, tok, prompting: dict, tr: pd.DataFrame, labels: list[str], space_tr) -> tuple[list[dict], int, int, object]:
+    """The training set as the Trainer takes it (rows, or with --pack-tokens packs of them), with the items per
+    device step, the tokens it holds and its collator. Each row's loss is over the candidates the kernel keeps."""
+    from transformers import DataCollatorWithPadding
+
+    from .infer import training_rows, whole
+    from .packed import collate_packs, training_packs
 
     y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).to_numpy()
     allowed = space_tr.candidate_mask(tr) if cfg.candidate_loss else np.ones((len(tr), len(labels)), dtype=bool)
     allowed[np.arange(len(tr)), y] = True  # the few rows whose label contradicts their answer's correctness
-    rows_tr = rows_of(tr)
+    rows_tr = training_rows(tok, prompting, prompts(prompting, tr, space_tr))
     if cfg.pack_tokens:
         train_set = training_packs(rows_tr, y, allowed, cfg.pack_tokens, cfg.seed)
         # Packs per device step, so that a step still holds about --batch-size rows, as an unpacked step does.
         per_device = max(1, round(cfg.batch_size * len(train_set) / len(tr)))
         tokens = sum(len(it["head"]) + sum(map(len, it["tails"])) for it in train_set)
-        collator = partial(collate_packs, pad_id=tok.pad_token_id)
-    else:
-        train_set = [{"input_ids": ids, "labels": int(t), "allowed": a.tolist()} for ids, t, a in zip(whole(prompting, rows_tr), y, allowed)]
-        per_device, tokens, collator = cfg.batch_size, sum(len(r["input_ids"]) for r in train_set), DataCollatorWithPadding(tok)
-    hw = detect()
-    precision = choose_precision(hw, cfg.precision)
+        return train_set, per_device, tokens, partial(collate_packs, pad_id=tok.pad_token_id)
+    train_set = [{"input_ids": ids, "labels": int(t), "allowed": a.tolist()} for ids, t, a in zip(whole(prompting, rows_tr), y, allowed)]
+    return train_set, cfg.batch_size, sum(len(r["input_ids"]) for r in train_set), DataCollatorWithPadding(tok)
+
+
+def training_model(cfg: TrainConfig, source, family, labels: list[str], pad_token_id: int, precision: str) -> tuple[object, str]:
+    """The classifier to train, seeded, with its LoRA adapter unless --lora-r 0; and the dtype its weights loaded in."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
     torch.manual_seed(cfg.seed)
     # Modules the checkpoint lacks (the head; ModernBERT's `head` too) start random: LoRA on them would be lost
     # at merge, which re-creates them, so they train fully and are saved whole instead.
-    model, fresh = load_classifier(source, labels, tok.pad_token_id, TRAIN_DTYPES[precision], quantization_config(cfg.qlora, precision))
+    model, fresh = load_classifier(source, labels, pad_token_id, TRAIN_DTYPES[precision], quantization_config(cfg.qlora, precision))
     dtype = str(model.dtype).removeprefix("torch.")  # what really trains: the weights' dtype as loaded
     if cfg.qlora:
         from peft import prepare_model_for_kbit_training
@@ -319,13 +307,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
             exclude_modules=fresh or None,
         )
         model = get_peft_model(model, lora)
-    args = TrainingArguments(
+    return model, dtype
+
+
+def training_arguments(cfg: TrainConfig, ckpt: Path, device: str, precision: str, per_device: int, items: int):
+    """The Trainer's arguments: checkpoints in `ckpt`, `items` rows or packs trained `per_device` at a time."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(ckpt),
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        use_cpu=hw.device == "cpu",  # also what makes torchrun on CPU start gloo DDP
+        use_cpu=device == "cpu",  # also what makes torchrun on CPU start gloo DDP
         fp16=precision == "fp16",
         bf16=precision == "bf16",
         learning_rate=cfg.learning_rate,
@@ -334,7 +329,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         weight_decay=0.01,
         # Rows of similar lengths share a batch; packs are all about --pack-tokens long, so random order costs nothing.
         train_sampling_strategy="random" if cfg.pack_tokens else "group_by_length",
-        logging_steps=max(1, len(train_set) // (per_device * cfg.grad_accum) // 20),
+        logging_steps=max(1, items // (per_device * cfg.grad_accum) // 20),
         save_strategy="steps",
         save_steps=cfg.save_steps,  # the Trainer also saves at the last step: the adapter is safe before validation
         save_total_limit=1,
@@ -347,7 +342,14 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         ddp_timeout=DDP_TIMEOUT,
         disable_tqdm=bars_off(),
     )
-    rows_va = rows_of(va) if len(va) else []
+
+
+def scorer(cfg: TrainConfig, model, tok, prompting: dict, va: pd.DataFrame, space_tr):
+    """`score()`: the fold's validation probabilities and validate()'s figures for them, as the model stands."""
+    from .infer import torch_logits, training_rows, whole
+    from .packed import torch_packed_logits
+
+    rows_va = training_rows(tok, prompting, prompts(prompting, va, space_tr)) if len(va) else []
 
     def score() -> tuple[np.ndarray, dict]:
         # As the kernel runs the member: packed at its default pack size (exact, and the head computed once a pack).
@@ -358,20 +360,68 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         probs = softmax(logits)
         return probs, validate(probs, va, space_tr, unmasked=not cfg.candidate_loss)
 
-    each_epoch = epoch_validation(lambda: score()[1], cfg.epochs)
-    trainer = CandidateTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=[each_epoch] if len(va) else None)
-    quiet_progress(trainer)
+    return score
+
+
+def run(trainer, ckpt: Path, last: str | None) -> float:
+    """Train from `last` (None: from the start); returns the seconds it took. A disk that fills mid-save raises
+    why, after removing the checkpoint it cut short: the last whole one stays for --resume."""
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=last if resume else None)
+        trainer.train(resume_from_checkpoint=last)
     except Exception as e:
         cut = [p for p in ckpt.glob("checkpoint-*") if not (p / STATE).is_file()]
         if (full := disk_full(e, ckpt, sum(map(size_of, cut)))) is None:
             raise
-        for p in cut:  # the checkpoint the disk cut short; the last whole one stays for --resume
+        for p in cut:
             shutil.rmtree(p, ignore_errors=True)
         raise full from None
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def write_run(out: str | os.PathLike, tok, model, log_history: list[dict], probs: np.ndarray, va: pd.DataFrame, ckpt: Path, meta: StageMeta) -> None:
+    """The run folder, atomically: the trained weights, tokenizer, out-of-fold probabilities, curve, logs and meta."""
+    with atomic_dir(out, "run") as tmp:
+        model.save_pretrained(tmp / (ADAPTER if meta.config["lora_r"] else FULL))
+        tok.save_pretrained(tmp / "tokenizer")
+        np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs.astype(np.float32))
+        save_curve(log_history, meta.metrics.get("valid_curve", []), tmp / "training_curve.png")
+        (tmp / "metrics.json").write_text(json.dumps(meta.metrics, indent=1))
+        (tmp / "log_history.json").write_text(json.dumps(log_history, indent=1))
+        if (ckpt / "runs").is_dir():  # --report-to tensorboard logs beside the checkpoints, which go below
+            shutil.copytree(ckpt / "runs", tmp / "tensorboard")
+        write_meta(tmp, meta)
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dict | None:
+    """Train, validate and save a run folder; returns its metrics (None on DDP ranks other than 0).
+
+    Checkpoints go to OUT.checkpoints every `save_steps` and at the end, before validation; `resume` continues from
+    the last one (a finished training only validates again). They are removed once the run folder is written, and
+    never without it: a whole checkpoint there stops a run without `resume`."""
+    CandidateTrainer = candidate_trainer()
+    if cfg.pack_tokens and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The packed forward calls the backbone itself, past DDP's forward, so DDP would not average its gradients.
+        raise MapbuildError("--pack-tokens trains on one process: give --pack-tokens 0 under torchrun or accelerate")
+    df, tr, va, labels, space_tr, cleaning = cfg.split()
+    # The model first: a mistyped alias or an option the model cannot take stops before OUT.checkpoints is made.
+    source = resolve(cfg.model)
+    model_type, family = family_of(source)
+    tok = load_hf_tokenizer(source)
+    prompting = prompting_of(cfg, family, tok)
+    if cfg.pack_tokens and family.kind != "decoder":
+        raise MapbuildError(f"--pack-tokens: {model_type} is a bidirectional encoder, and packing is exact for causal decoders only; give --pack-tokens 0")
+    ckpt, last = prepare_checkpoints(cfg, out, resume)
+    train_set, per_device, tokens, collator = training_data(cfg, tok, prompting, tr, labels, space_tr)
+    hw = detect()
+    precision = choose_precision(hw, cfg.precision)
+    model, dtype = training_model(cfg, source, family, labels, tok.pad_token_id, precision)
+    args = training_arguments(cfg, ckpt, hw.device, precision, per_device, len(train_set))
+    score = scorer(cfg, model, tok, prompting, va, space_tr)
+    each_epoch = epoch_validation(lambda: score()[1], cfg.epochs)
+    trainer = CandidateTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=[each_epoch] if len(va) else None)
+    quiet_progress(trainer)
+    seconds = run(trainer, ckpt, last if resume else None)
     if not trainer.is_world_process_zero():  # under torchrun / accelerate, rank 0 alone validates and writes
         leave_process_group()
         return None
@@ -393,29 +443,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
         metrics["valid_curve"] = each_epoch.points + [{"epoch": cfg.epochs, **scores}]
         if warning := learned_little(metrics):
             log.warning(warning)
-    with atomic_dir(out, "run") as tmp:
-        model.save_pretrained(tmp / (ADAPTER if cfg.lora_r else FULL))
-        tok.save_pretrained(tmp / "tokenizer")
-        np.savez(tmp / "oof.npz", row_id=va["row_id"].to_numpy(str), probs=probs.astype(np.float32))
-        save_curve(trainer.state.log_history, metrics.get("valid_curve", []), tmp / "training_curve.png")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        if (ckpt / "runs").is_dir():  # --report-to tensorboard logs beside the checkpoints, which go below
-            shutil.copytree(ckpt / "runs", tmp / "tensorboard")
-        write_meta(tmp, StageMeta(
-            stage="run",
-            provenance=provenance(cfg.data, len(df)),
-            base_model=source.path,
-            gguf_file=source.gguf_file,
-            read={"base_model": base_files(source)},
-            model_type=model_type,
-            **prompting,
-            pad_token_id=tok.pad_token_id,
-            label_space=fit_label_space(df, labels).to_json(),
-            config=asdict(cfg),
-            hardware={**hw.to_json(), "precision": precision, "dtype": dtype, "world_size": args.world_size},
-            metrics=metrics,
-        ))
+    meta = StageMeta(
+        stage="run", provenance=provenance(cfg.data, len(df)), base_model=source.path, gguf_file=source.gguf_file,
+        read={"base_model": base_files(source)}, model_type=model_type, **prompting, pad_token_id=tok.pad_token_id,
+        label_space=fit_label_space(df, labels).to_json(), config=asdict(cfg),
+        hardware={**hw.to_json(), "precision": precision, "dtype": dtype, "world_size": args.world_size}, metrics=metrics,
+    )  # fmt: skip
+    write_run(out, tok, model, trainer.state.log_history, probs, va, ckpt, meta)
     shutil.rmtree(ckpt, ignore_errors=True)
     leave_process_group()
     return metrics
