@@ -74,15 +74,17 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     from builder.export import export, held_out_rows
-    from builder.infer import training_rows, whole
+    from builder.torch_rows import training_rows, whole
     from builder.merge import merge
     from builder.models import load_hf_tokenizer
     from builder.package import package
+    from builder.stages import read_meta
     from builder.train import checkpoint_dir
     from runtime.data import labels_of
     from runtime.engine import cpu_fallback, gpu_count, onnx_forward, requested_providers, run_batches, softmax
     from runtime.labels import LabelSpace
-    from runtime.manifest import load_manifest
+    from runtime.manifest import bundle_members, load_manifest
+    from runtime.member import MemberSpec
     from runtime.metrics import masked_map3
     from runtime.predict import predict, prompts, run_rows
 
@@ -100,7 +102,8 @@ def main() -> None:
     drift = export(out / "merged", out / "onnx", "fp16", rows=512, force=args.force)
     package([str(out / "onnx")], out / "bundle", "mapbuild/gpu-check", wheels=False)  # this machine's onnxruntime-gpu runs it
 
-    meta = json.loads((out / "merged" / "mapbuild.json").read_text())
+    meta = read_meta(out / "merged", "merged")
+    spec = MemberSpec.from_json(meta)
     manifest = load_manifest(out / "bundle")
     space = LabelSpace.from_json(manifest["label_space"])
     rows = held_out_rows(meta, args.rows)
@@ -115,9 +118,9 @@ def main() -> None:
         return logits.float().cpu().numpy()
 
     start = time.perf_counter()
-    split = training_rows(tok, meta, prompts(meta, rows, space))  # (head, tail) for a packed decoder
-    ids = whole(meta, split)
-    base = softmax(run_batches(forward, ids, meta["pad_token_id"], 32, sort=False, dedupe=False, desc=f"torch {dtype}"))
+    split = training_rows(tok, spec, prompts(spec, rows, space))  # (head, tail) for a packed decoder
+    ids = whole(spec, split)
+    base = softmax(run_batches(forward, ids, spec.pad_token_id, 32, sort=False, dedupe=False, desc=f"torch {dtype}"))
     base_s = time.perf_counter() - start
     start = time.perf_counter()
     probs, used = predict(out / "bundle", manifest, space, rows)
@@ -129,9 +132,9 @@ def main() -> None:
     alone, _ = predict(out / "bundle", manifest, space, rows, pack_tokens=0)  # the same graph, one row a pack
     alone_s = time.perf_counter() - start
     # Did CUDA really engage? The providers asked for against the ones the session got, and where each node ran.
-    member = manifest["members"][0]
-    session = onnx_forward(out / "bundle" / member["files"]["model"], profile_first=True)
-    run_rows(session, member, split[:8], 8)
+    member = bundle_members(manifest)[0]
+    session = onnx_forward(out / "bundle" / member.files["model"], profile_first=True)
+    run_rows(session, member, split[:8], 8, member.name)
     asked = [p[0] if isinstance(p, tuple) else p for p in requested_providers(ort.get_available_providers(), gpu_count())]
     big = None
     if args.big_params_m:

@@ -68,7 +68,7 @@ def main() -> None:
         to_onnx(model.eval(), model_path, packed=True)
         del model
     tok.save_pretrained(args.out / "tokenizer")
-    kernel_tok = load_kernel_tokenizer(args.out / "tokenizer" / "tokenizer.json", max_length)
+    kernel_tok = load_kernel_tokenizer(args.out / "tokenizer" / "tokenizer.json", None)  # split_ids cuts
     rows = split_ids(kernel_encoder(kernel_tok), render_parts(rows_df, template, space, chat), max_length)
     forward = onnx_forward(model_path, gpu=False)
     run_packs(forward, rows[:64], tok.pad_token_id, 0, args.batch_rows, desc="warm-up")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from builder.export import held_out_rows
-from builder.infer import torch_logits, training_ids
+from builder.torch_rows import torch_logits, training_ids
 from builder.models import load_hf_tokenizer
 from runtime.data import labels_of
 from runtime.engine import softmax

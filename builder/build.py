@@ -63,7 +63,9 @@ class BuildConfig:
             raise MapbuildError("every [[models]] table needs a unique `name`")
 
 
-class Member(NamedTuple):
+class Recipe(NamedTuple):
+    """One [[models]] table: how to build a member (runtime.member.Member is what the bundle then holds)."""
+
     name: str
     kind: str  # a key of KINDS
     config: SplitConfig
@@ -92,7 +94,7 @@ def member_data(config: Path, name: str, own: str | None, top: str | None, given
     raise MapbuildError(f"{config}: [[models]] {name}: no data, in it or at the top level; {fix}")
 
 
-def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list[Member]]:
+def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list[Recipe]]:
     """Parse CONFIG.toml; relative paths are relative to the file. `overrides` (the command line's, None for unset)
     replace the file's top-level keys, `data` every member's too; their paths are relative to the working folder."""
     path = Path(path)
@@ -137,7 +139,7 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
             spec = config(**m)
         except MapbuildError as e:  # its checks name the option (--model ...): say which file and table set it
             raise MapbuildError(f"{where}: {e}") from None
-        members.append(Member(name, kind, spec, quantize, force))
+        members.append(Recipe(name, kind, spec, quantize, force))
     return cfg, members
 
 
@@ -146,12 +148,12 @@ def fold_dir(root: Path, name: str, fold: int | None) -> Path:
     return root / name / ("full" if fold is None else f"fold{fold}")
 
 
-def member_dir(root: Path, member: Member) -> Path:
+def member_dir(root: Path, member: Recipe) -> Path:
     """The folder of the fold (or full refit) a member's config names."""
     return fold_dir(root, member.name, None if member.config.full else member.config.fold)
 
 
-def done(dest: Path, member: Member) -> bool:
+def done(dest: Path, member: Recipe) -> bool:
     """Whether dest holds a finished model of exactly `member` (its config, export precision and drift gate) on the
     data file as it is now, with the run files cv and package read; any other is an error, never reused."""
     if not (dest / "onnx" / META).is_file():  # stage folders appear whole or not at all
@@ -159,7 +161,7 @@ def done(dest: Path, member: Member) -> bool:
     meta, spec = read_meta(dest / "onnx", "onnx", f"remove {dest} to train the fold again"), member.config
     if not spec.matches(meta["config"]):
         raise MapbuildError(f"{dest}: trained with other options than the config's now; remove it, or give the changed recipe a new name or --out")
-    wanted = "fp32" if member.kind == "tfidf" else member.quantize  # a TF-IDF member is fp32 whatever quantize says
+    wanted = KINDS[member.kind].precision or member.quantize
     if meta["precision"] != wanted:
         raise MapbuildError(f"{dest}: exported at {meta['precision']}, but the config now asks quantize = {member.quantize!r}; remove the folder, or set quantize back")
     if "map3_onnx" in meta.get("drift", {}):  # a transformer's drift gate, which `force = true` may have overridden then
@@ -176,7 +178,7 @@ def done(dest: Path, member: Member) -> bool:
     return True
 
 
-def build_member(member: Member, root: Path) -> Path:
+def build_member(member: Recipe, root: Path) -> Path:
     """One model's stages into its fold folder under root (run, merged, onnx; a TF-IDF member writes onnx alone),
     unless that folder is done already. Returns its ONNX folder."""
     name, kind, spec, quantize, force = member
@@ -191,7 +193,7 @@ def build_member(member: Member, root: Path) -> Path:
     return dest / "onnx"
 
 
-def refuse_old_layout(root: Path, member: Member) -> None:
+def refuse_old_layout(root: Path, member: Recipe) -> None:
     """Builds before `cv`'s layout was theirs wrote OUT/NAME/{run,merged,onnx}: say where that work belongs now, rather
     than train again beside it."""
     old = [p.name for p in (root / member.name / s for s in ("run", "merged", "onnx")) if p.exists()]

@@ -397,27 +397,27 @@ def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: i
     for spec in extra:  # first, before the planning stack loads; runtime.plan has no did-you-mean
         if (alias := spec.partition(":")[0]) not in ALIASES:
             raise MapbuildError(f"--add {spec}: {alias} is not an alias (`mapbuild models`){did_you_mean(alias, ALIASES)}")
-    from runtime.manifest import load_manifest
+    from runtime.manifest import bundle_members, load_manifest
 
-    from .forecast import pace_notes, planned_members
+    from .build_plan import pace_notes, planned_members
 
-    members, notes = [], []
+    members, sizes, notes = {}, {}, []
     config = bool(source) and Path(source).is_file()
     if data and not config:
         raise MapbuildError("--data replaces a CONFIG.toml's data: plan a CONFIG.toml with it, not a bundle")
     if config:
-        members, notes = planned_members(source, tokens, data)
+        members, sizes, notes = planned_members(source, tokens, data)
     elif source:
-        members = load_manifest(source)["members"]
+        members = {m.name: m for m in bundle_members(load_manifest(source))}
         notes = pace_notes(members)  # a pace timed on the build machine's every core may be one Kaggle's CPU cannot keep
-    members += [added_member(spec, {a: m.params_m for a, m in ALIASES.items()}, tokens) for spec in extra]
+    members |= {spec: added_member(spec, {a: m.params_m for a, m in ALIASES.items()}, tokens) for spec in extra}
     if not members and not config:  # a config of TF-IDF members alone plans to nothing, and its notes say why
         raise MapbuildError("plan: give a bundle folder, a CONFIG.toml or at least one --add ALIAS")
     plan = estimate(members, rows, gpus, efficiency)
     total = sum(e.seconds for e in plan)
     emit({
         "rows": rows, "gpus": gpus, "efficiency": efficiency, "limit_hours": LIMIT_HOURS, "total_hours": total / 3600, "verdict": verdict(total),
-        "members": [{**asdict(e), "precision": m["precision"], "hours": e.seconds / 3600, "size_mib": m.get("size_mib")} for m, e in zip(members, plan)],
+        "members": [{**asdict(e), "precision": members[e.name].precision, "hours": e.seconds / 3600, "size_mib": sizes.get(e.name)} for e in plan],
         "notes": notes,
     }, plan_text)
 

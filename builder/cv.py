@@ -21,7 +21,7 @@ from runtime.files import atomic_write
 from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
-from .build import Member, build_member, done, fold_dir, load_config
+from .build import Recipe, build_member, done, fold_dir, load_config
 from .ensemble import fit
 from .folds import load_labelled
 from .stages import read_meta, run_file
@@ -29,11 +29,11 @@ from .stages import read_meta, run_file
 REPORT = "cv.json"
 
 
-def fold_spec(member: Member, fold: int):
+def fold_spec(member: Recipe, fold: int):
     return dataclasses.replace(member.config, fold=fold, full=False)
 
 
-def union_oof(root: Path, member: Member, folds: list[int]) -> Path:
+def union_oof(root: Path, member: Recipe, folds: list[int]) -> Path:
     """The recipe's out-of-fold probabilities over every finished fold, written to <name>/oof.npz."""
     parts = [np.load(run_file(read_meta(fold_dir(root, member.name, k) / "onnx", "onnx"), "oof.npz")) for k in folds]
     path = root / member.name / "oof.npz"
@@ -42,7 +42,7 @@ def union_oof(root: Path, member: Member, folds: list[int]) -> Path:
     return path
 
 
-def recipe_report(root: Path, member: Member, folds: list[int]) -> dict:
+def recipe_report(root: Path, member: Recipe, folds: list[int]) -> dict:
     """MAP@3 per fold (each with its own fold's candidate mask, as trained), their mean and standard deviation, and
     per question on the union of the folds' rows (with the label space of all rows)."""
     metas = [read_meta(fold_dir(root, member.name, k) / "onnx", "onnx") for k in folds]

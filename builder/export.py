@@ -17,9 +17,10 @@ from runtime.data import labels_of
 from runtime.engine import CPU, onnx_forward
 from runtime.errors import MapbuildError
 from runtime.external_data import locations
-from runtime.packing import PACK_TOKENS, PACKED, PACKED_INPUTS, packed_tokens
+from runtime.packing import PACK_TOKENS, PACKED_INPUTS, packed_tokens
 from runtime.labels import LabelSpace
 from runtime.plan import KERNEL_THREADS
+from runtime.member import PACKED, MemberSpec
 from runtime.metrics import masked_map3
 from runtime.predict import kernel_rows, prompts, run_rows
 
@@ -82,7 +83,7 @@ def to_onnx(model, path: Path, dynamo: bool = False, pooled: bool = False, packe
     writes LayerNormalization nodes with mixed input types that onnxruntime rejects."""
     import torch
 
-    from .packed import PackedClassifier, example_inputs
+    from .torch_packed import PackedClassifier, example_inputs
 
     if packed:
         wrapper, args, inputs = PackedClassifier(model).eval(), example_inputs(), list(PACKED_INPUTS)
@@ -297,13 +298,13 @@ def check_drift(drift: dict, precision: str, force: bool, max_drop: float = MAX_
         )
 
 
-def checked_kernel_rows(tokenizer_json: Path, model_dir: str | os.PathLike, meta: dict, texts: list) -> list:
+def checked_kernel_rows(tokenizer_json: Path, model_dir: str | os.PathLike, spec: MemberSpec, texts: list) -> list:
     """The kernel's token ids of `texts` (runtime.predict.kernel_rows), refused unless they equal those of the model
     folder's training tokenizer."""
-    from .infer import training_rows
+    from .torch_rows import training_rows
 
-    rows = kernel_rows(tokenizer_json, meta, texts)
-    mismatched = sum(a != b for a, b in zip(rows, training_rows(load_hf_tokenizer(str(model_dir)), meta, texts)))
+    rows = kernel_rows(tokenizer_json, spec, texts)
+    mismatched = sum(a != b for a, b in zip(rows, training_rows(load_hf_tokenizer(str(model_dir)), spec, texts)))
     if mismatched:
         raise MapbuildError(f"{model_dir}/tokenizer.json: runtime tokenizer disagrees with the training tokenizer on {mismatched} of {len(rows)} rows")
     return rows
@@ -311,45 +312,45 @@ def checked_kernel_rows(tokenizer_json: Path, model_dir: str | os.PathLike, meta
 
 def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 1024, force: bool = False) -> dict:
     """Write ONNX_DIR with model.onnx, tokenizer.json and the drift against PyTorch fp32 on held-out rows."""
-    from .infer import torch_logits, whole
+    from .torch_rows import torch_logits, whole
 
     one_of(quantize, EXPORT_PRECISIONS, "--quantize")
     meta = read_meta(merged, "merged")
     check_data(meta, meta["config"]["data"], "restore the file, or train again")  # the held-out rows come from it
-    packed = meta.get("inputs") == PACKED
+    record = StageMeta.from_json(meta)
+    packed = record.inputs == PACKED
     if packed:
-        meta = {**meta, "pack_tokens": meta.get("pack_tokens", PACK_TOKENS)}  # the kernel's pack size, and its pace's
+        record = replace(record, pack_tokens=record.pack_tokens or PACK_TOKENS)  # the kernel's pack size, and its pace's
     sample = held_out_rows(meta, rows)
     space = LabelSpace.from_json(meta["label_space"])
     with atomic_dir(out, "onnx") as tmp:
         shutil.copy(Path(merged) / "tokenizer.json", tmp / FILES["tokenizer"])
-        kernel = checked_kernel_rows(tmp / FILES["tokenizer"], merged, meta, prompts(meta, sample, space))
-        write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[meta["model_type"]].ort_fusion, packed=packed)
-        pad_id = meta["pad_token_id"]
+        kernel = checked_kernel_rows(tmp / FILES["tokenizer"], merged, record, prompts(record, sample, space))
+        write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[record.model_type].ort_fusion, packed=packed)
         forward = onnx_forward(tmp / FILES["model"], KERNEL_THREADS)  # a CPU session's pace is the kernel's
         start = time.perf_counter()
-        got = run_rows(forward, {**meta, "name": "onnx"}, kernel, 32)  # packed as the kernel packs
+        got = run_rows(forward, record, kernel, 32, "onnx")  # packed as the kernel packs
         seconds = time.perf_counter() - start
         provider = forward.provider
         del forward  # the session, then the fp32 reference: never both in memory (a CPU session upcasts fp16 weights)
         model, what = reference_model(merged)
-        ids = whole(meta, kernel)
+        ids = whole(record, kernel)
         # unpacked: so the drift of a packed graph includes any error of packing itself
-        reference = torch_logits(model, ids, pad_id, desc="torch")
+        reference = torch_logits(model, ids, record.pad_token_id, desc="torch")
         check_finite(got, reference, merged)
         drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
-        drift |= {"reference": what, "onnx_provider": provider, **({"cpu_threads": KERNEL_THREADS} if provider == CPU else {})}
+        drift |= {"reference": what, "onnx_provider": provider}
         check_drift(drift, quantize, force)
         write_meta(tmp, replace(
-            StageMeta.from_json(meta),
+            record,
             stage="onnx",
             merged=str(Path(merged).resolve()),
             precision=quantize,
             drift=drift,
             # the CPU pace is the kernel's plan when its sessions land on the CPU: only a CPU session measures it
-            **{"cpu_rows_per_s" if provider == CPU else "cuda_rows_per_s": round(len(ids) / seconds, 1)},
+            **({"cpu_rows_per_s": round(len(ids) / seconds, 1), "cpu_threads": KERNEL_THREADS} if provider == CPU else {"cuda_rows_per_s": round(len(ids) / seconds, 1)}),
             params=sum(p.numel() for p in model.parameters()),
             # what a row costs the kernel: its share of the packs where packed
-            mean_tokens=round((packed_tokens(kernel, meta["pack_tokens"]) if packed else sum(map(len, ids))) / len(ids), 1),
+            mean_tokens=round((packed_tokens(kernel, record.pack_tokens) if packed else sum(map(len, ids))) / len(ids), 1),
         ))
     return drift

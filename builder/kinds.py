@@ -55,6 +55,7 @@ class Kind:
     build: Callable[[str, SplitConfig, Path, str, bool], dict]  # (name, config, dest, quantize, force) -> metrics
     files: dict[str, str]  # role -> file of its ONNX folder that the bundle carries
     optional: frozenset[str] = frozenset()  # roles of `files` a folder may lack; every other one it must hold
+    precision: str | None = None  # the one precision its folder is written at, whatever `quantize` says
 
     def present(self, folder: Path) -> dict[str, str]:
         """The files of `folder` the bundle carries; a required one missing is refused, as its member would score
@@ -67,6 +68,6 @@ class Kind:
 KINDS: dict[str, Kind] = {
     # the .data file is written only for weights over export.EXTERNAL_DATA_BYTES
     "transformer": Kind(TrainConfig, build_transformer, export.FILES, frozenset({"data"})),
-    "tfidf": Kind(TfidfConfig, build_tfidf, tfidf.FILES),
+    "tfidf": Kind(TfidfConfig, build_tfidf, tfidf.FILES, precision="fp32"),
     "knn": Kind(KnnConfig, build_knn, knn.FILES),
 }

@@ -18,6 +18,7 @@ from runtime.data import labels_of
 from runtime.errors import MapbuildError
 from runtime.knn import SETTINGS, bad_setting, knn_text
 from runtime.labels import fit_label_space
+from runtime.member import Member
 from runtime.plan import KERNEL_THREADS
 from runtime.predict import knn_member_probs, onnx_outputs
 
@@ -82,10 +83,9 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
         shutil.copy(Path(source.path) / "tokenizer.json", tmp / FILES["tokenizer"])
         check = check_rows(split, cfg.seed)
         drifted = across_questions(check, DRIFT_ROWS, cfg.seed)  # also where its tokens per row are counted
-        ids = checked_kernel_rows(tmp / FILES["tokenizer"], source.path, {"max_length": cfg.max_length}, knn_text(drifted))
+        member = Member(name="knn", kind="knn", files=FILES, weight=1.0, max_length=cfg.max_length, pad_token_id=pad_id, knn=cfg.settings())
+        ids = checked_kernel_rows(tmp / FILES["tokenizer"], source.path, member, knn_text(drifted))
         write_onnx(source.path, tmp / FILES["model"], quantize, family.ort_fusion, pooled=True)
-        member = {"name": "knn", "files": FILES, "max_length": cfg.max_length, "pad_token_id": pad_id,
-                  "knn": cfg.settings()}  # fmt: skip
         start = time.perf_counter()
         emb, _ = onnx_outputs(tmp, member, knn_text(tr), batch_size=64)
         seconds = time.perf_counter() - start
@@ -107,12 +107,13 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
             precision=quantize,
             max_length=cfg.max_length,
             pad_token_id=pad_id,
-            knn=member["knn"],
+            knn=member.knn,
             label_space=fit_label_space(split.rows, labels).to_json(),
             config=asdict(cfg),
             metrics=metrics,
-            drift={"rows": len(got), "min_cosine_to_torch": float(cosine.min()), "mean_cosine_to_torch": float(cosine.mean()), "cpu_threads": KERNEL_THREADS},
+            drift={"rows": len(got), "min_cosine_to_torch": float(cosine.min()), "mean_cosine_to_torch": float(cosine.mean())},
             cpu_rows_per_s=round(rows_per_s, 1),
+            cpu_threads=KERNEL_THREADS,
             params=sum(p.numel() for p in encoder.parameters()),
             mean_tokens=round(float(np.mean([len(i) for i in ids])), 1),
         ))

@@ -18,6 +18,7 @@ from runtime.errors import MapbuildError
 from runtime.cards import CARD, card
 from runtime.data import LABEL
 from runtime.manifest import FORMAT, MANIFEST, hash_tree, sha256_file
+from runtime.member import Member
 from runtime.plan import CPU_KINDS, LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, manifest_plan, on_gpu, verdict
 from runtime.preflight import COMPETITION
 
@@ -25,7 +26,7 @@ from .ensemble import fit
 from .export import check_recorded_drift
 from .kinds import KINDS
 from .options import one_of
-from .stages import BUNDLE, atomic_dir, read_meta
+from .stages import BUNDLE, StageMeta, atomic_dir, read_meta
 from .versions import versions
 from .wheels import CUDA, PYTHONS, fetch
 
@@ -44,7 +45,6 @@ SECRET_TEXT = re.compile(
     rb"KAGGLE_KEY\s*[=:]\s*\S{8}|\"key\"\s*:\s*\"[0-9a-f]{32}\"|AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|ghp_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}"
 )
 UNSCANNED = (".whl", ".onnx", ".data")  # PyPI's wheels and the exported weights: binary, and not ours to hold keys
-MEMBER_KEYS = ("base_model", "model_type", "template", "inputs", "pack_tokens", "max_length", "pad_token_id", "precision", "drift", "cpu_rows_per_s", "cuda_rows_per_s", "params", "mean_tokens", "knn")
 
 
 def dataset_metadata(dataset_id: str, title: str, description: str) -> dict:
@@ -118,7 +118,7 @@ def notebook(dataset_id: str, title: str) -> str:
     import nbformat
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-    code = string.Template((TEMPLATE_DIR / "kernel.py").read_text()).substitute(dataset_id=dataset_id).rstrip("\n")
+    code = string.Template((TEMPLATE_DIR / "kernel.py").read_text()).substitute(dataset_id=dataset_id, bundle_format=FORMAT).rstrip("\n")
     intro = f"# {title}\n\nOffline submission built by mapbuild from the dataset `{dataset_id}`."
     kernelspec = {"display_name": "Python 3", "language": "python", "name": "python3"}
     cells = [new_markdown_cell(intro, id="about"), new_code_cell(code, id="submit")]  # fixed ids: same inputs, same file
@@ -130,20 +130,20 @@ def notebook(dataset_id: str, title: str) -> str:
 CPU_ADVICE_SECONDS = 3600  # a CPU member planned past this would gain hours as fp16 on a T4
 
 
-def check_plan(members: list[dict]) -> dict:
+def check_plan(members: list[Member]) -> dict:
     """The kernel-time plan for 2x T4 and 40,000 rows: a warning inside the safety margin, refused past the limit."""
     plan = manifest_plan(members)
     for m in members:
-        seconds = plan["t4_seconds"][m["name"]]
-        if on_gpu(m) or m.get("kind", "transformer") in CPU_KINDS:
+        seconds = plan["t4_seconds"][m.name]
+        if on_gpu(m) or m.kind in CPU_KINDS:
             continue
         if seconds > CPU_ADVICE_SECONDS:  # the README's own int8 MiniLM takes minutes there: advice only where it costs hours
             log.warning(
                 "package: member %s is %s, a CPU precision: beside Kaggle's T4s it runs on the CPU, planned at %.1f h; "
-                "export it with --quantize fp16 to run it on the GPUs", m["name"], m["precision"], seconds / 3600,
+                "export it with --quantize fp16 to run it on the GPUs", m.name, m.precision, seconds / 3600,
             )
         else:
-            log.info("package: member %s (%s) runs on the kernel's CPU, planned at %.0f s", m["name"], m["precision"], seconds)
+            log.info("package: member %s (%s) runs on the kernel's CPU, planned at %.0f s", m.name, m.precision, seconds)
     total = plan["t4_total_seconds"]
     hours = f"{total / 3600:.1f} h on 2x T4 for {TEST_ROWS:,} rows"
     if verdict(total) == "over":
@@ -161,60 +161,52 @@ def pool_params(fitted: dict, named: dict[int, str]) -> dict:
     return {"questions": {q: {"scales": scales(prm), "bias": prm["bias"]} for q, prm in fitted["questions"].items()}}
 
 
-def check_members(onnx_dirs: list[str]) -> list[dict]:
+def check_members(onnx_dirs: list[str]) -> list[StageMeta]:
     """The members' records, refused where they cannot make one bundle: a label list they do not share, an export
     that drifted, or a label the kernel would refuse."""
     if not onnx_dirs:
         raise MapbuildError("package: give at least one ONNX_DIR written by `mapbuild export`")
-    metas = [read_meta(d, "onnx") for d in onnx_dirs]
-    labels = metas[0]["label_space"]["labels"]
+    metas = [StageMeta.from_json(read_meta(d, "onnx")) for d in onnx_dirs]
+    labels = metas[0].label_space["labels"]
     for d, m in zip(onnx_dirs, metas):
-        if m["label_space"]["labels"] != labels:
+        if m.label_space["labels"] != labels:
             raise MapbuildError(f"{d}: its label list differs from {onnx_dirs[0]}'s; ensemble members must share one")
-        check_recorded_drift(m["drift"], d)
+        check_recorded_drift(m.drift, d)
     bad = next((x for x in labels if not LABEL.fullmatch(x)), None)
     if bad is not None:  # the kernel refuses it, and packaging again cannot mend what the model was trained on
         raise MapbuildError(f"{onnx_dirs[0]}: label {bad!r} is not Category:Misconception without whitespace; fix the training data's labels and train again")
     return metas
 
 
-def copy_member(tmp: Path, name: str, d: str, m: dict, weight: float, oof_map3: float) -> dict:
-    """Copy one member's files from its ONNX folder `d` into tmp/models/NAME; returns its manifest entry, whose
-    card it writes beside them."""
+def copy_member(tmp: Path, name: str, d: str, m: StageMeta, weight: float, oof_map3: float) -> Member:
+    """Copy one member's files from its ONNX folder `d` into tmp/models/NAME; returns the member, with every field
+    of its export's record, whose card it writes beside them."""
     (tmp / "models" / name).mkdir(parents=True)
-    kind = m.get("kind", "transformer")
-    files = KINDS[kind].present(Path(d))
+    files = KINDS[m.kind].present(Path(d))
     for f in files.values():
         if (Path(d) / f).is_symlink():
             raise MapbuildError(f"package: {Path(d) / f} is a symlink; a bundle holds real files only")
         shutil.copy(Path(d) / f, tmp / "models" / name / f)
-    member = {
-        "name": name,
-        "weight": weight,
-        "oof_map3": oof_map3,
-        "files": {k: f"models/{name}/{f}" for k, f in files.items()},
-        "kind": kind,
-        "chat": m.get("chat"),  # folders exported before chat templates have none
-        **{k: m[k] for k in MEMBER_KEYS if k in m},  # a tfidf member has no tokenizer, template or base model
-    }
-    if "base_model" in m:
-        member["base_model"] = public(m["base_model"])
-    tokenizer = tmp / member["files"]["tokenizer"] if "tokenizer" in files else None
-    member["files"]["card"] = f"models/{name}/{CARD}"
-    (tmp / member["files"]["card"]).write_text(
-        json.dumps(card(member, m["label_space"], tokenizer and sha256_file(tokenizer)), indent=1, ensure_ascii=False)
+    member = Member(
+        **m.spec() | {"base_model": m.base_model and public(m.base_model)},  # a tfidf member has no base model
+        name=name, weight=weight, oof_map3=oof_map3,
+        files={k: f"models/{name}/{f}" for k, f in files.items()} | {"card": f"models/{name}/{CARD}"},
+    )  # fmt: skip
+    tokenizer = tmp / member.files["tokenizer"] if "tokenizer" in files else None
+    (tmp / member.files["card"]).write_text(
+        json.dumps(card(member, m.label_space, tokenizer and sha256_file(tokenizer)), indent=1, ensure_ascii=False)
     )
     return member
 
 
-def copy_members(tmp: Path, onnx_dirs: list[str], metas: list[dict], fitted: dict) -> tuple[list[dict], list[dict], dict[int, str]]:
+def copy_members(tmp: Path, onnx_dirs: list[str], metas: list[StageMeta], fitted: dict) -> tuple[list[Member], list[dict], dict[int, str]]:
     """The members the ensemble weighs, copied in; those it gave weight 0, left out; each kept one's name by index."""
     members, dropped, named = [], [], {}
     for i, (d, m, weight, oof_map3) in enumerate(zip(onnx_dirs, metas, fitted["weights"], fitted["member_map3"])):
         if weight == 0:
             dropped.append({"dir": public(d, parts=3), "oof_map3": oof_map3})  # NAME/foldK/onnx: the fold alone names no member
             continue
-        name = named[i] = f"m{len(members)}-{m['model_type']}-{m['precision']}"
+        name = named[i] = f"m{len(members)}-{m.model_type}-{m.precision}"
         members.append(copy_member(tmp, name, d, m, weight, oof_map3))
     return members, dropped, named
 
@@ -261,8 +253,8 @@ def package(
             "format": FORMAT,
             "dataset_id": dataset_id,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "label_space": metas[0]["label_space"],
-            "members": members,
+            "label_space": metas[0].label_space,
+            "members": [m.to_json() for m in members],
             "ensemble": {k: fitted[k] for k in ("method", "rows", "recipes", "map3", "map3_held_out")} | {"dropped": dropped} | pool_params(fitted, named),
             "versions": versions(),
             "wheels": wheel_entries,

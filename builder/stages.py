@@ -10,15 +10,14 @@ import re
 import shutil
 import subprocess
 import tempfile
-import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runtime.errors import MapbuildError
-from runtime.manifest import FORMAT, MANIFEST, MEMBER_KINDS
-from runtime.packing import PACKED
+from runtime.manifest import FORMAT, MANIFEST
+from runtime.member import PACKED, MemberSpec, described
 
 from .models import FAMILIES, HUB_ID, Source
 from .versions import versions
@@ -45,46 +44,26 @@ STAGES = ("run", "merged", "onnx")
 NEEDS = {"run": ("base_model", "template", "max_length", "pad_token_id", "hardware"), "merged": ("run",), "onnx": ("run", "precision", "drift", "params", "mean_tokens")}
 
 
-def _help(text: str, default: object = None) -> typing.Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass(kw_only=True)
-class StageMeta:
+class StageMeta(MemberSpec):
     """What a stage folder says of itself in its mapbuild.json: the one record that train, merge, export, knn and
-    tfidf write, each stage starting from the one before (dataclasses.replace). Checked when written and when read.
-    Fields left None are left out of the file, so a folder written before a field existed reads the same, and the
-    dict readers get is shaped like a bundle's member (package copies MEMBER_KEYS from it)."""
+    tfidf write, each stage starting from the one before (dataclasses.replace), and package hands on to the bundle's
+    member (its MemberSpec fields). Checked when written and when read."""
 
     stage: str = field(metadata={"help": "the stage that wrote the folder: run, merged or onnx"})
     model_type: str = field(metadata={"help": "the family's model_type (llama, bert, ...), or knn / tfidf"})
     label_space: dict = field(metadata={"help": "LabelSpace.to_json() of the rows the member was fitted on"})
     config: dict = field(metadata={"help": "the training config (TrainConfig, KnnConfig or TfidfConfig) as asdict"})
     metrics: dict = field(metadata={"help": "the validation figures, as the run's metrics.json holds them"})
-    kind: str = _help("the member kind: transformer, knn or tfidf", "transformer")
-    provenance: dict | None = _help("versions, the data file's sha256 and rows used, the git commit (provenance())")
-    base_model: str | None = _help("the base model's folder; a tfidf member has none")
-    gguf_file: str | None = _help("the GGUF file inside base_model, where the weights came as GGUF")
-    template: str | None = _help("the prompt template's name (runtime.prompts)")
-    chat: dict | None = _help("the chat wrapping around each prompt, from the tokenizer's chat template")
-    max_length: int | None = _help("tokens a row is cut to")
-    inputs: str | None = _help(f"'{PACKED}': rows as head + tail, packed behind a shared head; None: whole rows")
-    pack_tokens: int | None = _help("tokens a pack holds, for a packed member (the kernel's default when None)")
-    pad_token_id: int | None = _help("the tokenizer's pad id")
-    hardware: dict | None = _help("where the run trained: device, precision, dtype, world size")
-    run: str | None = _help("the folder that holds the member's oof.npz and metrics.json")
-    merged: str | None = _help("the merged folder an onnx folder was exported from")
-    precision: str | None = _help("the ONNX weights' precision: fp32, fp16 or int8")
-    drift: dict | None = _help("the ONNX outputs against the reference implementation on held-out rows")
-    cpu_rows_per_s: float | None = _help("rows a second the ONNX graph ran at on a CPU session")
-    cuda_rows_per_s: float | None = _help("rows a second the ONNX graph ran at on a CUDA session")
-    params: int | None = _help("parameters a row passes through, for the time plan")
-    mean_tokens: float | None = _help("tokens a row costs the kernel (its share of a pack, where packed)")
-    knn: dict | None = _help("the kNN member's settings (runtime.knn.SETTINGS)")
-    read: dict | None = _help("what the stages so far read, to know it again: role (base_model, run, merged) -> "
-                              "{'path', 'files': sha256 by file}; the next stage refuses an input that changed since")
-    files: dict | None = _help(f"sha256 of every file the stage wrote, by path in the folder ({META}: of this record "
-                               "but this field); written by atomic_dir, checked by read_meta")
+    provenance: dict | None = described("versions, the data file's sha256 and rows used, the git commit (provenance())")
+    gguf_file: str | None = described("the GGUF file inside base_model, where the weights came as GGUF")
+    hardware: dict | None = described("where the run trained: device, precision, dtype, world size")
+    run: str | None = described("the folder that holds the member's oof.npz and metrics.json")
+    merged: str | None = described("the merged folder an onnx folder was exported from")
+    read: dict | None = described("what the stages so far read, to know it again: role (base_model, run, merged) -> "
+                                  "{'path', 'files': sha256 by file}; the next stage refuses an input that changed since")
+    files: dict | None = described(f"sha256 of every file the stage wrote, by path in the folder ({META}: of this record "
+                                   "but this field); written by atomic_dir, checked by read_meta")
 
     def __post_init__(self) -> None:
         if problem := self.problem():
@@ -92,21 +71,13 @@ class StageMeta:
 
     def problem(self) -> str | None:
         """The first way this record breaks what the stages reading it rely on, or None."""
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            value, want = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
-            want = tuple(t for t in want if t is not type(None)) + ((int,) if float in want else ())
-            if value is not None and (not isinstance(value, want) or isinstance(value, bool)):
-                return f"{f.name} {value!r} is a {type(value).__name__}, not {' or '.join(t.__name__ for t in want)}"
+        if problem := super().problem():
+            return problem
         if self.stage not in STAGES:
             return f"stage {self.stage!r} is not one of {', '.join(STAGES)}"
-        if self.kind not in MEMBER_KINDS:
-            return f"kind {self.kind!r} is not one of {', '.join(MEMBER_KINDS)}"
         transformer = self.kind == "transformer"
         if transformer and self.model_type not in FAMILIES:
             return f"model_type {self.model_type!r} is not a family this mapbuild knows ({', '.join(sorted(FAMILIES))})"
-        if self.max_length is not None and self.max_length < 1:
-            return f"max_length {self.max_length} is not a positive number of tokens"
         if not transformer and self.stage != "onnx":
             return f"a {self.kind} member writes its onnx folder directly, not a {self.stage!r} one"
         needs = [k for s in STAGES[: STAGES.index(self.stage) + 1] if transformer or s == "onnx" for k in NEEDS[s]]
@@ -115,24 +86,9 @@ class StageMeta:
             return f"a {self.kind} {self.stage!r} folder needs {', '.join(missing)}"
         if self.stage == "onnx" and self.cpu_rows_per_s is None and self.cuda_rows_per_s is None:
             return "an onnx folder needs cpu_rows_per_s or cuda_rows_per_s"
-        if self.inputs not in (None, PACKED):
-            return f"inputs {self.inputs!r} is not {PACKED!r}"
         if self.pack_tokens is not None and (self.inputs != PACKED or self.pack_tokens < 1):
             return f"pack_tokens {self.pack_tokens} needs inputs {PACKED!r} and at least 1 token"
         return None
-
-    @classmethod
-    def from_json(cls, meta: object) -> StageMeta:
-        """The record of a folder's JSON; keys this mapbuild does not know (a newer one's) are ignored."""
-        if not isinstance(meta, dict):
-            raise ValueError(f"{META}: holds a {type(meta).__name__}, not an object")
-        required = [f.name for f in fields(cls) if f.default is MISSING]
-        if missing := [k for k in required if k not in meta]:
-            raise ValueError(f"{META}: needs {', '.join(missing)}")
-        return cls(**{f.name: meta[f.name] for f in fields(cls) if f.name in meta})
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def read_meta(folder: str | os.PathLike, stage: str, fix: str | None = None) -> dict:
@@ -160,20 +116,16 @@ def writer(meta: dict) -> str:
     return {"run": "train", "merged": "merge"}.get(meta["stage"], "export" if meta.get("kind", "transformer") == "transformer" else meta["kind"])
 
 
-def check_read(meta: dict, role: str, now: dict[str, str] | Path, names: tuple[str, ...] = ()) -> None:
+def check_read(meta: dict, role: str, now: dict[str, str], names: tuple[str, ...] = ()) -> None:
     """Refuse, in one line naming the file, an input `role` (base_model, run) that changed since the stage that read
-    it recorded it: `now` is its files' sha256 (or its folder, hashed here); `names` limits the check to the files
-    the reader needs. An input no record names (a folder older than custody records) is not checked."""
+    it recorded it: `now` is the sha256 of its files as they are, by name; `names` limits the check to the files the
+    reader needs. An input no record names (a folder older than custody records) is not checked."""
     recorded = (meta.get("read") or {}).get(role)
     if not recorded:
         return
+    folder, by = Path(recorded["path"]), {"base_model": "train", "run": "merge"}[role]
     files = {k: v for k, v in recorded["files"].items() if not names or k in names}
-    folder = Path(recorded["path"])
-    by = {"base_model": "train", "run": "merge"}[role]
-    if isinstance(now, Path):
-        problem = changed(files, now, f"{by} read it")
-    else:
-        problem = next((f"{folder / k}: {'changed' if k in now else 'missing'} since {by} read it" for k, v in files.items() if now.get(k) != v), None)
+    problem = next((f"{folder / k}: {'changed' if k in now else 'missing'} since {by} read it" for k, v in files.items() if now.get(k) != v), None)
     if problem:
         again = {"base_model": "put back the base the run trained on, or train again", "run": "restore the run, or merge and export it again"}[role]
         raise MapbuildError(f"{problem}; {again}")
@@ -185,7 +137,7 @@ def run_file(meta: dict, name: str) -> Path:
     left to its reader, which says why it needs it."""
     path = Path(meta["run"]) / name
     if path.is_file():
-        check_read(meta, "run", path.parent, (name,))
+        check_read(meta, "run", {name: file_sha256(path)}, (name,))
     return path
 
 

@@ -155,8 +155,9 @@ def train_tfidf(cfg: TfidfConfig, out: str | os.PathLike) -> dict:
             label_space=fit_label_space(split.rows, labels).to_json(),
             config=asdict(cfg),
             metrics=metrics,
-            drift={"max_abs_prob_diff": sklearn_drift(fitted, check, probs), "rows": len(check), "cpu_threads": KERNEL_THREADS},
+            drift={"max_abs_prob_diff": sklearn_drift(fitted, check, probs), "rows": len(check)},
             cpu_rows_per_s=round(rows_per_s, 1),
+            cpu_threads=KERNEL_THREADS,
             # Estimated like a dense pass over every weight: a gather touches far fewer, so this is an upper bound.
             params=int(sum(m.coef.size for m in fitted.values())),
             mean_tokens=1.0,

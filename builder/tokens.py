@@ -50,7 +50,7 @@ def token_lengths(df: pd.DataFrame, model: str, template: str, chat: bool = True
 
 def split_rows(df: pd.DataFrame, model: str, template: str, chat: bool = True) -> list[Row]:
     """Each row's (head ids, tail ids), untruncated, split as training and the kernel split a packed member's rows."""
-    from .infer import hf_encoder  # imports torch: only for this count
+    from .torch_rows import hf_encoder  # imports torch: only for this count
 
     tok = load_hf_tokenizer(resolve(model))
     parts = render_parts(df, template, label_space_for(df), chat_parts(tok) if chat else None)

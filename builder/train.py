@@ -19,7 +19,8 @@ from runtime.data import labels_of
 from runtime.engine import softmax
 from runtime.errors import MapbuildError
 from runtime.labels import fit_label_space
-from runtime.packing import PACK_TOKENS, PACKED
+from runtime.member import PACKED, MemberSpec
+from runtime.packing import PACK_TOKENS
 from runtime.predict import prompts
 from runtime.progress import bars_off
 from runtime.prompts import TEMPLATES
@@ -135,12 +136,12 @@ def candidate_trainer():
     import torch
     from transformers import Trainer
 
-    from .packed import packed_logits_of
+    from .torch_packed import packed_logits_of
 
     class CandidateTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             allowed, labels = inputs.pop("allowed"), inputs.pop("labels")
-            if "last" in inputs:  # a batch of packs (builder.packed.collate_packs): logits [packs, slots, labels]
+            if "last" in inputs:  # a batch of packs (builder.torch_packed.collate_packs): logits [packs, slots, labels]
                 filled = labels >= 0
                 outputs = {"logits": packed_logits_of(model, **inputs)[filled]}
                 allowed, labels = allowed[filled], labels[filled]
@@ -162,14 +163,14 @@ def candidate_trainer():
     return CandidateTrainer
 
 
-def prompting_of(cfg: TrainConfig, family, tok) -> dict:
+def prompting_of(cfg: TrainConfig, family, tok) -> MemberSpec:
     """How a run's rows become tokens, as the kernel will do it: its template, chat wrapping and max_length, and
     for a causal decoder `inputs: packed` (rows as head + tail, which the kernel packs behind the shared head; a
     bidirectional encoder's stay whole, as packing is not exact for it)."""
-    return {
-        "template": cfg.template or family.template, "chat": chat_parts(tok) if cfg.chat_template else None,
-        "max_length": cfg.max_length or family.max_length, **({"inputs": PACKED} if family.kind == "decoder" else {}),
-    }  # fmt: skip
+    return MemberSpec(
+        template=cfg.template or family.template, chat=chat_parts(tok) if cfg.chat_template else None,
+        max_length=cfg.max_length or family.max_length, inputs=PACKED if family.kind == "decoder" else None,
+    )  # fmt: skip
 
 
 def epoch_validation(score, epochs: float):
@@ -265,8 +266,8 @@ def training_data(cfg: TrainConfig, tok, prompting: dict, tr: pd.DataFrame, labe
     device step, the tokens it holds and its collator. Each row's loss is over the candidates the kernel keeps."""
     from transformers import DataCollatorWithPadding
 
-    from .infer import training_rows, whole
-    from .packed import collate_packs, training_packs
+    from .torch_rows import training_rows, whole
+    from .torch_packed import collate_packs, training_packs
 
     y = labels_of(tr).map({lab: i for i, lab in enumerate(labels)}).to_numpy()
     allowed = space_tr.candidate_mask(tr) if cfg.candidate_loss else np.ones((len(tr), len(labels)), dtype=bool)
@@ -346,14 +347,14 @@ def training_arguments(cfg: TrainConfig, ckpt: Path, device: str, precision: str
 
 def scorer(cfg: TrainConfig, model, tok, prompting: dict, va: pd.DataFrame, space_tr):
     """`score()`: the fold's validation probabilities and validate()'s figures for them, as the model stands."""
-    from .infer import torch_logits, training_rows, whole
-    from .packed import torch_packed_logits
+    from .torch_rows import torch_logits, training_rows, whole
+    from .torch_packed import torch_packed_logits
 
     rows_va = training_rows(tok, prompting, prompts(prompting, va, space_tr)) if len(va) else []
 
     def score() -> tuple[np.ndarray, dict]:
         # As the kernel runs the member: packed at its default pack size (exact, and the head computed once a pack).
-        if prompting.get("inputs") == PACKED:
+        if prompting.inputs == PACKED:
             logits = torch_packed_logits(model, rows_va, tok.pad_token_id, PACK_TOKENS, desc="validate")
         else:
             logits = torch_logits(model, whole(prompting, rows_va), tok.pad_token_id, desc="validate")
@@ -445,7 +446,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dic
             log.warning(warning)
     meta = StageMeta(
         stage="run", provenance=provenance(cfg.data, len(df)), base_model=source.path, gguf_file=source.gguf_file,
-        read={"base_model": base_files(source)}, model_type=model_type, **prompting, pad_token_id=tok.pad_token_id,
+        read={"base_model": base_files(source)}, model_type=model_type, **prompting.to_json(), pad_token_id=tok.pad_token_id,
         label_space=fit_label_space(df, labels).to_json(), config=asdict(cfg),
         hardware={**hw.to_json(), "precision": precision, "dtype": dtype, "world_size": args.world_size}, metrics=metrics,
     )  # fmt: skip

@@ -15,30 +15,32 @@ import json
 from pathlib import Path
 
 from .errors import BundleError
+from .member import CARD_FIELDS, Member
 
 CARD = "member.json"
-MEANING = ("kind", "template", "chat", "inputs", "max_length", "pad_token_id", "knn")  # manifest keys that change what the scores mean
 SPACE_KEYS = ("correct", "answers", "misconceptions")
 
 
-def card(member: dict, label_space: dict, tokenizer_sha256: str | None) -> dict:
-    """The card of a member entry of the manifest, trained on `label_space` (its labels in the model's order)."""
-    return {"label_space": label_space, **{k: member.get(k) for k in MEANING}, "tokenizer_sha256": tokenizer_sha256}
+def card(member: Member, label_space: dict, tokenizer_sha256: str | None) -> dict:
+    """The card of a member, trained on `label_space` (its labels in the model's order): its fields that change
+    what the scores mean (runtime.member.CARD_FIELDS)."""
+    return {"label_space": label_space, **{k: getattr(member, k) for k in CARD_FIELDS}, "tokenizer_sha256": tokenizer_sha256}
 
 
-def check_card(bundle: Path, manifest: dict, member: dict) -> None:
-    """Raise a BundleError naming what differs where the member's card and the manifest disagree."""
-    rel, name = member["files"]["card"], member["name"]
+def check_card(bundle: Path, manifest: dict, member: Member) -> None:
+    """Raise a BundleError naming what differs where the member's card and the manifest disagree. A card field
+    missing from the card (one added since it was written) reads as None, as the member's does."""
+    rel, name = member.files["card"], member.name
     try:
         own = json.loads((bundle / rel).read_text())
         space = own["label_space"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BundleError(f"{rel}: unreadable member card ({type(e).__name__}); package the bundle again") from None
     differs = lambda what: BundleError(f"manifest.json: {what} differs from {rel}; package the bundle again")
-    for k in MEANING:
-        if own.get(k) != member.get(k):
+    for k in CARD_FIELDS:
+        if own.get(k) != getattr(member, k):
             raise differs(f"member {name}'s {k}")
-    if "tokenizer" in member["files"] and own.get("tokenizer_sha256") != manifest["files"].get(member["files"]["tokenizer"]):
+    if "tokenizer" in member.files and own.get("tokenizer_sha256") != manifest["files"].get(member.files["tokenizer"]):
         raise differs(f"member {name}'s tokenizer")
     ours = manifest["label_space"]
     if not isinstance(space, dict) or space.get("labels") != ours["labels"]:

@@ -28,11 +28,12 @@ log = logging.getLogger("mapbuild")
 Forward = Callable[..., np.ndarray]  # a batch's input arrays, in the model's input order -> its outputs
 
 
-def load_kernel_tokenizer(path: str, max_length: int) -> Tokenizer:
-    """The bundled tokenizer.json, truncating like training and padding nothing (batches pad themselves)."""
+def load_kernel_tokenizer(path: str, max_length: int | None) -> Tokenizer:
+    """The bundled tokenizer.json, truncating like training at `max_length` (None: not at all, for a packed member,
+    whose rows split_ids cuts) and padding nothing (batches pad themselves)."""
     tok = Tokenizer.from_file(str(path))
     tok.no_padding()
-    tok.enable_truncation(max_length)
+    tok.no_truncation() if max_length is None else tok.enable_truncation(max_length)
     return tok
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 from .data import LABEL
 from .ensemble import METHODS
 from .errors import BundleError
-from .packing import PACKED
+from .member import Member
 
 MANIFEST = "manifest.json"
-FORMAT = "mapbuild-bundle/2"  # 2: every member carries its card (runtime.cards)
-MEMBER_KINDS = ("transformer", "tfidf", "knn")  # the kinds of member a bundle may hold: runtime.predict.SCORERS scores each
-
-
+# 2: every member carries its card (runtime.cards); 3: members are runtime.member.Member records, cpu_threads a
+# field of its own (in format 2 it sat in drift, where Member.from_json still finds it).
+FORMAT = "mapbuild-bundle/3"
+READS = ("mapbuild-bundle/2", FORMAT)
 
 def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
@@ -46,9 +46,9 @@ def load_manifest(bundle: str | os.PathLike) -> dict:
         raise BundleError(f"{path}: cannot be read ({e.strerror})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, and nesting past Python's stack
         raise BundleError(f"{path}: unreadable manifest ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READS:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"{path}: format {found!r}, this runtime reads {FORMAT!r}")
+        raise BundleError(f"{path}: format {found!r}, this runtime reads {' and '.join(map(repr, READS))}")
     problem = schema_problem(manifest)
     if problem:
         raise BundleError(f"{path}: {problem}; package the bundle again")
@@ -71,21 +71,14 @@ def schema_problem(m: dict) -> str | None:
     for q, answer in space["correct"].items():
         if not isinstance(answer, str) or not is_list(space["answers"].get(q), str) or not is_list(space["misconceptions"].get(q), str):
             return f"label_space: question {q} needs its correct answer, and lists of its answers and misconceptions"
-    for member in members:
-        if not isinstance(member, dict) or not isinstance(member.get("name"), str) or not isinstance(member.get("files"), dict):
-            return "every member needs a name and files"
-        if not isinstance(member["files"].get("card"), str) or not all(isinstance(f, str) for f in member["files"].values()):
-            return f"member {member['name']}: files must be paths, its card (files.card) among them"
-        if member.get("kind", "transformer") not in MEMBER_KINDS:
-            return f"member {member['name']}: kind {member['kind']!r} is not one of {', '.join(MEMBER_KINDS)}"
-        if member.get("inputs", PACKED) != PACKED:  # a newer builder's way of feeding a graph this runtime lacks
-            return f"member {member['name']}: inputs {member['inputs']!r} is not {PACKED!r}; package it with this runtime's mapbuild"
-        pack = member.get("pack_tokens", 0)
-        if not isinstance(pack, int) or isinstance(pack, bool) or pack < 0:
-            return f"member {member['name']}: pack_tokens {pack!r} must be an integer of 0 or more"
-        weight = member.get("weight")
-        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-            return f"member {member['name']}: weight {weight!r} must be a finite number above 0"
+    for i, member in enumerate(members):
+        try:
+            member = Member.from_json(member)
+        except ValueError as e:
+            name = member.get("name") if isinstance(member, dict) else None
+            return f"member {name if isinstance(name, str) else i}: {e}"
+        if not isinstance(member.files.get("card"), str):
+            return f"member {member.name}: files must be paths, its card (files.card) among them"
     for key in ("ensemble", "estimate"):
         if not isinstance(m.get(key, {}), dict):
             return f"{key} must be an object"
@@ -103,6 +96,11 @@ def schema_problem(m: dict) -> str | None:
     if not isinstance(rows, int) or rows < 1:
         return f"estimate.rows {rows!r} must be a positive integer"
     return None
+
+
+def bundle_members(manifest: dict) -> list[Member]:
+    """The members of a manifest that load_manifest read."""
+    return [Member.from_json(m) for m in manifest["members"]]
 
 
 def is_list(x: object, of: type, n: int | None = None) -> bool:

@@ -26,7 +26,6 @@ Row = tuple[list[int], list[int]]  # (head ids, tail ids)
 
 # The packed graph's inputs, in order, and its output: logits [packs, rows per pack, labels].
 PACKED_INPUTS = ("input_ids", "position_ids", "attention_mask", "last")
-PACKED = "packed"  # a member's `inputs` when its rows are (head, tail) and its graph takes PACKED_INPUTS
 # Tokens a pack holds at most, by default: the head once and tails after it. Attention over a pack costs T^2, so
 # longer packs spend more of it on masked pairs (docs/packing.md has the measurement behind this choice).
 PACK_TOKENS = 512
@@ -37,9 +36,8 @@ HEAD_SHARE = 0.75
 
 
 def kernel_encoder(tok) -> Encode:
-    """`Encode` of a tokenizers.Tokenizer (the bundle's tokenizer.json). It stops truncating: split_ids cuts, as it
-    does training's tokenizer's whole parts, and a head cut in its middle keeps its end."""
-    tok.no_truncation()
+    """`Encode` of a tokenizers.Tokenizer (the bundle's tokenizer.json), loaded without truncation: split_ids cuts,
+    as it does training's tokenizer's whole parts, and a head cut in its middle keeps its end."""
     return lambda texts, special: [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=special)]
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import MapbuildError
+from .member import Member, MemberSpec
 
 log = logging.getLogger("mapbuild")
 now = time.monotonic  # the guard's clock (tests replace it)
@@ -42,20 +43,21 @@ class Estimate:
     device: str  # where it runs: "T4" or "CPU"
 
 
-def on_gpu(member: dict) -> bool:
-    return member.get("kind", "transformer") not in CPU_KINDS and member.get("precision") in T4_FLOPS
+def on_gpu(spec: MemberSpec) -> bool:
+    return spec.kind not in CPU_KINDS and spec.precision in T4_FLOPS
 
 
-def estimate(members: list[dict], rows: int = TEST_ROWS, gpus: int = 2, efficiency: float = 0.25) -> list[Estimate]:
-    """Each member's kernel seconds on `gpus` T4s: a forward pass is 2 x params x tokens FLOPs per row, at the T4
-    peak for its precision x efficiency, the rows split over the GPUs; a CPU member's rows at its measured rows/s."""
+def estimate(specs: dict[str, MemberSpec], rows: int = TEST_ROWS, gpus: int = 2, efficiency: float = 0.25) -> list[Estimate]:
+    """Each member's kernel seconds on `gpus` T4s, by name: a forward pass is 2 x params x tokens FLOPs per row, at
+    the T4 peak for its precision x efficiency, the rows split over the GPUs; a CPU member's rows at its measured
+    rows/s."""
     out = []
-    for m in members:
+    for name, m in specs.items():
         if on_gpu(m):
-            seconds, device = 2 * m["params"] * m["mean_tokens"] * rows / (T4_FLOPS[m["precision"]] * efficiency * gpus), "T4"
+            seconds, device = 2 * m.params * m.mean_tokens * rows / (T4_FLOPS[m.precision] * efficiency * gpus), "T4"
         else:
             seconds, device = cpu_seconds(m, rows), "CPU"
-        out.append(Estimate(m["name"], m["params"], m["mean_tokens"], seconds, device))
+        out.append(Estimate(name, m.params, m.mean_tokens, seconds, device))
     return out
 
 
@@ -67,27 +69,21 @@ KERNEL_THREADS = 4
 KAGGLE_CPU_FLOPS = KERNEL_THREADS * 25e9
 
 
-def pace_threads(member: dict) -> int | None:
-    """The onnxruntime threads a member's CPU pace was timed on, recorded beside its drift; None for a pace timed
-    before they were recorded, with every core of the build machine."""
-    return (member.get("drift") or {}).get("cpu_threads")
+def cpu_seconds(spec: MemberSpec, rows: int) -> float:
+    """Seconds on the CPU: at the rows/s the member ran at on the build machine's CPU (on its `cpu_threads`,
+    KERNEL_THREADS since they are recorded), else from its FLOPs."""
+    if spec.cpu_rows_per_s is not None:
+        return rows / spec.cpu_rows_per_s
+    return 2 * spec.params * spec.mean_tokens * rows / KAGGLE_CPU_FLOPS
 
 
-def cpu_seconds(member: dict, rows: int) -> float:
-    """Seconds on the CPU: at the rows/s the member ran at on the build machine's CPU (on KERNEL_THREADS threads,
-    `pace_threads`), else from its FLOPs."""
-    if "cpu_rows_per_s" in member:
-        return rows / member["cpu_rows_per_s"]
-    return 2 * member["params"] * member["mean_tokens"] * rows / KAGGLE_CPU_FLOPS
-
-
-def added_member(spec: str, params_m: dict[str, float], mean_tokens: float) -> dict:
+def added_member(spec: str, params_m: dict[str, float], mean_tokens: float) -> MemberSpec:
     """A member to plan that no bundle holds yet, from `ALIAS[:PRECISION]` (fp16 by default)."""
     alias, _, precision = spec.partition(":")
     precision = precision or "fp16"
     if alias not in params_m or precision not in T4_FLOPS:
         raise MapbuildError(f"--add {spec}: use ALIAS[:PRECISION] with an alias from `mapbuild models` and one of {', '.join(T4_FLOPS)}")
-    return {"name": spec, "params": int(params_m[alias] * 1e6), "mean_tokens": mean_tokens, "precision": precision}
+    return MemberSpec(params=int(params_m[alias] * 1e6), mean_tokens=mean_tokens, precision=precision)
 
 
 def verdict(total_seconds: float, limit_hours: float = LIMIT_HOURS, margin_hours: float = MARGIN_HOURS) -> str:
@@ -97,15 +93,15 @@ def verdict(total_seconds: float, limit_hours: float = LIMIT_HOURS, margin_hours
     return "warn" if total_seconds > (limit_hours - margin_hours) * 3600 else "ok"
 
 
-def manifest_plan(members: list[dict]) -> dict:
+def manifest_plan(members: list[Member]) -> dict:
     """The plan a bundle carries: seconds per member for TEST_ROWS on 2x T4, and on the CPU alone (the kernel's
     plan once its sessions land on the CPU)."""
-    plan = estimate(members)
+    plan = estimate({m.name: m for m in members})
     return {
         "rows": TEST_ROWS,
         "t4_seconds": {e.name: round(e.seconds, 1) for e in plan},
         "t4_total_seconds": round(sum(e.seconds for e in plan), 1),
-        "cpu_seconds": {m["name"]: round(cpu_seconds(m, TEST_ROWS), 1) for m in members},
+        "cpu_seconds": {m.name: round(cpu_seconds(m, TEST_ROWS), 1) for m in members},
     }
 
 

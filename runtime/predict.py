@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ from .ensemble import combine, pool
 from .external_data import problem as external_problem
 from .knn import check_settings, knn_text, load_table, vote
 from .labels import LabelSpace
-from .manifest import check_files
-from .packing import PACK_TOKENS, PACKED, Row, kernel_encoder, packed_tokens, run_packs, split_ids
+from .manifest import bundle_members, check_files
+from .member import PACKED, Member, MemberSpec
+from .packing import PACK_TOKENS, Row, kernel_encoder, packed_tokens, run_packs, split_ids
 from .plan import drop, on_gpu, planned_seconds
 from .prompts import render, render_parts
 from .tfidf import tfidf_probs
@@ -23,75 +25,78 @@ from .tfidf import tfidf_probs
 log = logging.getLogger("mapbuild")
 
 
-def prompts(member: dict, df: pd.DataFrame, space: LabelSpace) -> list[str] | list[tuple[str, str]]:
+def prompts(spec: MemberSpec, df: pd.DataFrame, space: LabelSpace) -> list[str] | list[tuple[str, str]]:
     """The member's prompt of every row: whole, or as (head, tail) for a packed member."""
-    how = render_parts if member.get("inputs") == PACKED else render
-    return how(df, member["template"], space, member.get("chat"))
+    how = render_parts if spec.inputs == PACKED else render
+    return how(df, spec.template, space, spec.chat)
 
 
-def kernel_rows(tokenizer_json: Path, member: dict, texts: list[str] | list[tuple[str, str]]) -> list[list[int]] | list[Row]:
+def kernel_rows(tokenizer_json: Path, spec: MemberSpec, texts: list[str] | list[tuple[str, str]]) -> list[list[int]] | list[Row]:
     """The kernel's token ids of `prompts`: one list a row, or (head ids, tail ids) for a packed member."""
-    tok = load_kernel_tokenizer(tokenizer_json, member["max_length"])
-    if member.get("inputs") == PACKED:
-        return split_ids(kernel_encoder(tok), texts, member["max_length"])
-    return encode(tok, texts)
+    if spec.inputs == PACKED:
+        return split_ids(kernel_encoder(load_kernel_tokenizer(tokenizer_json, None)), texts, spec.max_length)
+    return encode(load_kernel_tokenizer(tokenizer_json, spec.max_length), texts)
 
 
-def repacked_cost(bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, pack_tokens: int) -> float:
+def own_pack(spec: MemberSpec) -> int:
+    """The pack size a packed member was exported and checked for."""
+    return PACK_TOKENS if spec.pack_tokens is None else spec.pack_tokens
+
+
+def repacked_cost(bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, pack_tokens: int) -> float:
     """How many times the tokens of its own pack size a packed member computes for these rows at `pack_tokens`: its
     plan was made at its own (--pack-tokens 0 cost a packed member about 2.6x the tokens it was planned at, issue 39)."""
-    rows = kernel_rows(bundle / member["files"]["tokenizer"], member, prompts(member, df, space))
-    return packed_tokens(rows, pack_tokens) / max(packed_tokens(rows, member.get("pack_tokens", PACK_TOKENS)), 1)
+    rows = kernel_rows(bundle / member.files["tokenizer"], member, prompts(member, df, space))
+    return packed_tokens(rows, pack_tokens) / max(packed_tokens(rows, own_pack(member)), 1)
 
 
-def pack_size(member: dict, pack_tokens: int | None) -> int:
+def pack_size(member: Member, pack_tokens: int | None) -> int:
     """The pack size a packed member runs at under --pack-tokens. Its own `pack_tokens` is the largest it was
     exported and checked for, and a longer pack's [T, T] mask and attention may not fit the device: a larger
     --pack-tokens is capped there (logged), a smaller one (0 included) is taken."""
-    own = member.get("pack_tokens", PACK_TOKENS)
+    own = own_pack(member)
     if pack_tokens is not None and pack_tokens > own:
-        log.warning("%s: --pack-tokens %d capped at %d, the largest pack it was exported and checked for", member["name"], pack_tokens, own)
+        log.warning("%s: --pack-tokens %d capped at %d, the largest pack it was exported and checked for", member.name, pack_tokens, own)
     return own if pack_tokens is None else min(pack_tokens, own)
 
 
-def run_rows(forward, member: dict, rows: list, batch_size: int, deadline: float | None = None, warmup: int = 1) -> np.ndarray:
+def run_rows(forward, spec: MemberSpec, rows: list, batch_size: int, desc: str, deadline: float | None = None, warmup: int = 1) -> np.ndarray:
     """The member's graph over its `kernel_rows`: padded batches of `batch_size` rows, or packs of up to the member's
     `pack_tokens` in batches of as many rows (packing is exact, so the pack size moves the pace, not the scores)."""
-    desc, pad_id = member["name"], member["pad_token_id"]
-    if member.get("inputs") == PACKED:
-        return run_packs(forward, rows, pad_id, member.get("pack_tokens", PACK_TOKENS), batch_size, desc, deadline, warmup)
-    return run_batches(forward, rows, pad_id, batch_size, desc=desc, deadline=deadline, warmup=warmup)
+    if spec.inputs == PACKED:
+        return run_packs(forward, rows, spec.pad_token_id, own_pack(spec), batch_size, desc, deadline, warmup)
+    return run_batches(forward, rows, spec.pad_token_id, batch_size, desc=desc, deadline=deadline, warmup=warmup)
 
 
 def onnx_outputs(
-    bundle: Path, member: dict, texts: list, batch_size: int, devices: int = 1, deadline: float | None = None, threads: int = 0
+    bundle: Path, member: Member, texts: list, batch_size: int, devices: int = 1, deadline: float | None = None, threads: int = 0
 ) -> tuple[np.ndarray, str | None]:
     """The member's ONNX model over `texts` (its `prompts`, or plain texts), on one session (of `threads`
     onnxruntime threads, 0 for its default) or one worker per device: its output rows and the provider its sessions
     ran on (the CPU if any worker's did)."""
-    rows = kernel_rows(bundle / member["files"]["tokenizer"], member, texts)
-    model = bundle / member["files"]["model"]
-    data = member["files"].get("data")
-    beside = {Path(data).name} if data and Path(data).parent == Path(member["files"]["model"]).parent else set()
+    rows = kernel_rows(bundle / member.files["tokenizer"], member, texts)
+    model = bundle / member.files["model"]
+    data = member.files.get("data")
+    beside = {Path(data).name} if data and Path(data).parent == Path(member.files["model"]).parent else set()
     refused = external_problem(model, beside)
     if refused:  # onnxruntime would read any path a location names, hashed or not
-        raise ValueError(f"{member['files']['model']}: {refused}")
+        raise ValueError(f"{member.files['model']}: {refused}")
     gpu = on_gpu(member)
     if not gpu and gpu_count():  # a CPU precision: on CUDA, nodes without kernels there would fall back one by one
-        log.warning("%s: %s, a CPU precision: it runs on a CPU session, at the pace measured at export", member["name"], member.get("precision"))
+        log.warning("%s: %s, a CPU precision: it runs on a CPU session, at the pace measured at export", member.name, member.precision)
     if devices <= 1 or not gpu:
         forward = onnx_forward(model, threads, gpu=gpu)
-        return run_rows(forward, member, rows, batch_size, deadline), getattr(forward, "provider", None)
-    log.info("%s: %d worker processes, one per device", member["name"], devices)
+        return run_rows(forward, member, rows, batch_size, member.name, deadline), getattr(forward, "provider", None)
+    log.info("%s: %d worker processes, one per device", member.name, devices)
     pool = DevicePool(model, devices)
     try:
-        return run_rows(pool, member, rows, batch_size, deadline, warmup=devices), pool.provider
+        return run_rows(pool, member, rows, batch_size, member.name, deadline, warmup=devices), pool.provider
     finally:
         pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
 
 def transformer_probs(
-    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+    bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> tuple[np.ndarray, str | None]:
     """An ONNX classifier over rendered prompts."""
     logits, provider = onnx_outputs(bundle, member, prompts(member, df, space), batch_size, devices, deadline)
@@ -99,11 +104,11 @@ def transformer_probs(
 
 
 def knn_member_probs(
-    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None, threads: int = 0
+    bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None, threads: int = 0
 ) -> tuple[np.ndarray, str | None]:
     """An ONNX sentence encoder, then the votes of each question's nearest training rows."""
-    settings = check_settings(member.get("knn"))
-    table = load_table(bundle / member["files"]["neighbours"], len(space.labels))
+    settings = check_settings(member.knn)
+    table = load_table(bundle / member.files["neighbours"], len(space.labels))
     emb, provider = onnx_outputs(bundle, member, knn_text(df), batch_size, devices, deadline, threads)
     if emb.shape[1] != table["emb"].shape[1]:
         raise ValueError(f"the encoder gives {emb.shape[1]} dimensions, the neighbours have {table['emb'].shape[1]}")
@@ -111,10 +116,10 @@ def knn_member_probs(
 
 
 def tfidf_member_probs(
-    bundle: Path, member: dict, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+    bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> tuple[np.ndarray, str | None]:
     """Per-question TF-IDF models: thousands of rows a second on one CPU core, so no devices and no deadline checks."""
-    return tfidf_probs(bundle / member["files"]["model"], bundle / member["files"]["vocab"], df, len(space.labels), desc=member["name"]), None
+    return tfidf_probs(bundle / member.files["model"], bundle / member.files["vocab"], df, len(space.labels), desc=member.name), None
 
 
 # kind -> its probabilities and the provider its sessions ran on (None: a CPU member). The
@@ -164,43 +169,44 @@ def predict(
     if df.empty:
         log.warning("no test rows: nothing to predict")
         return np.zeros((0, len(space.labels)), dtype=np.float32), used
-    for m in manifest["members"]:  # before any member runs: a manifest that disagrees with an intact card stops the run
-        if not check_files(bundle, manifest, [m["files"]["card"]]):
+    members = bundle_members(manifest)
+    for m in members:  # before any member runs: a manifest that disagrees with an intact card stops the run
+        if not check_files(bundle, manifest, [m.files["card"]]):
             check_card(bundle, manifest, m)
     gpus = gpu_count()
     on_cpu = not gpus
-    for m in sorted(manifest["members"], key=lambda m: -m["weight"]):
-        planned = planned_seconds(manifest.get("estimate", {}), m["name"], len(df), on_cpu)
-        size = pack_size(m, pack_tokens) if m.get("inputs") == PACKED else None
-        if size is not None and size != m.get("pack_tokens", PACK_TOKENS):
+    for m in sorted(members, key=lambda m: -m.weight):
+        planned = planned_seconds(manifest.get("estimate", {}), m.name, len(df), on_cpu)
+        size = pack_size(m, pack_tokens) if m.inputs == PACKED else None
+        if size is not None and size != own_pack(m):
             cost = repacked_cost(bundle, m, df, space, size)
-            log.info("%s: packs of %d tokens, not its own %d: planned at %.2fx its tokens", m["name"], size, m.get("pack_tokens", PACK_TOKENS), cost)
-            planned, m = planned * cost, m | {"pack_tokens": size}
-        if drop(m["name"], m["weight"], planned, deadline):
+            log.info("%s: packs of %d tokens, not its own %d: planned at %.2fx its tokens", m.name, size, own_pack(m), cost)
+            planned, m = planned * cost, replace(m, pack_tokens=size)
+        if drop(m.name, m.weight, planned, deadline):
             continue
-        problems = check_files(bundle, manifest, list(m["files"].values()))
+        problems = check_files(bundle, manifest, list(m.files.values()))
         if problems:
-            log.error("SKIPPED member %s: %s", m["name"], "; ".join(problems))
+            log.error("SKIPPED member %s: %s", m.name, "; ".join(problems))
             continue
         try:
-            p, provider = SCORERS[m.get("kind", "transformer")](bundle, m, df, space, batch_size, devices, deadline)
-            p = checked(p, len(df), space, m["name"])
+            p, provider = SCORERS[m.kind](bundle, m, df, space, batch_size, devices, deadline)
+            p = checked(p, len(df), space, m.name)
         except Exception as e:  # noqa: BLE001 - any member failure must leave the others and the prior
-            log.error("SKIPPED member %s: %s: %s", m["name"], type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.error("SKIPPED member %s: %s: %s", m.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             continue
         probs.append(p)
         if not on_cpu and provider == CPU and on_gpu(m):
             on_cpu = True
-            log.error("RE-PLANNED at the CPU pace: %d GPU(s) visible, %s ran on the CPU", gpus, m["name"])
-        weights.append(m["weight"])
-        used.append(m["name"])
+            log.error("RE-PLANNED at the CPU pace: %d GPU(s) visible, %s ran on the CPU", gpus, m.name)
+        weights.append(m.weight)
+        used.append(m.name)
     if not used:
         log.error("NO MEMBER LEFT: predicting the training label prior per question and correctness")
         return space.prior(len(df)), used
     method = manifest.get("ensemble", {}).get("method", "prob")
     if method == "pool":
-        if len(used) == len(manifest["members"]):
+        if len(used) == len(members):
             return pool(probs, used, df["QuestionId"], manifest["ensemble"]["questions"], weights), used
-        log.error("POOL needs every member, %d of %d ran: the geo blend of those instead", len(used), len(manifest["members"]))
+        log.error("POOL needs every member, %d of %d ran: the geo blend of those instead", len(used), len(members))
         method = "geo"
     return combine(probs, weights, method), used

@@ -17,7 +17,7 @@ from .engine import CUDA, gpu_count
 from .errors import BundleError, InputError, MapbuildError
 from .files import atomic_write
 from .labels import LabelSpace, top3
-from .manifest import FORMAT, MANIFEST, load_manifest
+from .manifest import MANIFEST, READS, load_manifest
 from .metrics import map_at_3
 from .plan import LIMIT_HOURS, MARGIN_HOURS, now
 from .predict import predict
@@ -64,7 +64,7 @@ def find_bundle(root: str) -> Path:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError, RecursionError):
             continue
-        if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        if isinstance(manifest, dict) and manifest.get("format") in READS:
             found.append(path.parent)
     if len(found) > 1:
         raise BundleError(f"{len(found)} mapbuild bundles under {root} ({found[0]} and {found[1]}); detach one or pass --bundle")

@@ -13,7 +13,7 @@ def manifest_of(path):
             m = json.load(f)
     except (OSError, ValueError):
         return None
-    ours = isinstance(m, dict) and m.get("format") == "mapbuild-bundle/2" and m.get("dataset_id") == DATASET_ID
+    ours = isinstance(m, dict) and m.get("format") == "$bundle_format" and m.get("dataset_id") == DATASET_ID
     return m if ours else None
 
 

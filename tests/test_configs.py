@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from builder.build import load_config
+from runtime.member import MemberSpec
 from runtime.plan import estimate
 
 from .conftest import ROOT, SAMPLE_TRAIN, SHARED_TRAIN
@@ -40,8 +41,8 @@ def test_gpu_config_states_its_plan_and_gpu(config):
     found = re.search(r"# plan: ([0-9.]+) h on 2x T4 for 40,000 rows \(mapbuild plan --add ([\w.-]+):(\w+) --tokens (\d+)\)", text)
     assert found and re.search(r"# Training: one GPU", text)
     hours, alias, precision, tokens = float(found[1]), found[2], found[3], float(found[4])
-    member = {"name": alias, "params": ALIASES[alias].params_m * 1e6, "mean_tokens": tokens, "precision": precision}
-    assert estimate([member])[0].seconds / 3600 == pytest.approx(hours, abs=1e-3)
+    member = MemberSpec(params=int(ALIASES[alias].params_m * 1e6), mean_tokens=tokens, precision=precision)
+    assert estimate({alias: member})[0].seconds / 3600 == pytest.approx(hours, abs=1e-3)
     _, members = load_config(config, data=str(SAMPLE_TRAIN))
     assert members[0].quantize == precision and members[0].config.model == alias
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from builder.export import export, held_out_rows
-from builder.infer import torch_logits, training_ids
+from builder.torch_rows import torch_logits, training_ids
 from builder.merge import merge
 from builder.models import load_hf_tokenizer
 from builder.package import package

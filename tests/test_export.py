@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from builder.export import check_drift, measure_drift
-from builder.infer import training_ids
+from builder.torch_rows import training_ids
 from runtime.data import read_rows
 from runtime.engine import encode, load_kernel_tokenizer, onnx_forward, pad
 from runtime.errors import MapbuildError
@@ -102,16 +102,16 @@ def test_the_export_sample_of_the_real_data_holds_every_question_of_fold_0(share
 
 
 def test_a_cpu_pace_names_the_kernel_threads_it_was_timed_on(tiny_pipeline):
-    from builder.forecast import pace_notes
-    from runtime.manifest import load_manifest
-    from runtime.plan import KERNEL_THREADS, pace_threads
+    from builder.build_plan import pace_notes
+    from runtime.manifest import bundle_members, load_manifest
+    from runtime.plan import KERNEL_THREADS
 
     for folder in ("onnx", "onnx-int8"):
         meta = json.loads((tiny_pipeline[folder] / "mapbuild.json").read_text())
-        assert pace_threads(meta) == (KERNEL_THREADS if meta.get("cpu_rows_per_s") else None)  # a CUDA pace has no threads
-    member = load_manifest(tiny_pipeline["bundle"])["members"][0]  # the plan reads it from the bundle
-    assert pace_notes([member]) == ([f"{member['name']}: planned on the CPU at {member['cpu_rows_per_s']:g} rows/s, timed on {KERNEL_THREADS} threads "
-                                     f"(the kernel has {KERNEL_THREADS} vCPUs)"] if member.get("cpu_rows_per_s") else [])
+        assert meta.get("cpu_threads") == (KERNEL_THREADS if meta.get("cpu_rows_per_s") else None)  # a CUDA pace has no threads
+    (member,) = bundle_members(load_manifest(tiny_pipeline["bundle"]))  # the plan reads it from the bundle
+    assert pace_notes({member.name: member}) == ([f"{member.name}: planned on the CPU at {member.cpu_rows_per_s:g} rows/s, timed on {KERNEL_THREADS} threads "
+                                                 f"(the kernel has {KERNEL_THREADS} vCPUs)"] if member.cpu_rows_per_s else [])
 
 
 def test_fragile_ops_run_in_fp32_inside_an_fp16_graph():

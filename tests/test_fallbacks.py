@@ -4,10 +4,11 @@
 import json
 import logging
 import shutil
+from dataclasses import replace
 
 from runtime.data import read_rows
 from runtime.labels import LabelSpace
-from runtime.manifest import MANIFEST, hash_tree, load_manifest
+from runtime.manifest import MANIFEST, bundle_members, hash_tree, load_manifest
 from runtime.submission import check_submission
 
 from .conftest import SAMPLE_TEST, run_kernel
@@ -131,11 +132,11 @@ def test_an_int8_member_runs_on_a_cpu_session_where_a_gpu_is_visible(tiny_pipeli
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", recorded)
-    member = load_manifest(tiny_pipeline["bundle"])["members"][0]
+    (member,) = bundle_members(load_manifest(tiny_pipeline["bundle"]))
     texts = read_rows(SAMPLE_TEST)["StudentExplanation"].tolist()
     with caplog.at_level(logging.INFO, logger="mapbuild"):
-        onnx_outputs(tiny_pipeline["bundle"], {**member, "precision": "int8"}, texts, 8, devices=2)
+        onnx_outputs(tiny_pipeline["bundle"], replace(member, precision="int8"), texts, 8, devices=2)
     assert asked == [["CPUExecutionProvider"]] and "int8, a CPU precision: it runs on a CPU session" in caplog.text
     asked.clear()
-    onnx_outputs(tiny_pipeline["bundle"], {**member, "precision": "fp16"}, texts, 8, devices=1)
+    onnx_outputs(tiny_pipeline["bundle"], replace(member, precision="fp16"), texts, 8, devices=1)
     assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]

@@ -1,19 +1,21 @@
 """Every registered family through train -> merge -> export -> runtime, as a tiny random model built in code."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from builder.export import export
-from builder.infer import torch_logits, training_ids, training_rows, whole
+from builder.torch_rows import torch_logits, training_ids, training_rows, whole
 from builder.merge import load_trained_model, merge
 from builder.models import FAMILIES, load_hf_tokenizer
 from builder.train import TrainConfig, train
 from runtime.data import read_rows
 from runtime.engine import onnx_forward
 from runtime.labels import LabelSpace
-from runtime.packing import PACKED, PACKED_INPUTS
+from runtime.member import PACKED, MemberSpec
+from runtime.packing import PACKED_INPUTS
 from runtime.predict import kernel_rows, prompts, run_rows
 from runtime.prompts import render
 
@@ -53,17 +55,17 @@ def merged_family(tmp_path_factory):
 def kernel_feed(root, meta) -> list:
     """The kernel's rows of 24 sample prompts and the edge texts (as tails of a real head, for a packed member),
     checked against training's tokenizer."""
-    df = read_rows(SAMPLE_TRAIN, labelled=True).head(24)
-    texts = prompts(meta, df, LabelSpace.from_json(meta["label_space"]))
-    texts += [(texts[0][0], t) for t in EDGE_TEXTS] if meta.get("inputs") == PACKED else EDGE_TEXTS
-    rows = kernel_rows(root / "onnx-fp32" / "tokenizer.json", meta, texts)
-    assert rows == training_rows(load_hf_tokenizer(str(root / "merged")), meta, texts)
+    df, spec = read_rows(SAMPLE_TRAIN, labelled=True).head(24), MemberSpec.from_json(meta)
+    texts = prompts(spec, df, LabelSpace.from_json(meta["label_space"]))
+    texts += [(texts[0][0], t) for t in EDGE_TEXTS] if spec.inputs == PACKED else EDGE_TEXTS
+    rows = kernel_rows(root / "onnx-fp32" / "tokenizer.json", spec, texts)
+    assert rows == training_rows(load_hf_tokenizer(str(root / "merged")), spec, texts)
     return rows
 
 
 def onnx_logits(forward, meta, rows, batch_size, pack_tokens=4096):
     """Through the graph as the kernel feeds it: packs of up to `pack_tokens` for a packed member (0: one row a pack)."""
-    return run_rows(forward, {**meta, "name": "onnx", "pack_tokens": pack_tokens}, rows, batch_size)
+    return run_rows(forward, replace(MemberSpec.from_json(meta), pack_tokens=pack_tokens), rows, batch_size, "onnx")
 
 
 # Quantized: a tiny random model's logits nearly tie, so the drift gate is forced off; its numbers are still
@@ -89,7 +91,7 @@ def test_family_exports_at_each_precision(merged_family, model_type, precision):
         export(root / "merged", root / "onnx-fp32", "fp32", rows=32)
     meta = json.loads((root / "onnx-fp32" / "mapbuild.json").read_text())
     rows, pad_id = kernel_feed(root, meta), meta["pad_token_id"]
-    ids = whole(meta, rows)
+    ids = whole(MemberSpec.from_json(meta), rows)
     decoder = FAMILIES[model_type].kind == "decoder"
     assert (meta.get("inputs") == PACKED) == decoder  # decoders run packed, encoders padded
     if precision == "fp32":

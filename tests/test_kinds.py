@@ -10,7 +10,7 @@ import pytest
 
 import builder.kinds as kinds
 from builder.train import TrainConfig
-from runtime.manifest import MEMBER_KINDS
+from runtime.member import MEMBER_KINDS
 from runtime.predict import SCORERS
 
 

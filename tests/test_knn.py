@@ -142,4 +142,4 @@ def test_its_cpu_pace_names_the_kernels_threads(member):
     from runtime.plan import KERNEL_THREADS
 
     meta = json.loads((member / "mapbuild.json").read_text())
-    assert meta["cpu_rows_per_s"] > 0 and meta["drift"]["cpu_threads"] == KERNEL_THREADS
+    assert meta["cpu_rows_per_s"] > 0 and meta["cpu_threads"] == KERNEL_THREADS

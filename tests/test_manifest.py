@@ -51,6 +51,12 @@ def relabel(m, labels):
     (lambda m: m | {"estimate": m["estimate"] | {"t4_seconds": "1 hour"}}, "estimate.t4_seconds must map member names to seconds"),
     (lambda m: m | {"estimate": m["estimate"] | {"cpu_seconds": {"m0-bert-fp32": "1 hour"}}}, "estimate.cpu_seconds must map member names to seconds"),
     (lambda m: m | {"members": [m["members"][0] | {"files": {k: v for k, v in m["members"][0]["files"].items() if k != "card"}}]}, "its card (files.card) among them"),
+    # each member is a runtime.member.Member, checked where it is defined
+    (lambda m: m | {"members": [{k: v for k, v in m["members"][0].items() if k != "weight"}]}, "member m0-bert-fp32: needs weight"),
+    (lambda m: m | {"members": [m["members"][0] | {"max_length": "160"}]}, "member m0-bert-fp32: max_length '160' is a str, not int"),
+    (lambda m: m | {"members": [m["members"][0] | {"cpu_threads": 0}]}, "member m0-bert-fp32: cpu_threads 0 is not a positive number of threads"),
+    (lambda m: m | {"members": [m["members"][0] | {"kind": "svm"}]}, "member m0-bert-fp32: kind 'svm' is not one of transformer, tfidf, knn"),
+    (lambda m: m | {"members": ["m0"]}, "member 0: holds a str, not an object"),
 ])
 def test_a_broken_manifest_is_one_line_and_writes_nothing(tiny_pipeline, tmp_path, edit, error):
     """Before: each of these was a traceback, or (the label with a space) an invalid file left at --out."""

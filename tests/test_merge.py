@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from builder.infer import torch_logits
+from builder.torch_rows import torch_logits
 from builder.merge import load_trained_model
 
 from .conftest import SAMPLE_TRAIN, sample_ids

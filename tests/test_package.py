@@ -131,10 +131,11 @@ def test_fp16_advice_only_for_a_cpu_member_that_costs_hours(caplog):
     import logging
 
     from builder.package import check_plan
+    from runtime.member import Member
 
-    member = {"precision": "int8", "params": 22 * 10**6, "mean_tokens": 60.0}
+    member = {"weight": 1.0, "precision": "int8", "params": 22 * 10**6, "mean_tokens": 60.0}
     with caplog.at_level(logging.INFO, logger="mapbuild"):
-        check_plan([{**member, "name": "minilm", "cpu_rows_per_s": 100.0}, {**member, "name": "slow", "cpu_rows_per_s": 5.0}])
+        check_plan([Member(**member, name="minilm", cpu_rows_per_s=100.0), Member(**member, name="slow", cpu_rows_per_s=5.0)])
     advice = [r for r in caplog.records if "--quantize fp16" in r.getMessage()]
     assert [r.levelname for r in advice] == ["WARNING"] and "member slow" in advice[0].getMessage() and "2.2 h" in advice[0].getMessage()
     assert "member minilm (int8) runs on the kernel's CPU, planned at 400 s" in caplog.text

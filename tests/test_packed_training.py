@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from builder.chat import chat_parts
-from builder.infer import hf_encoder
+from builder.torch_rows import hf_encoder
 from builder.models import load_hf_tokenizer
-from builder.packed import collate_packs, training_packs
+from builder.torch_packed import collate_packs, training_packs
 from builder.train import TrainConfig, candidate_trainer, train
 from runtime.data import labels_of, read_rows
 from runtime.errors import MapbuildError

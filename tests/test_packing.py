@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 
 from builder.chat import chat_parts
-from builder.infer import hf_encoder, torch_logits
+from builder.torch_rows import hf_encoder, torch_logits
 from builder.models import FAMILIES, load_hf_tokenizer
-from builder.packed import PackedClassifier, example_inputs, torch_packed_logits
+from builder.torch_packed import PackedClassifier, example_inputs, torch_packed_logits
 from runtime.data import read_rows
 from runtime.engine import load_kernel_tokenizer, onnx_forward
 from runtime.labels import fit_label_space
-from runtime.packing import PACK_TOKENS, PACKED, PACKED_INPUTS, kernel_encoder, make_packs, pack_feed, run_packs, split_ids
+from runtime.member import PACKED
+from runtime.packing import PACK_TOKENS, PACKED_INPUTS, kernel_encoder, make_packs, pack_feed, run_packs, split_ids
 from runtime.prompts import render_parts
 
 from .conftest import SAMPLE_TRAIN, make_tiny
@@ -112,10 +113,12 @@ def test_pack_tokens_past_a_members_own_are_capped_there_with_one_line(caplog):
 
     from runtime.predict import pack_size
 
-    member = {"name": "m1-qwen", "inputs": PACKED, "pack_tokens": 1024}
+    from runtime.member import Member
+
+    member = Member(name="m1-qwen", weight=1.0, inputs=PACKED, pack_tokens=1024)
     with caplog.at_level(logging.WARNING, logger="mapbuild"):
         assert [pack_size(member, n) for n in (None, 0, 256, 1024)] == [1024, 0, 256, 1024] and not caplog.text
-        assert pack_size(member, 100000) == 1024 and pack_size({"name": "old"}, 4096) == PACK_TOKENS
+        assert pack_size(member, 100000) == 1024 and pack_size(Member(name="old", weight=1.0), 4096) == PACK_TOKENS
     assert caplog.messages == [
         "m1-qwen: --pack-tokens 100000 capped at 1024, the largest pack it was exported and checked for",
         f"old: --pack-tokens 4096 capped at {PACK_TOKENS}, the largest pack it was exported and checked for",
@@ -134,11 +137,14 @@ def word_tokenizer(words: list[str]):
     return tok
 
 
-def test_a_question_too_long_for_max_length_leaves_its_rows_their_own_tokens(caplog):
+def test_a_question_too_long_for_max_length_leaves_its_rows_their_own_tokens(caplog, tmp_path):
     """A question text 10x max_length made every row of it head[:max_length] and an empty tail: one input for all
     of them, and nothing logged (issue 40, point 7). The head now loses its middle past 3/4 of max_length; a head
-    within that is split as before, in the kernel (whose tokenizer truncates) as in training."""
+    within that is split as before, in the kernel (whose tokenizer.json truncates) as in training."""
     import logging
+
+    from runtime.member import MemberSpec
+    from runtime.predict import kernel_rows
 
     long_q = " ".join(f"q{i}" for i in range(320))
     tails = [f"answer{r} because {' '.join(f'why{r}' for _ in range(r + 1))}" for r in range(5)]
@@ -147,8 +153,9 @@ def test_a_question_too_long_for_max_length_leaves_its_rows_their_own_tokens(cap
     untruncated = word_tokenizer(words)
     untruncated.no_truncation()
     plain = lambda texts, special: [e.ids for e in untruncated.encode_batch(list(texts), add_special_tokens=special)]  # noqa: E731
+    word_tokenizer(words).save(str(tmp_path / "tokenizer.json"))
     with caplog.at_level(logging.WARNING, logger="mapbuild"):
-        rows = split_ids(kernel_encoder(word_tokenizer(words)), parts, 32)
+        rows = kernel_rows(tmp_path / "tokenizer.json", MemberSpec(inputs=PACKED, max_length=32), parts)
     assert rows == split_ids(plain, parts, 32)  # the kernel cuts as training does, and each logs once
     assert caplog.text.count("5 of 10 rows have a head (question) of over 24 of their 32 tokens") == 2
     cut, head = rows[:5], plain([long_q], True)[0]
@@ -209,7 +216,7 @@ def test_packed_logits_equal_unpacked_in_pytorch_and_onnx(family_model, model_ty
 
     forward = onnx_forward(packed_onnx(model, tmp_path / "packed.onnx"))
     tok.save_pretrained(tmp_path / "tok")
-    kernel_rows = sample_rows(tok, kernel_encoder(load_kernel_tokenizer(tmp_path / "tok" / "tokenizer.json", 250)))
+    kernel_rows = sample_rows(tok, kernel_encoder(load_kernel_tokenizer(tmp_path / "tok" / "tokenizer.json", None)))
     assert kernel_rows == rows  # the kernel's tokenizer splits exactly as training's
     for size in PACK_SIZES:
         assert np.abs(run_packs(forward, rows, pad, size, 16) - unpacked).max() < 1e-4, size
@@ -246,15 +253,15 @@ def test_a_decoder_bundle_runs_packed_and_scores_the_same_at_any_pack_size(tmp_p
         assert np.array_equal(predict(tmp_path / "bundle", manifest, space, df, pack_tokens=8 * PACK_TOKENS)[0], packed)
     assert f"{member['name']}: --pack-tokens {8 * PACK_TOKENS} capped at {PACK_TOKENS}" in caplog.text and "planned at" not in caplog.text
     assert member["mean_tokens"] < np.mean([len(h) + len(t) for h, t in split_ids(
-        kernel_encoder(load_kernel_tokenizer(tmp_path / "onnx" / "tokenizer.json", 256)),
-        render_parts(df, "context", space, member["chat"]), member["max_length"])])  # the plan counts packed tokens
+        kernel_encoder(load_kernel_tokenizer(tmp_path / "onnx" / "tokenizer.json", None)),
+        render_parts(df, "context", space, member.get("chat")), member["max_length"])])  # the plan counts packed tokens
     assert "inputs 'ragged'" in schema_problem(manifest | {"members": [member | {"inputs": "ragged"}]})
 
     # --pack-tokens 0 is re-planned at its own cost: a deadline its own pack size meets drops it before it starts
     import time
 
     from runtime.packing import packed_tokens
-    rows = split_ids(kernel_encoder(load_kernel_tokenizer(tmp_path / "onnx" / "tokenizer.json", 256)), render_parts(df, "context", space, member["chat"]), member["max_length"])
+    rows = split_ids(kernel_encoder(load_kernel_tokenizer(tmp_path / "onnx" / "tokenizer.json", None)), render_parts(df, "context", space, member.get("chat")), member["max_length"])
     cost = packed_tokens(rows, 0) / packed_tokens(rows, PACK_TOKENS)
     assert cost > 1.5
     planned = 600.0

@@ -12,6 +12,7 @@ from builder.cli import cli
 from runtime.data import read_rows
 from runtime.labels import LabelSpace
 from runtime.manifest import load_manifest
+from runtime.member import Member, MemberSpec
 from runtime.plan import T4_FLOPS, estimate, verdict
 from runtime.submission import check_submission
 
@@ -19,10 +20,10 @@ from .conftest import SAMPLE_TEST, SAMPLE_TRAIN
 
 
 def test_estimate_is_forward_flops_over_the_t4_rate():
-    m = {"name": "a", "params": 1_000_000_000, "mean_tokens": 100.0, "precision": "fp16"}
-    (e,) = estimate([m], rows=40_000, gpus=2, efficiency=0.25)
+    m = MemberSpec(params=1_000_000_000, mean_tokens=100.0, precision="fp16")
+    (e,) = estimate({"a": m}, rows=40_000, gpus=2, efficiency=0.25)
     assert e.seconds == pytest.approx(2 * 1e9 * 100 * 40_000 / (65e12 * 0.25 * 2))
-    (e32,) = estimate([{**m, "precision": "fp32"}], rows=40_000, gpus=2, efficiency=0.25)
+    (e32,) = estimate({"a": MemberSpec(params=1_000_000_000, mean_tokens=100.0, precision="fp32")}, rows=40_000, gpus=2, efficiency=0.25)
     assert e32.seconds / e.seconds == pytest.approx(65 / 8.1)
     assert [verdict(h * 3600) for h in (7.9, 8.5, 9.1)] == ["ok", "warn", "over"]
 
@@ -32,10 +33,10 @@ def test_what_runs_on_the_cpu_is_planned_at_its_measured_cpu_pace_not_at_t4_flop
     have no CUDA kernels; a member exported on a GPU has no CPU pace of its own, and gets a FLOPs estimate."""
     from runtime.plan import KAGGLE_CPU_FLOPS, manifest_plan
 
-    tfidf = {"name": "tfidf", "kind": "tfidf", "precision": "fp32", "params": 10**6, "mean_tokens": 1.0, "cpu_rows_per_s": 2_000.0}
-    int8 = {"name": "minilm", "precision": "int8", "params": 22 * 10**6, "mean_tokens": 60.0, "cpu_rows_per_s": 100.0}
-    fp16 = {"name": "qwen", "precision": "fp16", "params": 8 * 10**9, "mean_tokens": 100.0, "cuda_rows_per_s": 50.0}
-    plans = {e.name: e for e in estimate([tfidf, int8, fp16], rows=40_000)}
+    tfidf = Member(name="tfidf", weight=1.0, kind="tfidf", precision="fp32", params=10**6, mean_tokens=1.0, cpu_rows_per_s=2_000.0)
+    int8 = Member(name="minilm", weight=1.0, precision="int8", params=22 * 10**6, mean_tokens=60.0, cpu_rows_per_s=100.0)
+    fp16 = Member(name="qwen", weight=1.0, precision="fp16", params=8 * 10**9, mean_tokens=100.0, cuda_rows_per_s=50.0)
+    plans = {e.name: e for e in estimate({m.name: m for m in (tfidf, int8, fp16)}, rows=40_000)}
     assert (plans["tfidf"].device, plans["tfidf"].seconds) == ("CPU", 20.0)
     assert (plans["minilm"].device, plans["minilm"].seconds) == ("CPU", 400.0)
     assert plans["qwen"].device == "T4" and plans["qwen"].seconds == pytest.approx(2 * 8e9 * 100 * 40_000 / (65e12 * 0.25 * 2))
@@ -205,7 +206,7 @@ def test_plan_of_a_config_counts_params_and_tokens_before_training(tiny_bert, tm
 
     from transformers import AutoModel
 
-    from builder.infer import training_ids
+    from builder.torch_rows import training_ids
     from builder.models import load_hf_tokenizer
     from runtime.knn import knn_text
 
@@ -233,13 +234,15 @@ def test_plan_of_a_config_counts_params_and_tokens_before_training(tiny_bert, tm
 
 
 def test_the_plan_says_what_threads_a_cpu_pace_was_timed_on():
-    from builder.forecast import pace_notes
+    from builder.build_plan import pace_notes
     from runtime.plan import KAGGLE_CPU_FLOPS, KERNEL_THREADS
 
-    timed = {"name": "minilm", "precision": "int8", "cpu_rows_per_s": 100.0, "drift": {"cpu_threads": KERNEL_THREADS}}
-    before = {"name": "old", "precision": "int8", "cpu_rows_per_s": 250.0, "drift": {"rows": 1024}}  # every core of the build box
-    assert pace_notes([timed, before, {"name": "gpu", "precision": "fp16", "cuda_rows_per_s": 900.0}]) == [
+    timed = MemberSpec(precision="int8", cpu_rows_per_s=100.0, cpu_threads=KERNEL_THREADS)
+    moved = MemberSpec.from_json({"precision": "int8", "cpu_rows_per_s": 100.0, "drift": {"cpu_threads": KERNEL_THREADS}})  # bundle format 2
+    before = MemberSpec(precision="int8", cpu_rows_per_s=250.0, drift={"rows": 1024})  # every core of the build box
+    assert pace_notes({"minilm": timed, "moved": moved, "old": before, "gpu": MemberSpec(precision="fp16", cuda_rows_per_s=900.0)}) == [
         "minilm: planned on the CPU at 100 rows/s, timed on 4 threads (the kernel has 4 vCPUs)",
+        "moved: planned on the CPU at 100 rows/s, timed on 4 threads (the kernel has 4 vCPUs)",
         "old: planned on the CPU at 250 rows/s, timed on every core of the build machine, not the kernel's 4: export it again",
     ]
     assert KAGGLE_CPU_FLOPS == 1e11  # the FLOPs plan of Kaggle's CPU is unchanged: 4 vCPUs at 25 GFLOPS

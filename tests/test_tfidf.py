@@ -113,4 +113,4 @@ def test_its_cpu_pace_is_timed_on_the_kernels_threads_and_says_so(tmp_path, monk
     threads, session = [], ort.InferenceSession
     monkeypatch.setattr(ort, "InferenceSession", lambda path, opts=None, **kw: threads.append(opts and opts.intra_op_num_threads) or session(path, opts, **kw))
     train_tfidf(TfidfConfig(data=str(SAMPLE_TRAIN), dedupe=False, min_df=1), tmp_path / "onnx")
-    assert threads == [KERNEL_THREADS] and json.loads((tmp_path / "onnx" / "mapbuild.json").read_text())["drift"]["cpu_threads"] == KERNEL_THREADS
+    assert threads == [KERNEL_THREADS] and json.loads((tmp_path / "onnx" / "mapbuild.json").read_text())["cpu_threads"] == KERNEL_THREADS

@@ -50,7 +50,7 @@ def test_inputs_go_to_the_models_device_and_logits_come_back_to_the_cpu():
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from builder.infer import torch_logits
+    from builder.torch_rows import torch_logits
 
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3)
     meta = BertForSequenceClassification(cfg).to("meta")
@@ -145,14 +145,14 @@ def test_a_crash_costs_at_most_one_checkpoint_interval_and_resume_gives_the_same
 def test_a_crash_in_validation_keeps_the_trained_adapter(tiny_bert, tmp_path, monkeypatch):
     import transformers
 
-    import builder.infer
+    import builder.torch_rows
 
     cfg = TrainConfig(model=str(tiny_bert), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=16, lora_r=2, save_steps=100)
 
     def lost_gpu(*args, **kwargs):
         raise Crash
 
-    monkeypatch.setattr(builder.infer, "torch_logits", lost_gpu)
+    monkeypatch.setattr(builder.torch_rows, "torch_logits", lost_gpu)
     with pytest.raises(Crash):
         train(cfg, tmp_path / "run")
     monkeypatch.undo()

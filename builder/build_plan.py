@@ -13,8 +13,9 @@ import os
 from runtime.errors import MapbuildError
 from runtime.knn import knn_text
 from runtime.labels import fit_label_space
-from runtime.packing import PACK_TOKENS, PACKED, packed_tokens
-from runtime.plan import KERNEL_THREADS, pace_threads
+from runtime.member import PACKED, MemberSpec
+from runtime.packing import PACK_TOKENS, packed_tokens
+from runtime.plan import KERNEL_THREADS
 from runtime.predict import prompts
 
 from .build import load_config
@@ -41,7 +42,7 @@ def params_of(model: str) -> int:
 
 def mean_tokens(member, rows) -> float | None:
     """Mean tokens a row the kernel computes for this member, or None when its tokenizer is not on this machine."""
-    from .infer import training_ids, training_rows, whole
+    from .torch_rows import training_ids, training_rows, whole
 
     spec = member.config
     if spec.model in ALIASES and not ALIASES[spec.model].wheel:
@@ -55,16 +56,16 @@ def mean_tokens(member, rows) -> float | None:
         return sum(map(len, training_ids(tok, knn_text(rows), spec.max_length))) / len(rows)
     prompting = prompting_of(spec, family_of(source)[1], tok)
     split = training_rows(tok, prompting, prompts(prompting, rows, fit_label_space(rows)))
-    if prompting.get("inputs") == PACKED:
+    if prompting.inputs == PACKED:
         return packed_tokens(split, PACK_TOKENS) / len(rows)
     return sum(map(len, whole(prompting, split))) / len(rows)
 
 
-def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str | None = None) -> tuple[list[dict], list[str]]:
-    """The plan entries of CONFIG.toml's members (`data` replacing every member's), with `size_mib` of their weights,
-    and notes on what is assumed."""
+def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str | None = None) -> tuple[dict[str, MemberSpec], dict[str, float], list[str]]:
+    """What runtime.plan.estimate takes of CONFIG.toml's members (`data` replacing every member's), by name; the MiB
+    of their weights; and notes on what is assumed."""
     _, members = load_config(config, data=data)
-    entries, notes = [], []
+    entries, sizes, notes = {}, {}, []
     for m in members:
         if m.kind == "tfidf":
             notes.append(f"{m.name}: a TF-IDF member runs on the CPU at the pace its export measures (about a minute here); not planned")
@@ -74,23 +75,23 @@ def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str 
         if tokens is None:
             notes.append(f"{m.name}: no tokenizer for {m.config.model} on this machine; planned at --tokens {assumed_tokens:g} a row")
         params = params_of(m.config.model)
-        entries.append({"name": m.name, "kind": m.kind, "params": params, "mean_tokens": tokens or assumed_tokens,
-                        "precision": m.quantize, "size_mib": params * BITS[m.quantize] / 8 / 2**20})  # fmt: skip
-    cpu = [e["name"] for e in entries if e["precision"] == "int8"]
+        entries[m.name] = MemberSpec(kind=m.kind, params=params, mean_tokens=tokens or assumed_tokens, precision=m.quantize)
+        sizes[m.name] = params * BITS[m.quantize] / 8 / 2**20
+    cpu = [name for name, e in entries.items() if e.precision == "int8"]
     if cpu:
         notes.append(f"{', '.join(cpu)}: int8 runs on the CPU, planned here at its FLOPs on Kaggle's CPU (an assumption, "
                      f"often pessimistic); the plan of the packaged bundle uses the pace its export measured on {KERNEL_THREADS} threads")  # fmt: skip
-    return entries, notes
+    return entries, sizes, notes
 
 
-def pace_notes(members: list[dict]) -> list[str]:
+def pace_notes(members: dict[str, MemberSpec]) -> list[str]:
     """What a bundle's CPU paces were timed on: the kernel's KERNEL_THREADS threads, or (exported before the count
     was recorded) every core of the build machine, a pace Kaggle's CPU may not keep."""
     notes = []
-    for m in members:
-        if "cpu_rows_per_s" not in m:
+    for name, m in members.items():
+        if m.cpu_rows_per_s is None:
             continue
-        pace, threads = f"{m['name']}: planned on the CPU at {m['cpu_rows_per_s']:g} rows/s", pace_threads(m)
+        pace, threads = f"{name}: planned on the CPU at {m.cpu_rows_per_s:g} rows/s", m.cpu_threads
         if threads:
             notes.append(f"{pace}, timed on {threads} threads (the kernel has {KERNEL_THREADS} vCPUs)")
         else:

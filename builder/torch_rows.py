@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from runtime.engine import run_batches
-from runtime.packing import PACKED, Encode, Row, split_ids
+from runtime.member import PACKED, MemberSpec
+from runtime.packing import Encode, Row, split_ids
 
 
 def training_ids(tok, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -21,17 +22,17 @@ def hf_encoder(tok) -> Encode:
     return lambda texts, special: tok(list(texts), add_special_tokens=special)["input_ids"]
 
 
-def training_rows(tok, member: dict, texts: Sequence) -> list[list[int]] | list[Row]:
+def training_rows(tok, spec: MemberSpec, texts: Sequence) -> list[list[int]] | list[Row]:
     """The training tokenizer's twin of runtime.predict.kernel_rows: one list a row, or (head ids, tail ids) for a
-    packed member (`member`: a run's metadata, or the kernel's member entry)."""
-    if member.get("inputs") == PACKED:
-        return split_ids(hf_encoder(tok), texts, member["max_length"])
-    return training_ids(tok, texts, member["max_length"])
+    packed member."""
+    if spec.inputs == PACKED:
+        return split_ids(hf_encoder(tok), texts, spec.max_length)
+    return training_ids(tok, texts, spec.max_length)
 
 
-def whole(member: dict, rows: list) -> list[list[int]]:
+def whole(spec: MemberSpec, rows: list) -> list[list[int]]:
     """Each row's ids as one sequence, head then tail for a packed member: what an unpacked forward takes."""
-    return [h + t for h, t in rows] if member.get("inputs") == PACKED else rows
+    return [h + t for h, t in rows] if spec.inputs == PACKED else rows
 
 
 def torch_logits(
