@@ -143,7 +143,10 @@ def candidate_trainer():
             allowed, labels = inputs.pop("allowed"), inputs.pop("labels")
             if "last" in inputs:  # a batch of packs (builder.torch_packed.collate_packs): logits [packs, slots, labels]
                 filled = labels >= 0
-                outputs = {"logits": packed_logits_of(model, **inputs)[filled]}
+                # accelerate autocasts model.forward alone, and the packed forward calls the backbone past it: its
+                # mixed precision (fp16 on a T4) is entered here, or every packed step runs in fp32.
+                with self.accelerator.autocast():
+                    outputs = {"logits": packed_logits_of(model, **inputs)[filled]}
                 allowed, labels = allowed[filled], labels[filled]
             else:
                 outputs = model(**inputs)

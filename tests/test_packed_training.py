@@ -86,6 +86,30 @@ def test_packed_training_follows_the_unpacked_loss_curve_on_the_same_rows(tiny_l
         assert np.allclose(packed_w[name], w, atol=1e-4), name
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_trainers_mixed_precision_reaches_the_packed_forward(tiny_llama, tmp_path, packed):
+    """Issue 42: accelerate autocasts `model.forward` alone, and the packed step calls the backbone past it, so
+    every packed step ran in fp32 under Trainer(fp16=True) on a T4 (no tensor cores, twice the activations). The
+    Trainer's own bf16 on the CPU, through trainer.train(), as on CUDA; a hook reads the dtype each layer's MLP
+    computes in (a layer's output is the fp32 residual stream either way)."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    tok = load_hf_tokenizer(str(tiny_llama))
+    items = pack_items(tok, 256)[:4]
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=len(items[0]["allowed"][0]), pad_token_id=tok.pad_token_id)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8))
+    dtypes = set()
+    for layer in model.get_base_model().model.layers:
+        layer.mlp.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, use_cpu=True, bf16=True,
+                             remove_unused_columns=False, report_to="none", save_strategy="no", disable_tqdm=True)  # fmt: skip
+    collator = lambda b: collate_packs(b, tok.pad_token_id, packed=packed)  # noqa: E731
+    candidate_trainer()(model=model, args=args, train_dataset=items, data_collator=collator).train()
+    assert dtypes == {torch.bfloat16}
+
+
 def test_train_pack_tokens_computes_fewer_tokens_a_row_and_validates(tiny_llama, tmp_path):
     common = dict(model=str(tiny_llama), data=str(SAMPLE_TRAIN), folds=3, epochs=1, batch_size=8, lora_r=2, template="context", max_length=200)
     packed = train(TrainConfig(**common, pack_tokens=256), tmp_path / "packed")
