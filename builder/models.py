@@ -186,13 +186,23 @@ def family_of(source: Source) -> tuple[str, Family]:
 
 
 def load_hf_tokenizer(source: Source | str):
-    """The fast HF tokenizer of a model, with a pad token (decoders often lack one: reuse EOS)."""
+    """The fast HF tokenizer of a model, with a pad token (decoders often lack one: reuse EOS) that no row ends with.
+
+    transformers' classifier head reads a row's rightmost token that is not the pad; the packed forward, and so the
+    kernel, reads its literal last token. A tokenizer that appends EOS to every text and pads with EOS made them
+    read different tokens (issue 42): then another special token pads."""
     from transformers import AutoTokenizer
 
     source = source if isinstance(source, Source) else Source(source)
     tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    ends = tok("a")["input_ids"][-1]  # what every row ends with, where the tokenizer appends a special token
+    if tok.pad_token_id == ends:
+        spare = next((t for t in (tok.unk_token, tok.bos_token, *tok.all_special_tokens) if t is not None and tok.convert_tokens_to_ids(t) != ends), None)
+        if spare is None:
+            raise MapbuildError(f"{source.path}: its tokenizer ends every row with its pad token {tok.pad_token!r} and has no other special token to pad with")
+        tok.pad_token = spare
     return tok
 
 

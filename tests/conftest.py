@@ -79,8 +79,9 @@ CHATML = (
 )
 
 
-def tiny_tokenizer(kind: str):
-    """WordPiece with [CLS]/[SEP] for encoders; byte-level BPE with BOS for decoders, padding with EOS (a known trap)."""
+def tiny_tokenizer(kind: str, eos_after: bool = False):
+    """WordPiece with [CLS]/[SEP] for encoders; byte-level BPE with BOS for decoders, padding with EOS (a known trap),
+    and with `eos_after` ending every text with EOS too (a worse one)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -99,21 +100,22 @@ def tiny_tokenizer(kind: str):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(sample_corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    ends = " </s>" if eos_after else ""
+    tok.post_processor = processors.TemplateProcessing(single=f"<s> $A{ends}", special_tokens=[(t, tok.token_to_id(t)) for t in ("<s>", "</s>")])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
     fast.chat_template = CHATML  # decoders train in their chat template, as instruct models do
     return fast
 
 
-def make_tiny(model_type: str, folder: Path, dtype: str = "float32") -> Path:
-    """A 2-layer random model of the family, from its config in code, with a tokenizer trained in code, stored in
-    `dtype` (hub checkpoints are mostly bf16)."""
+def make_tiny(model_type: str, folder: Path, dtype: str = "float32", eos_after: bool = False) -> Path:
+    """A 2-layer random model of the family, from its config in code, with a tokenizer trained in code (`eos_after`:
+    see tiny_tokenizer), stored in `dtype` (hub checkpoints are mostly bf16)."""
     import torch
     from transformers import AutoConfig, AutoModel
 
     from builder.models import FAMILIES
 
-    tok = tiny_tokenizer(FAMILIES[model_type].kind)
+    tok = tiny_tokenizer(FAMILIES[model_type].kind, eos_after)
     special = {f"{name}_token_id": getattr(tok, f"{name}_token_id") for name in ("pad", "bos", "eos", "cls", "sep")}
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -12,6 +12,7 @@ from builder.train import TrainConfig, candidate_trainer, train
 from runtime.data import labels_of, read_rows
 from runtime.errors import MapbuildError
 from runtime.labels import fit_label_space
+from runtime.member import PACKED, MemberSpec
 from runtime.packing import split_ids
 from runtime.prompts import render_parts
 
@@ -108,6 +109,25 @@ def test_the_trainers_mixed_precision_reaches_the_packed_forward(tiny_llama, tmp
     collator = lambda b: collate_packs(b, tok.pad_token_id, packed=packed)  # noqa: E731
     candidate_trainer()(model=model, args=args, train_dataset=items, data_collator=collator).train()
     assert dtypes == {torch.bfloat16}
+
+
+def test_a_tokenizer_that_ends_every_row_with_its_pad_reads_the_same_token_packed_and_unpacked(tmp_path):
+    """Issue 42: transformers' head (unpacked training, validation and the export's reference) reads a row's
+    rightmost token that is not the pad; the packed forward (packed training, the kernel) its literal last one. A
+    tokenizer that appends EOS and pads with EOS made them disagree on every row; load_hf_tokenizer now pads with
+    another special token."""
+    from builder.models import Source, load_classifier
+    from builder.torch_packed import torch_packed_logits
+    from builder.torch_rows import torch_logits, whole
+
+    folder = make_tiny("llama", tmp_path / "eos", eos_after=True)
+    tok = load_hf_tokenizer(str(folder))
+    assert tok("a")["input_ids"][-1] == tok.eos_token_id != tok.pad_token_id
+    df = read_rows(SAMPLE_TRAIN, labelled=True).head(48)
+    rows = split_ids(hf_encoder(tok), render_parts(df, "context", fit_label_space(df), None), 200)
+    model, _ = load_classifier(Source(str(folder)), fit_label_space(df).labels, tok.pad_token_id)
+    hf = torch_logits(model.eval(), whole(MemberSpec(inputs=PACKED), rows), tok.pad_token_id, batch_size=8)
+    assert np.abs(torch_packed_logits(model, rows, tok.pad_token_id, 0) - hf).max() < 1e-4
 
 
 def test_train_pack_tokens_computes_fewer_tokens_a_row_and_validates(tiny_llama, tmp_path):
