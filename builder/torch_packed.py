@@ -25,14 +25,27 @@ def parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return getattr(base, base.base_model_prefix), head
 
 
+def packed_masks(config, attention_mask: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The additive masks of a pack for the attention patterns the model's layers use. A 4-D mask reaches every layer
+    as it is, so a sliding-window layer gets the pack's mask cut to its window, by the rows' own positions as
+    transformers cuts a whole row (key > query - window): by layer type where the config names them, else alone."""
+    additive = lambda allowed: torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)  # noqa: E731
+    window, types = getattr(config, "sliding_window", None), set(getattr(config, "layer_types", None) or ())
+    if not window or (types and "sliding_attention" not in types):
+        return additive(attention_mask)
+    near = position_ids[:, None, :, None] - position_ids[:, None, None, :] < window  # [packs, 1, query, key]
+    sliding = additive(attention_mask & near)
+    return {"full_attention": additive(attention_mask), "sliding_attention": sliding} if types else sliding
+
+
 def packed_logits_of(model, input_ids, position_ids, attention_mask, last) -> torch.Tensor:
     """Logits [packs, rows per pack, labels] of a packed batch (runtime.packing.PACKED_INPUTS; the mask is bool)."""
     backbone, head = parts(model)
     dtype = backbone.get_input_embeddings().weight.dtype  # QLoRA's packed 4-bit weights are not its compute dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
-    additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(~attention_mask, torch.finfo(dtype).min)
-    hidden = backbone(input_ids=input_ids, attention_mask=additive, position_ids=position_ids, use_cache=False).last_hidden_state
+    masks = packed_masks(backbone.config, attention_mask, position_ids, dtype)
+    hidden = backbone(input_ids=input_ids, attention_mask=masks, position_ids=position_ids, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
     return head(hidden[rows, last])
 

@@ -175,3 +175,28 @@ def test_a_packed_step_under_fp16_autocast_matches_the_unpacked_one(tiny_llama, 
     (packed_loss, packed_grad), (loss, grad) = steps[True], steps[False]
     assert np.isfinite(packed_loss) and torch.isfinite(packed_grad).all() and packed_grad.abs().sum() > 0
     assert packed_loss == pytest.approx(loss, rel=1e-2) and torch.nn.functional.cosine_similarity(packed_grad, grad, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma3_text", "phi3"])
+def test_a_sliding_window_shorter_than_the_rows_holds_in_the_packed_forward(tmp_path, model_type):
+    """Issue 42: transformers passes a 4-D mask to every layer untouched, so a sliding-window layer saw the whole
+    row in the packed forward (the kernel's graph, at any --pack-tokens, and packed training) while the model's
+    own forward, which trains and validates unpacked, cut it to the window. A window of 8 tokens, rows of 20-60."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from builder.torch_packed import torch_packed_logits
+    from builder.torch_rows import torch_logits, whole
+
+    folder = make_tiny(model_type, tmp_path / model_type)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"sliding_window": 8}))
+    tok = load_hf_tokenizer(str(folder))
+    df = read_rows(SAMPLE_TRAIN, labelled=True).head(32)
+    rows = split_ids(hf_encoder(tok), render_parts(df, "context", fit_label_space(df), None), 200)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=5, pad_token_id=tok.pad_token_id).eval()
+    assert model.config.sliding_window == 8 and min(len(h) + len(t) for h, t in rows) > 16
+    own = torch_logits(model, whole(MemberSpec(inputs=PACKED), rows), tok.pad_token_id, batch_size=8)
+    for pack_tokens in (0, 4096):
+        assert np.abs(torch_packed_logits(model, rows, tok.pad_token_id, pack_tokens) - own).max() < 1e-4, pack_tokens
