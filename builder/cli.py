@@ -19,6 +19,7 @@ import click
 from tabulate import tabulate
 
 from runtime.ensemble import METHODS
+from runtime.member import TORCH
 from runtime.errors import MapbuildError
 from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, added_member, estimate, verdict
 from runtime.prompts import TEMPLATES
@@ -241,19 +242,21 @@ def merge(run_dir: str, out: str) -> None:
 @cli.command()
 @click.argument("merged_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="ONNX folder to write.")
-@click.option("--quantize", type=click.Choice(list(EXPORT_PRECISIONS)), default="int8", show_default=True, help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16).")
+@click.option("--quantize", type=click.Choice(list(EXPORT_PRECISIONS)), default="int8", show_default=True, help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16). The torch engine takes fp32 or fp16.")
+@click.option("--engine", type=click.Choice(["onnx", TORCH]), default="onnx", show_default=True, help="What runs it in the kernel: onnxruntime (an ONNX graph), or the PyTorch of Kaggle's image (safetensors weights).")
 @click.option("--rows", type=int, default=1024, show_default=True, help="Held-out rows for the drift check.")
-@click.option("--force", is_flag=True, help=f"Keep a quantized model that loses more than {MAX_MAP3_DROP} MAP@3 on the held-out rows.")
+@click.option("--force", is_flag=True, help=f"Keep a model that loses more than {MAX_MAP3_DROP} MAP@3 on the held-out rows, or an fp32 one whose top labels differ from PyTorch's.")
 @json_option
-def export(merged_dir: str, out: str, quantize: str, rows: int, force: bool) -> None:
-    """Export MERGED_DIR to ONNX and record its logit drift against PyTorch fp32 on held-out rows.
+def export(merged_dir: str, out: str, quantize: str, engine: str, rows: int, force: bool) -> None:
+    """Export MERGED_DIR for the kernel's engine and record its logit drift against PyTorch fp32 on held-out rows.
 
-    A quantized model that scores lower than PyTorch fp32 on the held-out rows (MAP@3 with the kernel's masks) by
-    more than the limit is refused unless --force."""
+    A model that scores lower than PyTorch fp32 on the held-out rows (MAP@3 with the kernel's masks) by more than the
+    limit is refused unless --force, and so is an fp32 one whose top label differs from PyTorch fp32's on over 1%
+    of them (it computes another model)."""
     from .export import export as run
 
-    emit({**run(merged_dir, out, quantize, rows, force), "precision": quantize, "out": out}, lambda d: (
-        f"{d['precision']} ONNX -> {d['out']}: max |logit diff| {d['max_abs_logit_diff']:.2e}, top-1 agreement "
+    emit({**run(merged_dir, out, quantize, rows, force, engine), "precision": quantize, "engine": engine, "out": out}, lambda d: (
+        f"{d['precision']} {d['engine']} -> {d['out']}: max |logit diff| {d['max_abs_logit_diff']:.2e}, top-1 agreement "
         f"{d['top1_agreement']:.3f} ({d['masked_top1_agreement']:.3f} masked), MAP@3 {d['map3_onnx']:.4f} against "
         f"{d['map3_reference']:.4f} on {d['rows']} rows"
     ))

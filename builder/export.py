@@ -20,9 +20,10 @@ from runtime.external_data import locations
 from runtime.packing import PACK_TOKENS, PACKED_INPUTS, packed_tokens
 from runtime.labels import LabelSpace
 from runtime.plan import KERNEL_THREADS
-from runtime.member import PACKED, MemberSpec
+from runtime.member import PACKED, TORCH, MemberSpec
 from runtime.metrics import masked_map3
 from runtime.predict import kernel_rows, prompts, run_rows
+from runtime.torch_engine import TORCH_PRECISIONS, torch_forward
 
 from .folds import across_questions, input_key, load_labelled, scheme_of, split_fold
 from .models import FAMILIES, load_hf_tokenizer
@@ -288,13 +289,28 @@ def check_recorded_drift(drift: dict, folder: str | os.PathLike) -> None:
         raise MapbuildError(f"{folder}: its recorded drift has {bad[0]} = {bad[1]}; export it again from a model with finite outputs")
 
 
+# An fp32 export computes the trained model in the same precision: it may differ from PyTorch by rounding, which
+# moves a near-tie now and then, never this share of the kernel's predictions. Below it the graph computes another
+# model (a last token read wrong, a sliding window lost: issue 42), whatever the MAP@3 says on these rows.
+MIN_FP32_AGREEMENT = 0.99
+
+
 def check_drift(drift: dict, precision: str, force: bool, max_drop: float = MAX_MAP3_DROP) -> None:
-    """Refuse a quantized model that scores more than `max_drop` MAP@3 below PyTorch fp32 on the held-out rows."""
+    """Refuse, unless `force`, a model that scores more than `max_drop` MAP@3 below PyTorch fp32 on the held-out rows,
+    and an fp32 one whose masked top-1 agrees with PyTorch fp32's on fewer than MIN_FP32_AGREEMENT of them."""
+    if force:
+        return
     drop = drift["map3_reference"] - drift["map3_onnx"]
-    if precision != "fp32" and not drop <= max_drop and not force:  # a NaN drop fails too
+    if not drop <= max_drop:  # a NaN drop fails too
+        fix = "report it with the model's config" if precision == "fp32" else "export fp32 instead"
         raise MapbuildError(
             f"--quantize {precision} lowers MAP@3 from {drift['map3_reference']:.4f} to {drift['map3_onnx']:.4f} on {drift['rows']} "
-            f"held-out rows (limit {max_drop}); export fp32 instead, or pass --force to keep it"
+            f"held-out rows (limit {max_drop}); {fix}, or pass --force to keep it"
+        )
+    if precision == "fp32" and not drift["masked_top1_agreement"] >= MIN_FP32_AGREEMENT:
+        raise MapbuildError(
+            f"the fp32 export agrees with PyTorch fp32 on the top label of {drift['masked_top1_agreement']:.3f} of {drift['rows']} held-out "
+            f"rows (at least {MIN_FP32_AGREEMENT}): it computes another model; report it with the model's config, or pass --force to keep it"
         )
 
 
@@ -310,11 +326,24 @@ def checked_kernel_rows(tokenizer_json: Path, model_dir: str | os.PathLike, spec
     return rows
 
 
-def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 1024, force: bool = False) -> dict:
-    """Write ONNX_DIR with model.onnx, tokenizer.json and the drift against PyTorch fp32 on held-out rows."""
+def write_torch(merged: str | os.PathLike, folder: Path, precision: str) -> None:
+    """The torch engine's files (runtime.torch_engine.TORCH_FILES) at `precision`: the weights in one safetensors
+    file whatever their size (the bundle lists a member's files by role), and the config."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32  # never the checkpoint's stored dtype
+    model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=dtype)
+    model.save_pretrained(folder, max_shard_size="1000GB")
+
+
+def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 1024, force: bool = False, engine: str = "onnx") -> dict:
+    """Write OUT with the model for `engine` (onnx: model.onnx; torch: safetensors weights and config), tokenizer.json
+    and the drift against PyTorch fp32 on held-out rows."""
     from .torch_rows import torch_logits, whole
 
-    one_of(quantize, EXPORT_PRECISIONS, "--quantize")
+    torch_engine = engine == TORCH
+    one_of(quantize, TORCH_PRECISIONS if torch_engine else EXPORT_PRECISIONS, f"--quantize (--engine {engine})")
     meta = read_meta(merged, "merged")
     check_data(meta, meta["config"]["data"], "restore the file, or train again")  # the held-out rows come from it
     record = StageMeta.from_json(meta)
@@ -326,10 +355,16 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
     with atomic_dir(out, "onnx") as tmp:
         shutil.copy(Path(merged) / "tokenizer.json", tmp / FILES["tokenizer"])
         kernel = checked_kernel_rows(tmp / FILES["tokenizer"], merged, record, prompts(record, sample, space))
-        write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[record.model_type].ort_fusion, packed=packed)
-        forward = onnx_forward(tmp / FILES["model"], KERNEL_THREADS)  # a CPU session's pace is the kernel's
+        if torch_engine:
+            write_torch(merged, tmp, quantize)
+            import torch
+
+            forward, threads = torch_forward(tmp, quantize), torch.get_num_threads()  # the kernel's own engine, as it loads it
+        else:
+            write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[record.model_type].ort_fusion, packed=packed)
+            forward, threads = onnx_forward(tmp / FILES["model"], KERNEL_THREADS), KERNEL_THREADS  # a CPU session's pace is the kernel's
         start = time.perf_counter()
-        got = run_rows(forward, record, kernel, 32, "onnx")  # packed as the kernel packs
+        got = run_rows(forward, record, kernel, 32, engine)  # packed as the kernel packs
         seconds = time.perf_counter() - start
         provider = forward.provider
         del forward  # the session, then the fp32 reference: never both in memory (a CPU session upcasts fp16 weights)
@@ -339,16 +374,17 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         reference = torch_logits(model, ids, record.pad_token_id, desc="torch")
         check_finite(got, reference, merged)
         drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
-        drift |= {"reference": what, "onnx_provider": provider}
+        drift |= {"reference": what, f"{engine}_provider": provider}
         check_drift(drift, quantize, force)
         write_meta(tmp, replace(
             record,
             stage="onnx",
             merged=str(Path(merged).resolve()),
+            engine=TORCH if torch_engine else None,
             precision=quantize,
             drift=drift,
             # the CPU pace is the kernel's plan when its sessions land on the CPU: only a CPU session measures it
-            **({"cpu_rows_per_s": round(len(ids) / seconds, 1), "cpu_threads": KERNEL_THREADS} if provider == CPU else {"cuda_rows_per_s": round(len(ids) / seconds, 1)}),
+            **({"cpu_rows_per_s": round(len(ids) / seconds, 1), "cpu_threads": threads} if provider == CPU else {"cuda_rows_per_s": round(len(ids) / seconds, 1)}),
             params=sum(p.numel() for p in model.parameters()),
             # what a row costs the kernel: its share of the packs where packed
             mean_tokens=round((packed_tokens(kernel, record.pack_tokens) if packed else sum(map(len, ids))) / len(ids), 1),

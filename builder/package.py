@@ -44,7 +44,7 @@ SECRET = re.compile(r"kaggle\.json|\.env(\..*)?|.*\.env|\.?netrc|\.git-credentia
 SECRET_TEXT = re.compile(
     rb"KAGGLE_KEY\s*[=:]\s*\S{8}|\"key\"\s*:\s*\"[0-9a-f]{32}\"|AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|ghp_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}"
 )
-UNSCANNED = (".whl", ".onnx", ".data")  # PyPI's wheels and the exported weights: binary, and not ours to hold keys
+UNSCANNED = (".whl", ".onnx", ".data", ".safetensors")  # PyPI's wheels and the exported weights: binary, and not ours to hold keys
 
 
 def dataset_metadata(dataset_id: str, title: str, description: str) -> dict:
@@ -182,7 +182,7 @@ def copy_member(tmp: Path, name: str, d: str, m: StageMeta, weight: float, oof_m
     """Copy one member's files from its ONNX folder `d` into tmp/models/NAME; returns the member, with every field
     of its export's record, whose card it writes beside them."""
     (tmp / "models" / name).mkdir(parents=True)
-    files = KINDS[m.kind].present(Path(d))
+    files = KINDS[m.kind].present(Path(d), m.engine)
     for f in files.values():
         if (Path(d) / f).is_symlink():
             raise MapbuildError(f"package: {Path(d) / f} is a symlink; a bundle holds real files only")

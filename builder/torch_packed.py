@@ -1,9 +1,5 @@
-"""The packed forward pass of a decoder classifier in PyTorch, and its training batches: for export, training and
-validation alike.
-
-transformers uses a 4-D attention mask as it is given (masking_utils returns it untouched), so the model's own
-backbone runs a pack with runtime.packing's mask and positions; the classifier head then reads each row's last
-token. Its additive form (0 or the dtype's minimum) works under eager attention and SDPA alike."""
+"""The packed forward of a decoder classifier (runtime.torch_engine.packed_logits, the one home of it) as the
+exporter's module and over many rows, and packed training batches."""
 
 from __future__ import annotations
 
@@ -12,42 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from runtime.errors import MapbuildError
 from runtime.packing import Row, make_packs, pack_feed, run_packs
-
-
-def parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The backbone and the classifier head of a decoder classifier, LoRA-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = getattr(base, "score", None)
-    if head is None:
-        raise MapbuildError(f"{type(base).__name__}: no `score` head, so no packed forward; train with --pack-tokens 0")
-    return getattr(base, base.base_model_prefix), head
-
-
-def packed_masks(config, attention_mask: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The additive masks of a pack for the attention patterns the model's layers use. A 4-D mask reaches every layer
-    as it is, so a sliding-window layer gets the pack's mask cut to its window, by the rows' own positions as
-    transformers cuts a whole row (key > query - window): by layer type where the config names them, else alone."""
-    additive = lambda allowed: torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)  # noqa: E731
-    window, types = getattr(config, "sliding_window", None), set(getattr(config, "layer_types", None) or ())
-    if not window or (types and "sliding_attention" not in types):
-        return additive(attention_mask)
-    near = position_ids[:, None, :, None] - position_ids[:, None, None, :] < window  # [packs, 1, query, key]
-    sliding = additive(attention_mask & near)
-    return {"full_attention": additive(attention_mask), "sliding_attention": sliding} if types else sliding
-
-
-def packed_logits_of(model, input_ids, position_ids, attention_mask, last) -> torch.Tensor:
-    """Logits [packs, rows per pack, labels] of a packed batch (runtime.packing.PACKED_INPUTS; the mask is bool)."""
-    backbone, head = parts(model)
-    dtype = backbone.get_input_embeddings().weight.dtype  # QLoRA's packed 4-bit weights are not its compute dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    masks = packed_masks(backbone.config, attention_mask, position_ids, dtype)
-    hidden = backbone(input_ids=input_ids, attention_mask=masks, position_ids=position_ids, use_cache=False).last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
-    return head(hidden[rows, last])
+from runtime.torch_engine import model_forward, packed_logits
 
 
 class PackedClassifier(torch.nn.Module):
@@ -58,7 +20,7 @@ class PackedClassifier(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, last):
-        return packed_logits_of(self.model, input_ids, position_ids, attention_mask, last).float()
+        return packed_logits(self.model, input_ids, position_ids, attention_mask, last).float()
 
 
 def example_inputs() -> tuple[torch.Tensor, ...]:
@@ -68,15 +30,8 @@ def example_inputs() -> tuple[torch.Tensor, ...]:
 
 
 def torch_packed_logits(model, rows: Sequence[Row], pad_id: int, pack_tokens: int, batch_rows: int = 32, desc: str = "torch packed") -> np.ndarray:
-    """Logits of every row, packed, through PyTorch (wherever the model sits), as the kernel's ONNX graph runs them."""
-    device = next(model.parameters()).device
-
-    @torch.inference_mode()
-    def forward(*feed: np.ndarray) -> np.ndarray:
-        return packed_logits_of(model, *(torch.from_numpy(a).to(device) for a in feed)).float().cpu().numpy()
-
-    return run_packs(forward, rows, pad_id, pack_tokens, batch_rows, desc=desc)
-
+    """Logits of every row, packed, through PyTorch (wherever the model sits), as the kernel runs them."""
+    return run_packs(model_forward(model), rows, pad_id, pack_tokens, batch_rows, desc=desc)
 
 
 def training_packs(rows: Sequence[Row], labels: Sequence[int], allowed: np.ndarray, pack_tokens: int, seed: int) -> list[dict]:

@@ -136,7 +136,7 @@ def candidate_trainer():
     import torch
     from transformers import Trainer
 
-    from .torch_packed import packed_logits_of
+    from runtime.torch_engine import packed_logits
 
     class CandidateTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -146,7 +146,7 @@ def candidate_trainer():
                 # accelerate autocasts model.forward alone, and the packed forward calls the backbone past it: its
                 # mixed precision (fp16 on a T4) is entered here, or every packed step runs in fp32.
                 with self.accelerator.autocast():
-                    outputs = {"logits": packed_logits_of(model, **inputs)[filled]}
+                    outputs = {"logits": packed_logits(model, **inputs)[filled]}
                 allowed, labels = allowed[filled], labels[filled]
             else:
                 outputs = model(**inputs)

@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 PACKED = "packed"  # a member's `inputs` when its rows are (head, tail) and its graph takes runtime.packing.PACKED_INPUTS
 MEMBER_KINDS = ("transformer", "tfidf", "knn")  # the kinds of member a bundle may hold: runtime.predict.SCORERS scores each
+TORCH = "torch"  # a transformer member's `engine` when PyTorch runs it (runtime.torch_engine); None: onnxruntime
 
 
 def described(text: str, default: object = None, card: bool = False) -> typing.Any:
@@ -57,6 +58,7 @@ class MemberSpec:
     chat: dict | None = described("the chat wrapping around each prompt, from the tokenizer's chat template", card=True)
     max_length: int | None = described("tokens a row is cut to", card=True)
     inputs: str | None = described(f"'{PACKED}': rows as head + tail, packed behind a shared head; None: whole rows", card=True)
+    engine: str | None = described(f"'{TORCH}': PyTorch runs its safetensors weights (runtime.torch_engine); None: onnxruntime its ONNX graph")
     pack_tokens: int | None = described("tokens a pack holds, for a packed member (the kernel's default when None)")
     pad_token_id: int | None = described("the tokenizer's pad id", card=True)
     knn: dict | None = described("the kNN member's settings (runtime.knn.SETTINGS)", card=True)
@@ -80,6 +82,8 @@ class MemberSpec:
             return f"kind {self.kind!r} is not one of {', '.join(MEMBER_KINDS)}"
         if self.inputs not in (None, PACKED):  # a newer builder's way of feeding a graph this runtime lacks
             return f"inputs {self.inputs!r} is not {PACKED!r}; package it with this runtime's mapbuild"
+        if self.engine not in (None, TORCH) or (self.engine and self.kind != "transformer"):
+            return f"engine {self.engine!r} is not {TORCH!r} for a transformer; package it with this runtime's mapbuild"
         for name, unit in (("max_length", "tokens"), ("cpu_threads", "threads")):
             if (value := getattr(self, name)) is not None and value < 1:
                 return f"{name} {value} is not a positive number of {unit}"

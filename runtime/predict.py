@@ -16,7 +16,7 @@ from .external_data import problem as external_problem
 from .knn import check_settings, knn_text, load_table, vote
 from .labels import LabelSpace
 from .manifest import bundle_members, check_files
-from .member import PACKED, Member, MemberSpec
+from .member import PACKED, TORCH, Member, MemberSpec
 from .packing import PACK_TOKENS, Row, kernel_encoder, packed_tokens, run_packs, split_ids
 from .plan import drop, on_gpu, planned_seconds
 from .prompts import render, render_parts
@@ -95,11 +95,25 @@ def onnx_outputs(
         pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
 
+def torch_outputs(bundle: Path, member: Member, texts: list, batch_size: int, deadline: float | None = None) -> tuple[np.ndarray, str | None]:
+    """The member's PyTorch classifier (runtime.torch_engine, imported here: torch only for its own members) over
+    `texts`, in the same batches or packs as an ONNX member's, on one device: its output rows and where it ran."""
+    from .torch_engine import torch_forward
+
+    rows = kernel_rows(bundle / member.files["tokenizer"], member, texts)
+    forward = torch_forward(bundle / Path(member.files["model"]).parent, member.precision)
+    return run_rows(forward, member, rows, batch_size, member.name, deadline), forward.provider
+
+
 def transformer_probs(
     bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
 ) -> tuple[np.ndarray, str | None]:
-    """An ONNX classifier over rendered prompts."""
-    logits, provider = onnx_outputs(bundle, member, prompts(member, df, space), batch_size, devices, deadline)
+    """A classifier over rendered prompts, by its engine: onnxruntime, or PyTorch."""
+    texts = prompts(member, df, space)
+    if member.engine == TORCH:
+        logits, provider = torch_outputs(bundle, member, texts, batch_size, deadline)
+    else:
+        logits, provider = onnx_outputs(bundle, member, texts, batch_size, devices, deadline)
     return softmax(logits), provider
 
 

@@ -127,6 +127,27 @@ def make_tiny(model_type: str, folder: Path, dtype: str = "float32", eos_after: 
 
 
 @pytest.fixture(scope="session")
+def merged_family(tmp_path_factory):
+    """model_type -> a folder with its tiny model trained (run) and merged (merged), built once per family and session
+    (tests/test_families.py, tests/test_torch_engine.py)."""
+    from builder.merge import merge
+    from builder.train import TrainConfig, train
+
+    built: dict = {}
+
+    def get(model_type: str):
+        if model_type not in built:
+            root = tmp_path_factory.mktemp(model_type)
+            base = make_tiny(model_type, root / "base")
+            train(TrainConfig(model=str(base), data=str(SAMPLE_TRAIN), epochs=1, lora_r=4), root / "run")
+            merge(root / "run", root / "merged")
+            built[model_type] = root
+        return built[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny("bert", tmp_path_factory.mktemp("tiny-bert"))
 

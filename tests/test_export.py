@@ -30,9 +30,23 @@ def test_drift_gate_refuses_a_quantized_model_that_loses_map3_not_one_that_only_
     with pytest.raises(MapbuildError, match=r"--quantize int8 lowers MAP@3 from 1.0000 to 0.9900 on 100 .*--force"):
         check_drift(drift, "int8", force=False)
     check_drift(drift, "int8", force=True)
-    check_drift(drift, "fp32", force=False)  # fp32 is the reference precision: recorded, never gated
+    with pytest.raises(MapbuildError, match=r"--quantize fp32 lowers MAP@3 .* report it"):  # fp32 is gated too
+        check_drift(drift, "fp32", force=False)
     check_drift(measure_drift(got, REF, allowed, ["b"] * 2 + ["a"] * 98, LABELS), "int8", force=False)  # the same flips, now right
     check_drift(measure_drift(got, REF, allowed, ["a"] * 100, LABELS), "int8", force=False, max_drop=0.011)
+
+
+def test_an_fp32_export_that_moves_the_kernels_top_label_is_refused_even_where_map3_holds():
+    got = REF.copy()
+    got[:2] = [2.0, 3.0, 0.0]
+    truth = ["b"] * 2 + ["a"] * 98  # the flips land on the right label: MAP@3 rises
+    drift = measure_drift(got, REF, np.ones_like(REF, dtype=bool), truth, LABELS)
+    check_drift(drift, "int8", force=False)
+    with pytest.raises(MapbuildError, match=r"^the fp32 export agrees with PyTorch fp32 on the top label of 0.980 of 100 .*--force"):
+        check_drift(drift, "fp32", force=False)
+    check_drift(drift, "fp32", force=True)
+    got[1] = REF[1]  # one flip in 100: rounding's share
+    check_drift(measure_drift(got, REF, np.ones_like(REF, dtype=bool), truth, LABELS), "fp32", force=False)
 
 
 def test_flips_between_labels_the_mask_removes_do_not_count():

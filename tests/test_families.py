@@ -35,23 +35,6 @@ def fp16_fragile_nodes(path) -> list[str]:
     return [n.name for n in graph.node if n.op_type in FRAGILE_OPS and types.get(n.input[0]) == onnx.TensorProto.FLOAT16]
 
 
-@pytest.fixture(scope="module")
-def merged_family(tmp_path_factory):
-    """model_type -> a folder with its tiny model trained (run) and merged (merged), built once per family."""
-    built: dict = {}
-
-    def get(model_type: str):
-        if model_type not in built:
-            root = tmp_path_factory.mktemp(model_type)
-            base = make_tiny(model_type, root / "base")
-            train(TrainConfig(model=str(base), data=str(SAMPLE_TRAIN), epochs=1, lora_r=4), root / "run")
-            merge(root / "run", root / "merged")
-            built[model_type] = root
-        return built[model_type]
-
-    return get
-
-
 def kernel_feed(root, meta) -> list:
     """The kernel's rows of 24 sample prompts and the edge texts (as tails of a real head, for a packed member),
     checked against training's tokenizer."""
