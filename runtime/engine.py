@@ -196,14 +196,14 @@ def die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(parent: int, path: str, devices: Queue, threads: int, records: Queue) -> None:
+def _init_worker(parent: int, opener: Callable[[int], Forward], devices: Queue, records: Queue) -> None:
     global _worker_forward
     die_with(parent)
     # The worker's log records go to the parent, which logs them as its own: its errors reach the run's faults.
     worker_log = logging.getLogger("mapbuild")
     worker_log.addHandler(QueueHandler(records))
     worker_log.setLevel(logging.INFO)
-    _worker_forward = onnx_forward(path, threads, device_id=devices.get())
+    _worker_forward = opener(devices.get())
 
 
 def _pool_forward(batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, str]:
@@ -225,16 +225,18 @@ def worker_devices(workers: int, gpus: int) -> list[int]:
 
 
 class DevicePool(ProcessPoolExecutor):
-    """`workers` processes, each with its own session: worker i on CUDA device i modulo the visible GPUs (so more
-    workers than GPUs share them), or the CPU when there is none. Called on a batch it is a Forward; `provider` says
-    where the workers' sessions ran (the CPU if any one did), and their log lines are logged here."""
+    """`workers` processes, each with its own model, `opener(i)`: worker i on CUDA device i modulo the visible GPUs
+    (so more workers than GPUs share them), or the CPU when there is none. `opener` must pickle (a module function, or
+    a functools.partial of one): `partial(onnx_forward, path, threads)` opens an ONNX session. Called on a batch the
+    pool is a Forward; `provider` says where the workers ran (the CPU if any one did), and their log lines are logged
+    here."""
 
-    def __init__(self, path: str, workers: int, threads: int = 0) -> None:
+    def __init__(self, opener: Callable[[int], Forward], workers: int) -> None:
         ctx = mp.get_context("spawn")  # CUDA cannot survive fork
         ids, records = ctx.Queue(), ctx.Queue()
         for device in worker_devices(workers, gpu_count()):
             ids.put(device)
-        super().__init__(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), str(path), ids, threads, records))
+        super().__init__(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), opener, ids, records))
         self.workers = workers
         self.providers: set[str] = set()
         self.listener = QueueListener(records, _Relay())

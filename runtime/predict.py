@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def onnx_outputs(
         forward = onnx_forward(model, threads, gpu=gpu)
         return run_rows(forward, member, rows, batch_size, member.name, deadline), getattr(forward, "provider", None)
     log.info("%s: %d worker processes, one per device", member.name, devices)
-    pool = DevicePool(model, devices)
+    pool = DevicePool(partial(onnx_forward, str(model)), devices)
     try:
         return run_rows(pool, member, rows, batch_size, member.name, deadline, warmup=devices), pool.provider
     finally:
@@ -97,12 +98,22 @@ def onnx_outputs(
 
 def torch_outputs(bundle: Path, member: Member, texts: list, batch_size: int, deadline: float | None = None) -> tuple[np.ndarray, str | None]:
     """The member's PyTorch classifier (runtime.torch_engine, imported here: torch only for its own members) over
-    `texts`, in the same batches or packs as an ONNX member's, on one device: its output rows and where it ran."""
-    from .torch_engine import torch_forward
+    `texts`, in the same batches or packs as an ONNX member's, placed on the GPUs by its size and its longest batch:
+    its output rows and where it ran."""
+    from .torch_engine import placed_forward
 
     rows = kernel_rows(bundle / member.files["tokenizer"], member, texts)
-    forward = torch_forward(bundle / Path(member.files["model"]).parent, member.precision)
-    return run_rows(forward, member, rows, batch_size, member.name, deadline), forward.provider
+    packed = member.inputs == PACKED
+    longest = max(sum(map(len, r)) if packed else len(r) for r in rows)
+    span = max(own_pack(member), longest) if packed else longest
+    folder = bundle / Path(member.files["model"]).parent
+    forward = placed_forward(folder, member.precision, batch_size * longest, -(-batch_size * longest // span), span)
+    if not isinstance(forward, DevicePool):
+        return run_rows(forward, member, rows, batch_size, member.name, deadline), forward.provider
+    try:
+        return run_rows(forward, member, rows, batch_size, member.name, deadline, warmup=forward.workers), forward.provider
+    finally:
+        forward.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
 
 def transformer_probs(

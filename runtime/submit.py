@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--result", type=Path, help="also write what ran as JSON: rows, members run, fallbacks, seconds, MAP@3, error")
     parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and the competition")
-    parser.add_argument("--devices", type=int, help="worker processes, worker i on GPU i modulo the GPUs (default: one per visible GPU, else 1)")
+    parser.add_argument("--devices", type=int, help="ONNX worker processes, worker i on GPU i modulo the GPUs (default: one per visible GPU, else 1); a torch member places itself")
     parser.add_argument(
         "--hours", type=float, default=LIMIT_HOURS - MARGIN_HOURS,
         help="time budget for predictions from now; members that would overrun are dropped (default: %(default)s)",

@@ -11,12 +11,15 @@ dtype's minimum) works under eager attention and SDPA alike."""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from .engine import CPU, CUDA, Forward
+from .engine import CPU, CUDA, DevicePool, Forward
 from .errors import MapbuildError
 from .packing import PACKED_INPUTS
 
@@ -25,6 +28,14 @@ log = logging.getLogger("mapbuild")
 # What a torch member's folder holds, by role: `save_pretrained`'s weights (one file, whatever the size) and config.
 TORCH_FILES = {"model": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}
 TORCH_PRECISIONS = ("fp32", "fp16")
+BYTES = {"float32": 4, "float16": 2}
+GIB = 2**30
+# What a process's CUDA context, cuBLAS's workspace and PyTorch's allocator take of a GPU before any weight (a few
+# hundred MiB; not yet measured on a T4): never planned for weights.
+CONTEXT_BYTES = GIB // 2
+# The share of a GPU a placement fills: the allocator fragments, and a batch longer than its bound is retried in
+# halves (runtime.engine.halving), not planned for.
+USABLE = 0.9
 
 
 def parts(model):
@@ -65,29 +76,117 @@ def packed_logits(model, input_ids, position_ids, attention_mask, last):
     return head(hidden[rows, last.to(hidden.device)])
 
 
-def compute_dtype(precision: str, device: str) -> str:
+def require_torch() -> None:
+    """ImportError in one line where torch or transformers is missing: a kernel without them skips the member."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"the torch engine needs torch and transformers, which Kaggle's image ships and this Python lacks ({e})") from None
+
+
+def compute_dtype(precision: str, gpu: bool) -> str:
     """The dtype a member of `precision` computes in: fp16 weights run in fp16 on a GPU (never bf16, which a T4, of
     compute capability 7.5, lacks) and in fp32 on a CPU, where PyTorch's fp16 kernels are slow or missing."""
-    return "float16" if precision == "fp16" and device != "cpu" else "float32"
+    return "float16" if precision == "fp16" and gpu else "float32"
 
 
-def load_model(folder: Path, precision: str, device: str):
-    """The member's classifier from its folder (TORCH_FILES), in eval mode on `device`. No remote code: a config
-    naming its own classes is refused by transformers, as it should be."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a torch member runs: `copies` whole copies, one per GPU, the rows split over them as ONNX workers split
+    them; or one copy whose layers are split over the GPUs, at most `max_memory` bytes of weights on each; or, with
+    neither, the CPU."""
+
+    copies: int = 0
+    max_memory: dict[int, int] | None = None
+
+    def describe(self) -> str:
+        if self.max_memory:
+            return f"one copy, its layers split over {len(self.max_memory)} GPUs"
+        return f"{self.copies} whole cop{'y' if self.copies == 1 else 'ies'}, one per GPU" if self.copies else "the CPU"
+
+
+def activation_bytes(config: dict, tokens: int, packs: int, span: int, dtype_bytes: int) -> int:
+    """An upper bound of a batch's activations at their peak in one layer: `tokens` tokens in `packs` sequences of at
+    most `span` tokens. Residual stream and MLP (hidden x 4 + intermediate x 3 a token), attention scores and their
+    softmax (heads x span^2 a sequence, twice: SDPA's math path under a custom mask) and the masks (full and
+    sliding)."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    inter = config.get("intermediate_size") or 4 * hidden
+    return dtype_bytes * (tokens * (4 * hidden + 3 * inter) + packs * span**2 * (2 * heads + 2))
+
+
+def place(weights: int, activations: int, gpus: list[int]) -> Placement:
+    """Where a member of `weights` bytes, whose batches take `activations` bytes, runs on GPUs with `gpus` bytes
+    free each: a copy on each when one fits, else one copy split over all of them, each keeping room for a batch (a
+    split model runs one part at a time, so each part sees the whole batch), else nowhere (one line, the sizes)."""
+    if not gpus:
+        return Placement()
+    room = [int(free * USABLE) - CONTEXT_BYTES - activations for free in gpus]
+    if weights <= min(room):
+        return Placement(copies=len(gpus))
+    if len(gpus) > 1 and weights <= sum(room):
+        return Placement(max_memory=dict(enumerate(room)))
+    raise MapbuildError(
+        f"{weights / GIB:.1f} GiB of weights and {activations / GIB:.1f} GiB of activations a batch fit neither one of "
+        f"{len(gpus)} GPU(s) with {min(gpus) / GIB:.1f} GiB free nor all of them together; export it at a smaller precision, "
+        "or run it with a smaller --batch-size"
+    )
+
+
+def split_map(folder: Path, dtype: str, max_memory: dict[int, int]) -> dict[str, int]:
+    """accelerate's device map of the member's modules over GPUs 0, 1, ...: each filled in turn to its `max_memory`,
+    a decoder layer never cut, from the config alone (no weight is read). It needs no GPU, so a CPU test computes
+    the map the kernel uses. Not balanced: a split model runs one part at a time, and `place` kept each GPU's room
+    for a batch already."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import infer_auto_device_map
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder), dtype=getattr(torch, dtype))
+    device_map = infer_auto_device_map(model, max_memory, no_split_module_classes=model._no_split_modules or [], dtype=dtype)
+    if left := sorted(name for name, device in device_map.items() if not isinstance(device, int)):
+        raise MapbuildError(f"{folder}: {', '.join(left)} fit on no GPU of {max_memory}; export it at a smaller precision")
+    return device_map
+
+
+def describe_map(device_map: dict) -> str:
+    """A device map in one line, numbered layers as ranges: "0: model.embed_tokens, model.layers.0-13; 1: ..."."""
+    by_device: dict = {}
+    for name, device in device_map.items():
+        head, _, index = name.rpartition(".")
+        runs = by_device.setdefault(device, [])
+        if index.isdigit() and runs and runs[-1][0] == head and runs[-1][2] == int(index) - 1:
+            runs[-1][2] = int(index)
+        else:
+            runs.append([head, int(index), int(index)] if index.isdigit() else [name, None, None])
+    spell = lambda h, a, b: h if a is None else f"{h}.{a}" if a == b else f"{h}.{a}-{b}"  # noqa: E731
+    return "; ".join(f"{device}: {', '.join(spell(*r) for r in runs)}" for device, runs in by_device.items())
+
+
+def load_model(folder: Path, precision: str, device: str | dict):
+    """The member's classifier from its folder (TORCH_FILES), in eval mode, on `device` or over a device map (split
+    by accelerate's hooks, which move each part's inputs to it). No remote code: a config naming its own classes is
+    refused by transformers, as it should be."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    dtype = getattr(torch, compute_dtype(precision, device))
+    split = isinstance(device, dict)
+    dtype = getattr(torch, compute_dtype(precision, split or device != "cpu"))
+    if split:
+        return AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, device_map=device).eval()
     return AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
 def model_forward(model) -> Forward:
     """A Forward of a loaded classifier, wherever it sits: a packed batch (PACKED_INPUTS) through `packed_logits`, a
     padded one (input_ids, attention_mask) through the model's own head, fp32 logits out. Its `provider` says where
-    it runs, in runtime.engine's words."""
+    it runs, in runtime.engine's words. A model split over devices takes its inputs where its embeddings are."""
     import torch
 
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
 
     @torch.inference_mode()
     def forward(*feed: np.ndarray) -> np.ndarray:
@@ -104,16 +203,48 @@ def model_forward(model) -> Forward:
     return forward
 
 
-def torch_forward(folder: Path, precision: str, device: str | None = None) -> Forward:
-    """`model_forward` of the member in `folder`, on `device` (default: the first GPU when torch sees one, else the
-    CPU)."""
-    try:
-        import torch
-        import transformers  # noqa: F401 - load_model's, checked here to name both
-    except ImportError as e:  # a kernel without them skips this member (runtime.predict), by this line
-        raise ImportError(f"the torch engine needs torch and transformers, which Kaggle's image ships and this Python lacks ({e})") from None
+def torch_forward(folder: Path, precision: str, device_id: int | None = None, max_memory: dict[int, int] | None = None) -> Forward:
+    """`model_forward` of the member in `folder`: on GPU `device_id` (default 0) when torch sees a GPU, else the CPU;
+    or split over the GPUs with at most `max_memory` bytes each (place). Logs where its layers sit and what each GPU
+    holds. A module function of picklable arguments, so `partial(torch_forward, folder, precision)` opens a worker's
+    copy in a DevicePool."""
+    require_torch()
+    import torch
 
-    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.is_available()
+    if max_memory:
+        device = split_map(folder, compute_dtype(precision, True), max_memory)
+    else:
+        device = f"cuda:{device_id or 0}" if gpu else "cpu"
     model = load_model(folder, precision, device)
-    log.info("%s: PyTorch %s on %s", folder, compute_dtype(precision, device), device)
+    where = describe_map(model.hf_device_map) if max_memory else device
+    log.info("%s: PyTorch %s on %s", folder, compute_dtype(precision, gpu or bool(max_memory)), where)
+    if gpu:
+        held = ", ".join(f"GPU {i} {torch.cuda.memory_allocated(i) / GIB:.2f} GiB" for i in range(torch.cuda.device_count()))
+        log.info("%s: memory held after loading: %s", folder, held)
     return model_forward(model)
+
+
+def gpu_memory() -> list[int]:
+    """Bytes of each GPU torch sees (none: the CPU). Their total, not what is free: asking that opens a CUDA context
+    in this process, a few hundred MiB of each GPU for the whole run where copies run in worker processes; members run
+    one at a time and free theirs, and `place` keeps a context's share and a tenth of each GPU aside."""
+    import torch
+
+    return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def placed_forward(folder: Path, precision: str, tokens: int, packs: int, span: int) -> Forward:
+    """The member in `folder` placed on the GPUs (place) by its weights' size and a batch's activations (`tokens`
+    tokens in `packs` sequences of at most `span`): a DevicePool of one copy a GPU, one copy split over them, or one
+    copy on the one GPU or the CPU."""
+    require_torch()
+    gpus = gpu_memory()
+    dtype = compute_dtype(precision, bool(gpus))
+    weights = (folder / TORCH_FILES["model"]).stat().st_size  # on a GPU, in the dtype it is stored in
+    config = json.loads((folder / TORCH_FILES["config"]).read_text())
+    placement = place(weights, activation_bytes(config, tokens, packs, span, BYTES[dtype]), gpus)
+    log.info("%s: %.2f GiB of weights on %s", folder, weights / GIB, placement.describe())
+    if placement.copies > 1:
+        return DevicePool(partial(torch_forward, folder, precision), placement.copies)
+    return torch_forward(folder, precision, max_memory=placement.max_memory)

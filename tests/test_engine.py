@@ -3,6 +3,7 @@ import io
 import sys
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -163,11 +164,11 @@ def test_two_workers_report_where_they_ran_and_their_log_lines_reach_the_parent(
     back to the CPU never switched the plan, and the workers' error lines went to their own stderr only."""
     import logging
 
-    from runtime.engine import CPU, DevicePool
+    from runtime.engine import CPU, DevicePool, onnx_forward
 
     model = tiny_pipeline["bundle"] / load_manifest(tiny_pipeline["bundle"])["members"][0]["files"]["model"]
     seqs = [[2, 5 + i % 7, 3] + [9] * (i % 5) for i in range(64)]
-    pool = DevicePool(str(model), 2)
+    pool = DevicePool(partial(onnx_forward, str(model)), 2)
     with caplog.at_level(logging.INFO, logger="mapbuild"):
         try:
             run_batches(pool, seqs, 0, batch_size=8)

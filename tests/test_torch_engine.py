@@ -17,7 +17,7 @@ from runtime.member import TORCH, Member
 from runtime.predict import onnx_outputs, prompts, torch_outputs
 from runtime.submission import check_submission
 
-from .conftest import SAMPLE_TEST, run_kernel
+from .conftest import SAMPLE_TEST, SAMPLE_TRAIN, run_kernel
 
 ENGINES = {"onnx": "onnx-fp32", TORCH: "torch-fp32"}  # engine -> its fp32 export in a merged_family folder
 
@@ -75,3 +75,100 @@ def test_a_torch_member_travels_through_package_to_the_kernel_and_a_kernel_witho
     skipped = f"SKIPPED member {member['name']}: ImportError: the torch engine needs torch and transformers"
     assert skipped in run.stderr and "NO MEMBER LEFT" in run.stderr, run.stderr[-800:]
     assert check_submission(out, read_rows(SAMPLE_TEST)["row_id"]) == []
+
+
+GIB = 2**30
+T4 = 15 * GIB  # Kaggle's T4, as its kernel's nvidia-smi gives it
+
+
+def test_placement_puts_a_copy_on_each_t4_when_one_fits_else_splits_one_else_refuses_in_one_line():
+    from runtime.errors import MapbuildError
+    from runtime.torch_engine import place
+
+    batch = GIB  # a batch's activations
+    assert place(int(4.5e9), batch, [T4, T4]).copies == 2  # a 2B in fp16
+    split = place(int(16.4e9), batch, [T4, T4])  # Qwen3-8B in fp16: over one T4
+    assert split.copies == 0 and sorted(split.max_memory) == [0, 1] and sum(split.max_memory.values()) >= 16.4e9
+    assert all(room < 16.4e9 for room in split.max_memory.values())
+    assert place(int(4.5e9), batch, []).describe() == "the CPU"
+    for weights, gpus in ((16.4e9, [T4]), (29e9, [T4, T4])):  # 8B on one T4; Qwen3-14B in fp16 on two
+        with pytest.raises(MapbuildError, match=r"^\d+\.\d GiB of weights and 1\.0 GiB of activations a batch fit neither one of") as e:
+            place(int(weights), batch, gpus)
+        assert "\n" not in str(e.value)
+
+
+def test_a_device_map_reads_in_one_line_with_layers_as_ranges():
+    from runtime.torch_engine import describe_map
+
+    layers = {f"model.layers.{i}": 0 if i < 14 else 1 for i in range(28)}
+    device_map = {"model.embed_tokens": 0, **layers, "model.norm": 1, "score": 1}
+    assert describe_map(device_map) == "0: model.embed_tokens, model.layers.0-13; 1: model.layers.14-27, model.norm, score"
+
+
+def packed_and_padded(root, member: Member, forward) -> dict:
+    """The member's logits over the sample's rows through `forward`, in its own packs and unpacked."""
+    from runtime.predict import kernel_rows, run_rows
+
+    texts = prompts(member, read_rows(SAMPLE_TRAIN, labelled=True), LabelSpace.from_json(json.loads((root / "merged" / "mapbuild.json").read_text())["label_space"]))
+    out = {}
+    for pack_tokens in (None, 0):
+        spec = replace(member, pack_tokens=pack_tokens)
+        out[pack_tokens] = run_rows(forward, spec, kernel_rows(root / member.files["tokenizer"], spec, texts), 8, "test")
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
+def test_a_member_split_in_two_parts_hands_its_hidden_states_over_and_gives_the_one_part_logits(merged_family, tmp_path, model_type):
+    """The kernel's split placement on a CPU: the device map the kernel computes for two GPUs (split_map), its part
+    on GPU 1 put on "disk" instead, so accelerate's hooks run the model in two parts (transformers installs none on a
+    single device): part two's weights stay on disk until its turn, its inputs (hidden states, positions, the packed
+    masks) handed to it by the hooks, as they are handed from cuda:0 to cuda:1 on a T4 pair."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from runtime.torch_engine import model_forward, split_map, torch_forward
+
+    root = merged_family(model_type)
+    member = exported(root, TORCH)
+    folder = root / ENGINES[TORCH]
+    weights = (folder / "model.safetensors").stat().st_size
+    device_map = split_map(folder, "float32", {0: int(weights * 0.9), 1: weights})  # GPU 0 cannot hold all of it
+    assert set(device_map.values()) == {0, 1}, device_map
+    twin = {name: "cpu" if device == 0 else "disk" for name, device in device_map.items()}
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32, device_map=twin, offload_folder=tmp_path / "offload").eval()
+    second = [model.get_submodule(name) for name, device in device_map.items() if device == 1]
+    assert all(hasattr(m, "_hf_hook") for m in second)
+    assert {p.device.type for m in second for p in m.parameters()} == {"meta"}  # on disk, loaded by the hooks in turn
+    handed = []
+    second[0].register_forward_pre_hook(lambda module, args, kwargs: handed.append(args[0] if args else next(iter(kwargs.values()))), with_kwargs=True)
+    split = packed_and_padded(root, member, model_forward(model))
+    whole = packed_and_padded(root, member, torch_forward(folder, "fp32"))
+    assert handed and all(torch.isfinite(h).all() for h in handed if torch.is_tensor(h))
+    for pack_tokens in whole:
+        assert np.abs(split[pack_tokens] - whole[pack_tokens]).max() < 1e-5, (model_type, pack_tokens)
+        assert (top3(split[pack_tokens]) == top3(whole[pack_tokens])).all()
+
+
+def test_two_torch_copies_in_worker_processes_give_the_one_copys_logits(merged_family, monkeypatch, caplog):
+    """placed_forward where a copy fits each GPU: a DevicePool of two torch workers (on the CPU here, two T4s of
+    free memory pretended), the rows split over them by whole batches."""
+    import logging
+
+    import runtime.torch_engine as torch_engine
+
+    root = merged_family("llama")
+    member = exported(root, TORCH)
+    folder = root / ENGINES[TORCH]
+    whole = packed_and_padded(root, member, torch_engine.torch_forward(folder, "fp32"))
+    monkeypatch.setattr(torch_engine, "gpu_memory", lambda: [T4, T4])
+    caplog.clear()  # the one copy's line
+    with caplog.at_level(logging.INFO, logger="mapbuild"):
+        pool = torch_engine.placed_forward(folder, "fp32", tokens=8 * 300, packs=8, span=300)
+        try:
+            assert pool.workers == 2 and "2 whole copies, one per GPU" in caplog.text
+            pooled = packed_and_padded(root, member, pool)
+        finally:
+            pool.shutdown()
+    assert pool.provider == CPU and caplog.text.count(f"{folder}: PyTorch float32 on cpu") == 2  # each worker's line
+    for pack_tokens in whole:
+        assert np.array_equal(pooled[pack_tokens], whole[pack_tokens])
