@@ -8,23 +8,24 @@ planned from their FLOPs at Kaggle's CPU rate instead) and a TF-IDF member's tim
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from runtime.errors import MapbuildError
 from runtime.knn import knn_text
 from runtime.labels import fit_label_space
-from runtime.member import PACKED, MemberSpec
+from runtime.member import PACKED, TORCH, MemberSpec
 from runtime.packing import PACK_TOKENS, packed_tokens
-from runtime.plan import KERNEL_THREADS
+from runtime.plan import KERNEL_THREADS, WEIGHT_BYTES
 from runtime.predict import prompts
 
 from .build import load_config
 from .folds import load_labelled
-from .models import ALIASES, family_of, load_hf_tokenizer, resolve
+from .models import ALIASES, FAMILIES, Family, family_of, load_hf_tokenizer, resolve
 from .train import prompting_of
 
 ROWS = 2000  # rows tokenized per member: the mean moves by well under a token past this
-BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 
 
 def params_of(model: str) -> int:
@@ -61,11 +62,34 @@ def mean_tokens(member, rows) -> float | None:
     return sum(map(len, whole(prompting, split))) / len(rows)
 
 
-def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str | None = None) -> tuple[dict[str, MemberSpec], dict[str, float], list[str]]:
+def shape_of(model: str) -> dict | None:
+    """The config keys runtime.plan.activation_bytes reads, for a registry alias that gives them or a local folder
+    (whose config.json is read: no weights, no network); else None."""
+    if model in ALIASES:
+        return ALIASES[model].config()
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config if {"hidden_size", "num_attention_heads"} <= config.keys() else None
+
+
+def family_defaults(model: str) -> Family | None:
+    """The family of a registry alias or a local folder, without loading anything; None where unknown."""
+    model_type = ALIASES[model].family if model in ALIASES else (shape_of(model) or {}).get("model_type")
+    return FAMILIES.get(model_type)
+
+
+def bundle_shapes(bundle: str | os.PathLike, members) -> dict[str, dict]:
+    """The configs of a bundle's torch members, from their folders (an ONNX member's graph carries none)."""
+    return {m.name: json.loads((Path(bundle) / m.files["config"]).read_text()) for m in members if m.engine == TORCH and "config" in m.files}
+
+
+def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str | None = None) -> tuple[dict[str, MemberSpec], dict[str, float], list[str], dict[str, dict]]:
     """What runtime.plan.estimate takes of CONFIG.toml's members (`data` replacing every member's), by name; the MiB
-    of their weights; and notes on what is assumed."""
+    of their weights; notes on what is assumed; and the shapes of the models whose shape is known (shape_of)."""
     _, members = load_config(config, data=data)
-    entries, sizes, notes = {}, {}, []
+    entries, sizes, notes, shapes = {}, {}, [], {}
     for m in members:
         if m.kind == "tfidf":
             notes.append(f"{m.name}: a TF-IDF member runs on the CPU at the pace its export measures (about a minute here); not planned")
@@ -75,13 +99,18 @@ def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str 
         if tokens is None:
             notes.append(f"{m.name}: no tokenizer for {m.config.model} on this machine; planned at --tokens {assumed_tokens:g} a row")
         params = params_of(m.config.model)
-        entries[m.name] = MemberSpec(kind=m.kind, params=params, mean_tokens=tokens or assumed_tokens, precision=m.quantize)
-        sizes[m.name] = params * BITS[m.quantize] / 8 / 2**20
+        if (shape := shape_of(m.config.model)) and m.kind == "transformer":
+            shapes[m.name] = shape
+        family = family_defaults(m.config.model)
+        packs = PACK_TOKENS if m.kind == "transformer" and family and family.kind == "decoder" else None  # the kernel packs a decoder
+        length = m.config.max_length or (family.max_length if family else None)
+        entries[m.name] = MemberSpec(kind=m.kind, params=params, mean_tokens=tokens or assumed_tokens, precision=m.quantize, max_length=length, pack_tokens=packs)
+        sizes[m.name] = params * WEIGHT_BYTES[m.quantize] / 2**20
     cpu = [name for name, e in entries.items() if e.precision == "int8"]
     if cpu:
         notes.append(f"{', '.join(cpu)}: int8 runs on the CPU, planned here at its FLOPs on Kaggle's CPU (an assumption, "
                      f"often pessimistic); the plan of the packaged bundle uses the pace its export measured on {KERNEL_THREADS} threads")  # fmt: skip
-    return entries, sizes, notes
+    return entries, sizes, notes, shapes
 
 
 def pace_notes(members: dict[str, MemberSpec]) -> list[str]:

@@ -373,7 +373,10 @@ def kernel(bundle_dir: str, push: bool, wait_hours: float | None, output: str | 
 
 @cli.command()
 @click.argument("source", required=False, type=click.Path(exists=True))
-@click.option("--add", "extra", multiple=True, metavar="ALIAS[:PRECISION]", help="Also plan a registry model (e.g. qwen3-8b:int4; default fp16).")
+@click.option(
+    "--add", "extra", multiple=True, metavar="ALIAS[:PRECISION[:ENGINE]]",
+    help="Also plan a registry model (e.g. qwen3-8b:int4, qwen3-8b:fp16:torch; default fp16 on onnx).",
+)
 @click.option("--tokens", type=float, default=80.0, show_default=True, help="Mean prompt tokens per row for --add models (and members whose tokenizer is not here).")
 @click.option("--rows", type=int, default=TEST_ROWS, show_default=True, help="Test rows to plan for.")
 @click.option("--gpus", type=int, default=2, show_default=True, help="GPUs sharing the rows.")
@@ -387,7 +390,12 @@ def plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, g
     FLOPs are 2 x parameters x mean prompt tokens per row; the rate is the T4's peak for the member's precision
     (fp16 and int4 on tensor cores 65 TFLOPS, fp32 8.1) times --efficiency. What runs on the CPU (TF-IDF, and int8,
     whose kernels onnxruntime's CUDA provider lacks) is planned at the rows/s it ran at on the build machine; for a
-    CONFIG.toml, whose members have not run, at their FLOPs on Kaggle's CPU, with tokens counted on their data."""
+    CONFIG.toml, whose members have not run, at their FLOPs on Kaggle's CPU, with tokens counted on their data.
+
+    Where a GPU member's model shape is known (a registry decoder of 2B and up, a local config, a torch member's
+    folder), it is placed on the T4s as the kernel places it: a copy on each, or (torch) one copy split over both,
+    the rows divided over the copies; GiB/GPU is its weights, a 64-row batch's activations and a CUDA context. A
+    member that fits nowhere is refused, with the precisions that would fit."""
     if not 0 < efficiency <= 1 or gpus < 1 or rows < 0:
         raise MapbuildError("--efficiency must be in (0, 1], --gpus at least 1 and --rows not negative")
     echo_plan(source, extra, tokens, rows, gpus, efficiency, data)
@@ -395,43 +403,58 @@ def plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, g
 
 def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: int, gpus: int, efficiency: float, data: str | None = None) -> None:
     """What `plan` and `build --dry-run` print: a table, or JSON, of each member's hours and weights."""
-    from .models import ALIASES
+    from .models import ALIASES, FAMILIES
 
     for spec in extra:  # first, before the planning stack loads; runtime.plan has no did-you-mean
         if (alias := spec.partition(":")[0]) not in ALIASES:
             raise MapbuildError(f"--add {spec}: {alias} is not an alias (`mapbuild models`){did_you_mean(alias, ALIASES)}")
     from runtime.manifest import bundle_members, load_manifest
 
-    from .build_plan import pace_notes, planned_members
+    from runtime.packing import PACK_TOKENS
 
-    members, sizes, notes = {}, {}, []
+    from .build_plan import bundle_shapes, pace_notes, planned_members
+
+    members, sizes, notes, shapes = {}, {}, [], {}
     config = bool(source) and Path(source).is_file()
     if data and not config:
         raise MapbuildError("--data replaces a CONFIG.toml's data: plan a CONFIG.toml with it, not a bundle")
     if config:
-        members, sizes, notes = planned_members(source, tokens, data)
+        members, sizes, notes, shapes = planned_members(source, tokens, data)
     elif source:
         members = {m.name: m for m in bundle_members(load_manifest(source))}
         notes = pace_notes(members)  # a pace timed on the build machine's every core may be one Kaggle's CPU cannot keep
-    members |= {spec: added_member(spec, {a: m.params_m for a, m in ALIASES.items()}, tokens) for spec in extra}
+        shapes = bundle_shapes(source, members.values())
+    for spec in extra:
+        alias = ALIASES[spec.partition(":")[0]]
+        members[spec] = added_member(spec, {a: m.params_m for a, m in ALIASES.items()}, tokens, PACK_TOKENS if FAMILIES[alias.family].kind == "decoder" else None)
+        if shape := alias.config():
+            shapes[spec] = shape
     if not members and not config:  # a config of TF-IDF members alone plans to nothing, and its notes say why
         raise MapbuildError("plan: give a bundle folder, a CONFIG.toml or at least one --add ALIAS")
-    plan = estimate(members, rows, gpus, efficiency)
+    plan = estimate(members, rows, gpus, efficiency, shapes)
     total = sum(e.seconds for e in plan)
     emit({
         "rows": rows, "gpus": gpus, "efficiency": efficiency, "limit_hours": LIMIT_HOURS, "total_hours": total / 3600, "verdict": verdict(total),
-        "members": [{**asdict(e), "precision": members[e.name].precision, "hours": e.seconds / 3600, "size_mib": sizes.get(e.name)} for e in plan],
+        "members": [
+            {**asdict(e), "precision": members[e.name].precision, "engine": members[e.name].engine or "onnx", "hours": e.seconds / 3600, "size_mib": sizes.get(e.name)}
+            for e in plan
+        ],
         "notes": notes,
     }, plan_text)
 
 
 def plan_text(p: dict) -> str:
     mib = lambda m: "-" if m["size_mib"] is None else f"{m['size_mib']:.0f}"  # noqa: E731
-    table = [(m["name"], m["precision"], m["device"], f"{m['params'] / 1e6:.1f}M", mib(m), f"{m['mean_tokens']:.1f}", f"{m['hours']:.3f}") for m in p["members"]]
-    table.append(("total", "", "", "", "", "", f"{p['total_hours']:.3f}"))
+    gib = lambda m: "-" if m["gib_per_gpu"] is None else f"{m['gib_per_gpu']:.1f}"  # noqa: E731
+    table = [
+        (m["name"], m["precision"], m["engine"] if m["device"] == "T4" else "-", m["device"], m["placement"] or "-", f"{m['params'] / 1e6:.1f}M", mib(m), gib(m),
+         f"{m['mean_tokens']:.1f}", f"{m['hours']:.3f}")
+        for m in p["members"]
+    ]
+    table.append(("total", "", "", "", "", "", "", "", "", f"{p['total_hours']:.3f}"))
     note = {"ok": "fits", "warn": f"inside the {MARGIN_HOURS:.0f} h safety margin", "over": "OVER the limit"}[p["verdict"]]
     return "\n".join([
-        tabulate(table, headers=("member", "precision", "runs on", "params", "MiB", "tokens", "hours"), tablefmt="plain", disable_numparse=True),
+        tabulate(table, headers=("member", "precision", "engine", "runs on", "placement", "params", "MiB", "GiB/GPU", "tokens", "hours"), tablefmt="plain", disable_numparse=True),
         *(f"note: {n}" for n in p["notes"]),
         f"{p['rows']:,} rows, {p['gpus']}x T4: {note}, limit {LIMIT_HOURS:.0f} h",
     ])

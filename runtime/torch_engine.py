@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -22,20 +21,13 @@ import numpy as np
 from .engine import CPU, CUDA, DevicePool, Forward
 from .errors import MapbuildError
 from .packing import PACKED_INPUTS
+from .member import TORCH_PRECISIONS
+from .plan import BYTES, GIB, activation_bytes, place
 
 log = logging.getLogger("mapbuild")
 
 # What a torch member's folder holds, by role: `save_pretrained`'s weights (one file, whatever the size) and config.
 TORCH_FILES = {"model": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}
-TORCH_PRECISIONS = ("fp32", "fp16")
-BYTES = {"float32": 4, "float16": 2}
-GIB = 2**30
-# What a process's CUDA context, cuBLAS's workspace and PyTorch's allocator take of a GPU before any weight (a few
-# hundred MiB; not yet measured on a T4): never planned for weights.
-CONTEXT_BYTES = GIB // 2
-# The share of a GPU a placement fills: the allocator fragments, and a batch longer than its bound is retried in
-# halves (runtime.engine.halving), not planned for.
-USABLE = 0.9
 
 
 def parts(model):
@@ -89,49 +81,6 @@ def compute_dtype(precision: str, gpu: bool) -> str:
     """The dtype a member of `precision` computes in: fp16 weights run in fp16 on a GPU (never bf16, which a T4, of
     compute capability 7.5, lacks) and in fp32 on a CPU, where PyTorch's fp16 kernels are slow or missing."""
     return "float16" if precision == "fp16" and gpu else "float32"
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a torch member runs: `copies` whole copies, one per GPU, the rows split over them as ONNX workers split
-    them; or one copy whose layers are split over the GPUs, at most `max_memory` bytes of weights on each; or, with
-    neither, the CPU."""
-
-    copies: int = 0
-    max_memory: dict[int, int] | None = None
-
-    def describe(self) -> str:
-        if self.max_memory:
-            return f"one copy, its layers split over {len(self.max_memory)} GPUs"
-        return f"{self.copies} whole cop{'y' if self.copies == 1 else 'ies'}, one per GPU" if self.copies else "the CPU"
-
-
-def activation_bytes(config: dict, tokens: int, packs: int, span: int, dtype_bytes: int) -> int:
-    """An upper bound of a batch's activations at their peak in one layer: `tokens` tokens in `packs` sequences of at
-    most `span` tokens. Residual stream and MLP (hidden x 4 + intermediate x 3 a token), attention scores and their
-    softmax (heads x span^2 a sequence, twice: SDPA's math path under a custom mask) and the masks (full and
-    sliding)."""
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    inter = config.get("intermediate_size") or 4 * hidden
-    return dtype_bytes * (tokens * (4 * hidden + 3 * inter) + packs * span**2 * (2 * heads + 2))
-
-
-def place(weights: int, activations: int, gpus: list[int]) -> Placement:
-    """Where a member of `weights` bytes, whose batches take `activations` bytes, runs on GPUs with `gpus` bytes
-    free each: a copy on each when one fits, else one copy split over all of them, each keeping room for a batch (a
-    split model runs one part at a time, so each part sees the whole batch), else nowhere (one line, the sizes)."""
-    if not gpus:
-        return Placement()
-    room = [int(free * USABLE) - CONTEXT_BYTES - activations for free in gpus]
-    if weights <= min(room):
-        return Placement(copies=len(gpus))
-    if len(gpus) > 1 and weights <= sum(room):
-        return Placement(max_memory=dict(enumerate(room)))
-    raise MapbuildError(
-        f"{weights / GIB:.1f} GiB of weights and {activations / GIB:.1f} GiB of activations a batch fit neither one of "
-        f"{len(gpus)} GPU(s) with {min(gpus) / GIB:.1f} GiB free nor all of them together; export it at a smaller precision, "
-        "or run it with a smaller --batch-size"
-    )
 
 
 def split_map(folder: Path, dtype: str, max_memory: dict[int, int]) -> dict[str, int]:

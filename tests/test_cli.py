@@ -400,7 +400,7 @@ def test_env_names_the_versions_a_bug_report_needs():
 def test_json_outputs_parse_and_say_what_the_text_says(tiny_pipeline, tmp_path):
     models = json.loads(invoke("models", "--json").stdout)
     assert {m["alias"] for m in models} >= {"minilm", "smollm2", "qwen3-8b"} and all(isinstance(m["t4_int4"], bool) for m in models)
-    plan = json.loads(invoke("plan", "--add", "minilm", "--add", "qwen3-14b:fp32", "--tokens", "200", "--json").stdout)
+    plan = json.loads(invoke("plan", "--add", "minilm", "--add", "qwen3-8b:int4", "--tokens", "2000", "--json").stdout)
     assert plan["verdict"] == "over" and plan["total_hours"] == pytest.approx(sum(m["hours"] for m in plan["members"]))
     done = invoke("package", str(tiny_pipeline["onnx"]), "--out", str(tmp_path / "b"), "--dataset-id", "me/abcdef", "--no-wheels", "--json")
     assert done.exit_code == 0, done.output

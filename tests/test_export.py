@@ -277,3 +277,28 @@ def test_inf_in_either_logits_is_refused_and_a_nan_drop_fails_the_gate():
             check_finite(got, ref, "m")
     with pytest.raises(MapbuildError, match="lowers MAP@3"):
         check_drift({"map3_reference": 1.0, "map3_onnx": float("nan"), "rows": 1}, "int8", force=False)
+
+
+@pytest.mark.parametrize("engine", ["onnx", "torch"])
+def test_a_model_whose_fp16_activations_overflow_is_refused_in_one_line_naming_the_layer(merged_family, tmp_path, engine):
+    """A tiny Llama whose layer 1 MLP writes values past fp16's 65,504 into the residual stream, which the final
+    norm scales back: fp32 logits stay finite, so only the activations show that a T4 would compute inf there
+    (this CPU computes fp16 torch weights in fp32, so the export's own run cannot show it). Its fp16 export is
+    refused naming that module; fp32 passes (the same rows, no limit)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from builder.export import export
+
+    merged = tmp_path / "merged"
+    shutil.copytree(merged_family("llama") / "merged", merged)
+    weights = load_file(merged / "model.safetensors")
+    for proj in ("gate", "up", "down"):  # x200 each: the MLP's output x8e6, its weights still inside fp16 (under 20)
+        weights[f"model.layers.1.mlp.{proj}_proj.weight"] *= 200
+    save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+    rewrite_record(merged, json.loads((merged / "mapbuild.json").read_text()))
+    with pytest.raises(MapbuildError, match=r"^--quantize fp16: model\.layers\.1\.mlp\.down_proj reaches \d\.\d+e\+0[5-9] on \d+ of \d+ held-out rows \(row_id \d+") as e:
+        export(merged, tmp_path / "fp16", "fp16", rows=64, engine=engine)
+    assert "\n" not in str(e.value) and "past fp16's largest 65,504" in str(e.value) and not (tmp_path / "fp16").exists()
+    export(merged, tmp_path / "fp32", "fp32", rows=64, engine=engine)

@@ -1,5 +1,6 @@
 """The 9-hour guard: the plan's arithmetic, the package check and the kernel's re-plan against a deadline."""
 
+import json
 import copy
 import logging
 import time
@@ -53,13 +54,32 @@ def test_plan_command_prints_a_table_for_the_bundle(tiny_pipeline):
 
 
 def test_plan_adds_registry_models_and_flags_an_overrun():
-    result = CliRunner().invoke(cli, ["plan", "--add", "minilm", "--add", "qwen3-14b:fp32", "--tokens", "200"])
+    result = CliRunner().invoke(cli, ["plan", "--add", "minilm", "--add", "qwen3-8b:int4", "--tokens", "2000"])
     assert result.exit_code == 0, result.output
-    qwen = next(line for line in result.output.splitlines() if line.startswith("qwen3-14b:fp32"))
-    hours = 2 * 14768e6 * 200 * 40_000 / (8.1e12 * 0.25 * 2) / 3600
+    qwen = next(line for line in result.output.splitlines() if line.startswith("qwen3-8b:int4"))
+    hours = 2 * 8191e6 * 2000 * 40_000 / (65e12 * 0.25 * 2) / 3600
     assert float(qwen.split()[-1]) == pytest.approx(hours, abs=1e-3) and "OVER the limit" in result.output
     bad = CliRunner().invoke(cli, ["plan", "--add", "gpt5"])
     assert bad.exit_code == 1 and "--add gpt5" in bad.output
+
+
+def test_plan_places_a_decoder_on_the_t4s_as_the_kernel_would_and_refuses_one_that_fits_nowhere():
+    """Qwen3-8B: int4 on ONNX is a copy a T4 (rows split over two), fp16 on torch one copy split over both (the rows
+    run through both in turn: half the throughput); fp16 on ONNX fits no T4 (15.3 GiB of weights), Qwen3-14B in
+    fp16 not even two, each refused in one line with what would fit."""
+    result = CliRunner().invoke(cli, ["plan", "--add", "qwen3-8b:int4", "--add", "qwen3-8b:fp16:torch", "--tokens", "75", "--json"])
+    assert result.exit_code == 0, result.output
+    int4, fp16 = json.loads(result.stdout)["members"]
+    assert int4["placement"] == "2 whole copies, one per GPU" and fp16["placement"] == "one copy, its layers split over 2 GPUs"
+    assert int4["engine"] == "onnx" and fp16["engine"] == "torch"
+    assert int4["hours"] == pytest.approx(2 * 8191e6 * 75 * 40_000 / (65e12 * 0.25 * 2) / 3600) and fp16["hours"] == pytest.approx(2 * int4["hours"])
+    assert 4.6 < int4["gib_per_gpu"] < 15 * 0.9 and 13 < fp16["gib_per_gpu"] <= 15 * 0.9  # a split fills GPU 0 first
+    for add, would in (("qwen3-8b", " (would fit: int4, fp16 on the torch engine)"), ("qwen3-14b:fp16:torch", ""), ("qwen3-8b:fp32:torch", " (would fit: fp16)")):
+        refused = CliRunner().invoke(cli, ["plan", "--add", add, "--tokens", "75"])
+        assert refused.exit_code == 1 and refused.output.count("\n") == 1, refused.output
+        assert refused.output.startswith(f"Error: {add}: ") and "GiB of weights and" in refused.output and refused.output.endswith(f"--batch-size{would}\n")
+    bad = CliRunner().invoke(cli, ["plan", "--add", "qwen3-8b:int4:torch"])
+    assert bad.exit_code == 1 and "ALIAS[:PRECISION[:ENGINE]]" in bad.output
 
 
 def rate_for_hours(onnx_dir, hours):
@@ -226,7 +246,7 @@ def test_plan_of_a_config_counts_params_and_tokens_before_training(tiny_bert, tm
     assert by["bert"]["params"] == by["near"]["params"] == params and by["bert"]["device"] == "T4" and by["near"]["device"] == "CPU"
     df = read_rows(SAMPLE_TRAIN, labelled=True)
     assert by["near"]["mean_tokens"] == pytest.approx(np.mean([len(i) for i in training_ids(load_hf_tokenizer(str(tiny_bert)), knn_text(df), 256)]))
-    assert by["big"]["mean_tokens"] == 99 and by["big"]["size_mib"] == pytest.approx(8191e6 * 4 / 8 / 2**20)
+    assert by["big"]["mean_tokens"] == 99 and by["big"]["size_mib"] == pytest.approx(8191e6 * (4 + 16 / 32) / 8 / 2**20)  # 4 bits and an fp16 scale a block of 32
     assert "words" not in by and any(n.startswith("words: a TF-IDF member") for n in plan["notes"])
     assert any("no tokenizer for qwen3-8b" in n for n in plan["notes"])  # no hub call: the alias has no wheel
     dry = CliRunner().invoke(cli, ["build", str(config), "--dry-run"])
