@@ -12,7 +12,9 @@ import click
 
 from runtime.ensemble import METHODS
 from runtime.errors import MapbuildError
+from runtime.member import ENGINES, TORCH, TORCH_PRECISIONS
 
+from .build_plan import check_fits
 from .export import EXPORT_PRECISIONS, check_drift
 from .folds import SplitConfig
 from .kinds import KINDS
@@ -32,7 +34,7 @@ class BuildConfig:
 
     out: str = field(metadata={"help": "Folder for every stage: <name>/fold<k>/{run,merged,onnx} (<name>/full/ for a full refit), as `cv` writes them, and bundle/."})
     dataset_id: str = field(metadata={"help": "Kaggle dataset id of the bundle, OWNER/SLUG."})
-    models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force` and any `mapbuild train` option; with `kind = \"tfidf\"` or `\"knn\"`, any `mapbuild tfidf` or `mapbuild knn` option."})
+    models: list[dict] = field(metadata={"help": "[[models]] tables: `name`, `quantize`, `force`, `engine` (onnx, or torch: PyTorch runs its fp16 or fp32 weights in the kernel, split over both T4s where one cannot hold them) and any `mapbuild train` option; with `kind = \"tfidf\"` or `\"knn\"`, any `mapbuild tfidf` or `mapbuild knn` option."})
     data: str | None = field(default=None, metadata={"help": "Labelled train.csv of every [[models]] table that sets no `data` of its own."})
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
     title: str | None = field(default=None, metadata={"help": "Dataset title, 6-50 characters (default: 'mapbuild SLUG')."})
@@ -71,6 +73,7 @@ class Recipe(NamedTuple):
     config: SplitConfig
     quantize: str
     force: bool  # keep a quantized export that fails the drift gate
+    engine: str = "onnx"  # the kernel's engine for it: onnx, or torch (runtime.torch_engine)
 
 
 def existing(path: Path, what: str, fix: str) -> str:
@@ -124,11 +127,14 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
         name, quantize, force = m.pop("name"), m.pop("quantize", "int8"), m.pop("force", False)
         if not isinstance(force, bool):
             raise MapbuildError(f"{path}: [[models]] {name}: force must be true or false, got {force!r}")
-        kind = m.pop("kind", "transformer")
+        kind, engine = m.pop("kind", "transformer"), m.pop("engine", "onnx")
         where = f"{path}: [[models]] {name}"
         try:
             one_of(kind, KINDS, "kind")
-            one_of(quantize, EXPORT_PRECISIONS, "quantize")
+            one_of(engine, ENGINES, "engine")
+            if engine == TORCH and TORCH not in KINDS[kind].engines:
+                raise MapbuildError(f"engine = 'torch' runs transformer members; a {kind} member runs on onnx")
+            one_of(quantize, TORCH_PRECISIONS if engine == TORCH else EXPORT_PRECISIONS, "quantize (engine = 'torch')" if engine == TORCH else "quantize")
         except MapbuildError as e:
             raise MapbuildError(f"{where}: {e}") from None
         config = KINDS[kind].config
@@ -139,7 +145,7 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[BuildConfig, list
             spec = config(**m)
         except MapbuildError as e:  # its checks name the option (--model ...): say which file and table set it
             raise MapbuildError(f"{where}: {e}") from None
-        members.append(Recipe(name, kind, spec, quantize, force))
+        members.append(Recipe(name, kind, spec, quantize, force, engine))
     return cfg, members
 
 
@@ -164,6 +170,8 @@ def done(dest: Path, member: Recipe) -> bool:
     wanted = KINDS[member.kind].precision or member.quantize
     if meta["precision"] != wanted:
         raise MapbuildError(f"{dest}: exported at {meta['precision']}, but the config now asks quantize = {member.quantize!r}; remove the folder, or set quantize back")
+    if (meta.get("engine") or "onnx") != member.engine:
+        raise MapbuildError(f"{dest}: exported for {meta.get('engine') or 'onnx'}, but the config now asks engine = {member.engine!r}; remove the folder, or set engine back")
     if "map3_onnx" in meta.get("drift", {}):  # a transformer's drift gate, which `force = true` may have overridden then
         try:
             check_drift(meta["drift"], meta["precision"], member.force)
@@ -181,13 +189,13 @@ def done(dest: Path, member: Recipe) -> bool:
 def build_member(member: Recipe, root: Path) -> Path:
     """One model's stages into its fold folder under root (run, merged, onnx; a TF-IDF member writes onnx alone),
     unless that folder is done already. Returns its ONNX folder."""
-    name, kind, spec, quantize, force = member
+    name, kind, spec, quantize, force, engine = member
     what = "full refit" if spec.full else f"fold {spec.fold}"
     dest = member_dir(root, member)
     if done(dest, member):
         click.echo(f"== {name}, {what}: done before, kept", err=True)  # progress: stdout is for results
         return dest / "onnx"
-    metrics = KINDS[kind].build(name, spec, dest, quantize, force)
+    metrics = KINDS[kind].build(name, spec, dest, quantize, force, engine)
     score = f"MAP@3 {metrics['map3']:.4f}" if "map3" in metrics else "no held-out rows"
     click.echo(f"== {name}, {what}: {score}", err=True)
     return dest / "onnx"
@@ -209,6 +217,7 @@ def build(config: str | os.PathLike, **overrides) -> Path:
     root = Path(cfg.out)
     for m in members:
         refuse_old_layout(root, m)
+    check_fits(members)  # before hours of training
     onnx_dirs = [str(build_member(m, root)) for m in members]
     bundle = root / "bundle"
     package(onnx_dirs, bundle, cfg.dataset_id, cfg.title, wheels=cfg.wheels, find_links=cfg.find_links, ensemble=cfg.ensemble, pythons=tuple(cfg.python), cuda=cfg.cuda)

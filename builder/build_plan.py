@@ -17,10 +17,9 @@ from runtime.knn import knn_text
 from runtime.labels import fit_label_space
 from runtime.member import PACKED, TORCH, MemberSpec
 from runtime.packing import PACK_TOKENS, packed_tokens
-from runtime.plan import KERNEL_THREADS, WEIGHT_BYTES
+from runtime.plan import KERNEL_THREADS, WEIGHT_BYTES, on_gpu, placed_on_t4s
 from runtime.predict import prompts
 
-from .build import load_config
 from .folds import load_labelled
 from .models import ALIASES, FAMILIES, Family, family_of, load_hf_tokenizer, resolve
 from .train import prompting_of
@@ -85,10 +84,28 @@ def bundle_shapes(bundle: str | os.PathLike, members) -> dict[str, dict]:
     return {m.name: json.loads((Path(bundle) / m.files["config"]).read_text()) for m in members if m.engine == TORCH and "config" in m.files}
 
 
-def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str | None = None) -> tuple[dict[str, MemberSpec], dict[str, float], list[str], dict[str, dict]]:
-    """What runtime.plan.estimate takes of CONFIG.toml's members (`data` replacing every member's), by name; the MiB
+def member_spec(m, params: int, tokens: float) -> MemberSpec:
+    """What runtime.plan takes of a recipe (a builder.build.Recipe, which imports this module): its size, precision
+    and engine, and the kernel's rows (a decoder packed at the kernel's default, as its export sets it)."""
+    family = family_defaults(m.config.model)
+    packs = PACK_TOKENS if m.kind == "transformer" and family and family.kind == "decoder" else None
+    length = m.config.max_length or (family.max_length if family else None)
+    return MemberSpec(kind=m.kind, params=params, mean_tokens=tokens, precision=m.quantize, max_length=length, pack_tokens=packs, engine=TORCH if m.engine == TORCH else None)
+
+
+def check_fits(members: list, gpus: int = 2) -> None:
+    """Refuse, before any training, a transformer recipe of known shape (shape_of) that the kernel could place on
+    no T4 (runtime.plan.placed_on_t4s: one line, with the precisions that would fit)."""
+    for m in members:
+        if m.kind == "transformer" and (shape := shape_of(m.config.model)):
+            spec = member_spec(m, params_of(m.config.model), 1.0)
+            if on_gpu(spec):
+                placed_on_t4s(m.name, spec, shape, gpus)
+
+
+def planned_members(members: list, assumed_tokens: float) -> tuple[dict[str, MemberSpec], dict[str, float], list[str], dict[str, dict]]:
+    """What runtime.plan.estimate takes of a config's members (builder.build.load_config's recipes), by name; the MiB
     of their weights; notes on what is assumed; and the shapes of the models whose shape is known (shape_of)."""
-    _, members = load_config(config, data=data)
     entries, sizes, notes, shapes = {}, {}, [], {}
     for m in members:
         if m.kind == "tfidf":
@@ -101,10 +118,7 @@ def planned_members(config: str | os.PathLike, assumed_tokens: float, data: str 
         params = params_of(m.config.model)
         if (shape := shape_of(m.config.model)) and m.kind == "transformer":
             shapes[m.name] = shape
-        family = family_defaults(m.config.model)
-        packs = PACK_TOKENS if m.kind == "transformer" and family and family.kind == "decoder" else None  # the kernel packs a decoder
-        length = m.config.max_length or (family.max_length if family else None)
-        entries[m.name] = MemberSpec(kind=m.kind, params=params, mean_tokens=tokens or assumed_tokens, precision=m.quantize, max_length=length, pack_tokens=packs)
+        entries[m.name] = member_spec(m, params, tokens or assumed_tokens)
         sizes[m.name] = params * WEIGHT_BYTES[m.quantize] / 2**20
     cpu = [name for name, e in entries.items() if e.precision == "int8"]
     if cpu:

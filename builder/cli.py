@@ -19,8 +19,8 @@ import click
 from tabulate import tabulate
 
 from runtime.ensemble import METHODS
-from runtime.member import TORCH
 from runtime.errors import MapbuildError
+from runtime.member import ENGINES
 from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, added_member, estimate, verdict
 from runtime.prompts import TEMPLATES
 
@@ -243,7 +243,7 @@ def merge(run_dir: str, out: str) -> None:
 @click.argument("merged_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="ONNX folder to write.")
 @click.option("--quantize", type=click.Choice(list(EXPORT_PRECISIONS)), default="int8", show_default=True, help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16). The torch engine takes fp32 or fp16.")
-@click.option("--engine", type=click.Choice(["onnx", TORCH]), default="onnx", show_default=True, help="What runs it in the kernel: onnxruntime (an ONNX graph), or the PyTorch of Kaggle's image (safetensors weights).")
+@click.option("--engine", type=click.Choice(ENGINES), default="onnx", show_default=True, help="What runs it in the kernel: onnxruntime (an ONNX graph), or the PyTorch of Kaggle's image (safetensors weights).")
 @click.option("--rows", type=int, default=1024, show_default=True, help="Held-out rows for the drift check.")
 @click.option("--force", is_flag=True, help=f"Keep a model that loses more than {MAX_MAP3_DROP} MAP@3 on the held-out rows, or an fp32 one whose top labels differ from PyTorch's.")
 @json_option
@@ -412,6 +412,7 @@ def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: i
 
     from runtime.packing import PACK_TOKENS
 
+    from .build import load_config
     from .build_plan import bundle_shapes, pace_notes, planned_members
 
     members, sizes, notes, shapes = {}, {}, [], {}
@@ -419,7 +420,7 @@ def echo_plan(source: str | None, extra: tuple[str, ...], tokens: float, rows: i
     if data and not config:
         raise MapbuildError("--data replaces a CONFIG.toml's data: plan a CONFIG.toml with it, not a bundle")
     if config:
-        members, sizes, notes, shapes = planned_members(source, tokens, data)
+        members, sizes, notes, shapes = planned_members(load_config(source, data=data)[1], tokens)
     elif source:
         members = {m.name: m for m in bundle_members(load_manifest(source))}
         notes = pace_notes(members)  # a pace timed on the build machine's every core may be one Kaggle's CPU cannot keep

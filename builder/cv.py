@@ -22,6 +22,7 @@ from runtime.labels import LabelSpace, top3
 from runtime.metrics import map_at_3
 
 from .build import Recipe, build_member, done, fold_dir, load_config
+from .build_plan import check_fits
 from .ensemble import fit
 from .folds import load_labelled
 from .stages import read_meta, run_file
@@ -82,6 +83,7 @@ def cv(
     if unknown:
         raise MapbuildError(f"--only {sorted(unknown)[0]}: {config} has no such [[models]] name")
     chosen = [m for m in members if not only or m.name in only]
+    check_fits(chosen)  # before hours of training
     root = Path(cfg.out)
     timing = {}
     for m in chosen:

@@ -22,7 +22,7 @@ from .tfidf import TfidfConfig, train_tfidf
 from .train import TrainConfig, can_resume, train
 
 
-def build_transformer(name: str, spec: TrainConfig, dest: Path, quantize: str, force: bool) -> dict:
+def build_transformer(name: str, spec: TrainConfig, dest: Path, quantize: str, force: bool, engine: str = "onnx") -> dict:
     """train -> merge -> export into dest/run, dest/merged and dest/onnx; a killed run resumes where it stopped."""
     from .merge import merge
 
@@ -34,17 +34,17 @@ def build_transformer(name: str, spec: TrainConfig, dest: Path, quantize: str, f
         click.echo(f"== {name}, {what}: train", err=True)
         metrics = train(spec, run, resume=can_resume(spec, run))
     merge(run, dest / "merged")
-    click.echo(f"== {name}, {what}: export {quantize}", err=True)
-    export.export(dest / "merged", dest / "onnx", quantize, force=force)
+    click.echo(f"== {name}, {what}: export {quantize} for {engine}", err=True)
+    export.export(dest / "merged", dest / "onnx", quantize, force=force, engine=engine)
     return metrics
 
 
-def build_tfidf(name: str, spec: TfidfConfig, dest: Path, quantize: str, force: bool) -> dict:
+def build_tfidf(name: str, spec: TfidfConfig, dest: Path, quantize: str, force: bool, engine: str = "onnx") -> dict:
     """One stage: the fitted per-question models are written as dest/onnx directly (always fp32)."""
     return train_tfidf(spec, dest / "onnx")
 
 
-def build_knn(name: str, spec: KnnConfig, dest: Path, quantize: str, force: bool) -> dict:
+def build_knn(name: str, spec: KnnConfig, dest: Path, quantize: str, force: bool, engine: str = "onnx") -> dict:
     """One stage: the pooled encoder and the embedded training rows are written as dest/onnx directly."""
     what = "full refit" if spec.full else f"fold {spec.fold}"
     click.echo(f"== {name}, {what}: embed the training rows ({quantize} encoder)", err=True)
@@ -54,7 +54,7 @@ def build_knn(name: str, spec: KnnConfig, dest: Path, quantize: str, force: bool
 @dataclass(frozen=True)
 class Kind:
     config: type[SplitConfig]  # its `[[models]]` keys and `mapbuild` options
-    build: Callable[[str, SplitConfig, Path, str, bool], dict]  # (name, config, dest, quantize, force) -> metrics
+    build: Callable[[str, SplitConfig, Path, str, bool, str], dict]  # (name, config, dest, quantize, force, engine) -> metrics
     files: dict[str, str]  # role -> file of its ONNX folder that the bundle carries
     engines: dict[str, dict[str, str]] = field(default_factory=dict)  # the files of its folder for another `engine`
     optional: frozenset[str] = frozenset()  # roles of `files` a folder may lack; every other one it must hold

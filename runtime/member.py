@@ -17,6 +17,7 @@ PACKED = "packed"  # a member's `inputs` when its rows are (head, tail) and its 
 MEMBER_KINDS = ("transformer", "tfidf", "knn")  # the kinds of member a bundle may hold: runtime.predict.SCORERS scores each
 TORCH = "torch"  # a transformer member's `engine` when PyTorch runs it (runtime.torch_engine); None: onnxruntime
 TORCH_PRECISIONS = ("fp32", "fp16")  # what the torch engine's weights are stored in
+ENGINES = ("onnx", TORCH)  # a member's engine by name, as `export --engine` and a config's `engine` give it
 
 
 def described(text: str, default: object = None, card: bool = False) -> typing.Any:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import MapbuildError
-from .member import TORCH, TORCH_PRECISIONS, Member, MemberSpec
+from .member import ENGINES, TORCH, TORCH_PRECISIONS, Member, MemberSpec
 
 log = logging.getLogger("mapbuild")
 now = time.monotonic  # the guard's clock (tests replace it)
@@ -182,7 +182,7 @@ def added_member(spec: str, params_m: dict[str, float], mean_tokens: float, pack
     parts = spec.split(":")
     alias, precision, engine = (parts + ["", ""])[:3]
     precision, engine = precision or "fp16", engine or "onnx"
-    if alias not in params_m or len(parts) > 3 or engine not in ("onnx", TORCH) or precision not in (TORCH_PRECISIONS if engine == TORCH else T4_FLOPS):
+    if alias not in params_m or len(parts) > 3 or engine not in ENGINES or precision not in (TORCH_PRECISIONS if engine == TORCH else T4_FLOPS):
         raise MapbuildError(
             f"--add {spec}: use ALIAS[:PRECISION[:ENGINE]] with an alias from `mapbuild models`, one of {', '.join(T4_FLOPS)} on onnx "
             f"or {', '.join(TORCH_PRECISIONS)} on torch"

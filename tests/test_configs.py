@@ -38,22 +38,57 @@ def test_gpu_config_states_its_plan_and_gpu(config):
     from builder.models import ALIASES
 
     text = config.read_text()
-    found = re.search(r"# plan: ([0-9.]+) h on 2x T4 for 40,000 rows \(mapbuild plan --add ([\w.-]+):(\w+) --tokens (\d+)\)", text)
+    found = re.search(r"# plan: ([0-9.]+) h on 2x T4 for 40,000 rows \(mapbuild plan --add ([\w.-]+):(\w+)(?::(torch))? --tokens (\d+)\)", text)
     assert found and re.search(r"# Training: one GPU", text)
-    hours, alias, precision, tokens = float(found[1]), found[2], found[3], float(found[4])
-    member = MemberSpec(params=int(ALIASES[alias].params_m * 1e6), mean_tokens=tokens, precision=precision)
-    assert estimate({alias: member})[0].seconds / 3600 == pytest.approx(hours, abs=1e-3)
+    hours, alias, precision, engine, tokens = float(found[1]), found[2], found[3], found[4], float(found[5])
+    member = MemberSpec(params=int(ALIASES[alias].params_m * 1e6), mean_tokens=tokens, precision=precision, engine=engine)
+    assert estimate({alias: member}, shapes={alias: ALIASES[alias].config()})[0].seconds / 3600 == pytest.approx(hours, abs=1e-3)
     _, members = load_config(config, data=str(SAMPLE_TRAIN))
-    assert members[0].quantize == precision and members[0].config.model == alias
+    assert (members[0].quantize, members[0].engine, members[0].config.model) == (precision, engine or "onnx", alias)
 
 
-@pytest.mark.parametrize(("config", "alias", "qlora"), [("gpu-qwen3-8b.toml", "qwen3-8b", False), ("gpu-qwen3-14b-qlora.toml", "qwen3-14b", True)])
-def test_qwen3_recipes_use_the_context_template_and_int4(config, alias, qlora):
+@pytest.mark.parametrize(
+    ("config", "alias", "qlora", "quantize", "engine"),
+    [
+        ("gpu-qwen3-8b.toml", "qwen3-8b", False, "fp16", "torch"),
+        ("gpu-qwen3-8b-onnx-int4.toml", "qwen3-8b", False, "int4", "onnx"),
+        ("gpu-qwen3-14b-qlora.toml", "qwen3-14b", True, "int4", "onnx"),
+    ],
+)
+def test_qwen3_recipes_use_the_context_template_and_their_engine(config, alias, qlora, quantize, engine):
     _, (member,) = load_config(ROOT / "configs" / config, data=str(SAMPLE_TRAIN))
     spec = member.config
-    assert (spec.model, spec.template, spec.qlora, member.quantize) == (alias, "context", qlora, "int4")
+    assert (spec.model, spec.template, spec.qlora, member.quantize, member.engine) == (alias, "context", qlora, quantize, engine)
     assert spec.max_length == 320 and spec.gradient_checkpointing
     assert spec.precision == ("auto" if qlora else "fp16")
+
+
+@pytest.mark.parametrize("command", ["plan", "cv", "build"])
+def test_a_recipe_that_fits_no_placement_on_the_t4s_is_refused_before_any_work(tmp_path, command):
+    """Qwen3-14B in fp16 on the torch engine: 27.5 GiB of weights fit not even both T4s. Refused by name, before a
+    tokenizer, a weight or a training step is needed (none of them is on this machine)."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'dataset_id = "me/abcdef"\ndata = "{SAMPLE_TRAIN}"\nout = "out"\n'
+        '[[models]]\nname = "big"\nmodel = "qwen3-14b"\nquantize = "fp16"\nengine = "torch"\n'
+    )
+    result = invoke(command, str(config))
+    assert result.exit_code == 1 and result.output.startswith("Error: big: fp16: 27.5 GiB of weights and ") and result.output.count("\n") == 1, result.output
+    assert "fit neither one of 2 GPU(s) of 15.0 GiB nor all of them together" in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_config_engine_is_checked_by_name(tmp_path):
+    from runtime.errors import MapbuildError
+
+    config = tmp_path / "c.toml"
+    for extra, error in (
+        ('engine = "tensorrt"', "engine"),
+        ('engine = "torch"\nquantize = "int4"', "quantize (engine = 'torch')"),
+        ('kind = "tfidf"\nengine = "torch"', "engine = 'torch' runs transformer members; a tfidf member runs on onnx"),
+    ):
+        config.write_text(f'dataset_id = "me/abcdef"\ndata = "{SAMPLE_TRAIN}"\n[[models]]\nname = "m"\n{extra}\n')
+        with pytest.raises(MapbuildError, match=re.escape(f"{config}: [[models]] m: {error}")):
+            load_config(config)
 
 
 def fresh_clone(tmp_path: Path) -> Path:

@@ -172,3 +172,35 @@ def test_two_torch_copies_in_worker_processes_give_the_one_copys_logits(merged_f
     assert pool.provider == CPU and caplog.text.count(f"{folder}: PyTorch float32 on cpu") == 2  # each worker's line
     for pack_tokens in whole:
         assert np.array_equal(pooled[pack_tokens], whole[pack_tokens])
+
+
+def test_build_runs_a_config_whose_member_has_engine_torch_through_to_a_submission(tmp_path):
+    """`engine = "torch"` in a [[models]] table: train, merge, export for the torch engine, package, and the kernel
+    (this Python, which has torch) runs it: the member is used, not skipped, and the submission is valid."""
+    from .conftest import make_tiny
+    from .test_cli import invoke
+
+    base = make_tiny("llama", tmp_path / "base")
+    config = tmp_path / "build.toml"
+    config.write_text(
+        f'dataset_id = "me/tiny-torch"\ntest = "{SAMPLE_TEST}"\nwheels = false\n'
+        f'[[models]]\nname = "tiny"\nmodel = "{base}"\ndata = "{SAMPLE_TRAIN}"\nepochs = 1\nlora_r = 2\nquantize = "fp32"\nengine = "torch"\n'
+    )
+    result = invoke("build", str(config), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "== tiny, fold 0: export fp32 for torch" in result.output
+    manifest = json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())
+    (member,) = manifest["members"]
+    assert member["engine"] == TORCH and member["files"]["model"].endswith("model.safetensors")
+    assert check_submission(tmp_path / "out" / "submission.csv", read_rows(SAMPLE_TEST)["row_id"]) == []
+    from runtime.manifest import load_manifest
+    from runtime.predict import predict
+
+    bundle = tmp_path / "out" / "bundle"
+    _, used = predict(bundle, load_manifest(bundle), LabelSpace.from_json(manifest["label_space"]), read_rows(SAMPLE_TEST))
+    assert used == [member["name"]]  # run by the torch engine, not skipped for the prior
+    again = invoke("build", str(config), "--out", str(tmp_path / "out"))  # the finished fold is kept, engine and all
+    assert again.exit_code == 0 and "== tiny, fold 0: done before, kept" in again.output
+    config.write_text(config.read_text().replace('engine = "torch"', 'engine = "onnx"'))
+    changed = invoke("build", str(config), "--out", str(tmp_path / "out"))
+    assert changed.exit_code == 1 and "exported for torch, but the config now asks engine = 'onnx'" in changed.output
