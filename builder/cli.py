@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from runtime.ensemble import METHODS
 from runtime.errors import MapbuildError
-from runtime.member import ENGINES
+from runtime.member import ENGINES, TORCH_PRECISIONS
 from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, added_member, estimate, verdict
 from runtime.prompts import TEMPLATES
 
@@ -242,7 +242,10 @@ def merge(run_dir: str, out: str) -> None:
 @cli.command()
 @click.argument("merged_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="ONNX folder to write.")
-@click.option("--quantize", type=click.Choice(list(EXPORT_PRECISIONS)), default="int8", show_default=True, help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16). The torch engine takes fp32 or fp16.")
+@click.option(
+    "--quantize", type=click.Choice(list(dict.fromkeys([*EXPORT_PRECISIONS, *TORCH_PRECISIONS]))), default="int8", show_default=True,
+    help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16). The torch engine takes fp32, fp16 or nf4 (bitsandbytes' 4-bit).",
+)
 @click.option("--engine", type=click.Choice(ENGINES), default="onnx", show_default=True, help="What runs it in the kernel: onnxruntime (an ONNX graph), or the PyTorch of Kaggle's image (safetensors weights).")
 @click.option("--rows", type=int, default=1024, show_default=True, help="Held-out rows for the drift check.")
 @click.option("--force", is_flag=True, help=f"Keep a model that loses more than {MAX_MAP3_DROP} MAP@3 on the held-out rows, or an fp32 one whose top labels differ from PyTorch's.")

@@ -287,8 +287,8 @@ FP16_MAX = 65504.0  # float16's largest finite value: past it a T4's fp16 activa
 
 def computes_in_fp16(precision: str, engine: str) -> bool:
     """Whether an export at `precision` runs its activations in fp16 on a T4: an fp16 or int4 graph (MatMulNBits
-    dequantizes to fp16), fp16 torch weights."""
-    return precision == "fp16" if engine == TORCH else EXPORT_PRECISIONS[precision].half
+    dequantizes to fp16), fp16 or nf4 torch weights."""
+    return precision in ("fp16", "nf4") if engine == TORCH else EXPORT_PRECISIONS[precision].half
 
 
 def check_activations(folder, names: list[str], peaks: np.ndarray, row_ids: np.ndarray, precision: str, fp16: bool, force: bool) -> None:
@@ -358,12 +358,16 @@ def checked_kernel_rows(tokenizer_json: Path, model_dir: str | os.PathLike, spec
 
 def write_torch(merged: str | os.PathLike, folder: Path, precision: str) -> None:
     """The torch engine's files (runtime.torch_engine.TORCH_FILES) at `precision`: the weights in one safetensors
-    file whatever their size (the bundle lists a member's files by role), and the config."""
+    file whatever their size (the bundle lists a member's files by role), and the config; nf4 is quantized by
+    bitsandbytes as it loads (on the CPU here where there is no GPU) and saved 4-bit, its settings in the config."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
-    dtype = torch.float16 if precision == "fp16" else torch.float32  # never the checkpoint's stored dtype
-    model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=dtype)
+    from runtime.torch_engine import nf4_settings
+
+    dtype = torch.float32 if precision == "fp32" else torch.float16  # never the checkpoint's stored dtype
+    four_bit = {"quantization_config": BitsAndBytesConfig(**nf4_settings(dtype)), "device_map": {"": "cpu"}} if precision == "nf4" else {}
+    model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=dtype, **four_bit)
     model.save_pretrained(folder, max_shard_size="1000GB")
 
 

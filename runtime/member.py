@@ -16,7 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 PACKED = "packed"  # a member's `inputs` when its rows are (head, tail) and its graph takes runtime.packing.PACKED_INPUTS
 MEMBER_KINDS = ("transformer", "tfidf", "knn")  # the kinds of member a bundle may hold: runtime.predict.SCORERS scores each
 TORCH = "torch"  # a transformer member's `engine` when PyTorch runs it (runtime.torch_engine); None: onnxruntime
-TORCH_PRECISIONS = ("fp32", "fp16")  # what the torch engine's weights are stored in
+TORCH_PRECISIONS = ("fp32", "fp16", "nf4")  # the torch engine's weights: nf4 is bitsandbytes' 4-bit NormalFloat
 ENGINES = ("onnx", TORCH)  # a member's engine by name, as `export --engine` and a config's `engine` give it
 
 

@@ -25,8 +25,10 @@ TEST_ROWS = 40_000  # the competition's largest hidden test set
 # T4 peaks of the precisions whose every node onnxruntime's CUDA provider runs: fp16 tensor cores 65 TFLOPS (int4's
 # MatMulNBits dequantizes to fp16 and runs there too), fp32 8.1. int8 (8-bit MatMulNBits with int8 activations,
 # accuracy_level 4) is built for the CPU's integer kernels and measured there only: it runs on a CPU session, and
-# is planned at its CPU pace.
-T4_FLOPS = {"fp16": 65e12, "int4": 65e12, "fp32": 8.1e12}
+# is planned at its CPU pace. nf4 (bitsandbytes, the torch engine's alone) dequantizes to fp16 too: planned at the
+# fp16 rate, which its dequantization keeps it under.
+T4_FLOPS = {"fp16": 65e12, "int4": 65e12, "fp32": 8.1e12, "nf4": 65e12}
+ONNX_GPU_PRECISIONS = ("fp16", "int4", "fp32")
 CPU_KINDS = ("tfidf",)  # members that never touch a GPU
 GIB = 2**30
 T4_BYTES = 15 * GIB  # a T4 as Kaggle's kernel gives it
@@ -37,8 +39,9 @@ CONTEXT_BYTES = GIB // 2
 # halves (runtime.engine.halving), not planned for.
 USABLE = 0.9
 BYTES = {"float32": 4, "float16": 2}  # an activation's, by compute dtype
-# A weight's bytes on a GPU, by precision: int4 is MatMulNBits' 4 bits and an fp16 scale a block of 32.
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5625}
+# A weight's bytes on a GPU, by precision: int4 is MatMulNBits' 4 bits and an fp16 scale a block of 32; nf4 is 4 bits
+# and an fp32 absmax a block of 64 (no double quantization).
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5625, "nf4": 0.5625}
 KERNEL_BATCH = 64  # rows a batch: the kernel's --batch-size default
 ASSUMED_LENGTH = 256  # tokens a row is cut to, for a member that does not say
 
@@ -95,16 +98,22 @@ def placed_on_t4s(name: str, spec: MemberSpec, shape: dict, gpus: int) -> tuple[
     torch = spec.engine == TORCH
     weights, activations = int(spec.params * WEIGHT_BYTES[spec.precision]), batch_activations(spec, shape)
     try:
-        placement = place(weights, activations, [T4_BYTES] * gpus, split=torch)
+        placement = place(weights, activations, [T4_BYTES] * gpus, split=splits(spec.precision, torch))
     except MapbuildError as e:
-        smaller = [p for p in (TORCH_PRECISIONS if torch else T4_FLOPS) if WEIGHT_BYTES[p] < WEIGHT_BYTES[spec.precision]]
-        fits = [p for p in smaller if fits_somewhere(spec, p, shape, gpus, torch)]
-        if not torch and spec.precision in TORCH_PRECISIONS and fits_somewhere(spec, spec.precision, shape, gpus, True):
+        smaller = [p for p in (TORCH_PRECISIONS if torch else ONNX_GPU_PRECISIONS) if WEIGHT_BYTES[p] < WEIGHT_BYTES[spec.precision]]
+        fits = [p for p in smaller if fits_somewhere(spec, p, shape, gpus, splits(p, torch))]
+        if not torch and spec.precision in TORCH_PRECISIONS and fits_somewhere(spec, spec.precision, shape, gpus, splits(spec.precision, True)):
             fits.append(f"{spec.precision} on the torch engine")
         would = f" (would fit: {', '.join(fits)})" if fits else ""
         raise MapbuildError(f"{name}: {spec.precision}: {e}{would}") from None
     held = min(weights, placement.max_memory[0]) if placement.max_memory else weights  # a split fills GPU 0 first
     return placement, (held + activations + CONTEXT_BYTES) / GIB
+
+
+def splits(precision: str, torch: bool) -> bool:
+    """Whether a member may be split over GPUs: on the torch engine, in fp16 or fp32 (accelerate sizes a 4-bit model's
+    layers as if unquantized, so an nf4 member runs as a copy a GPU)."""
+    return torch and precision != "nf4"
 
 
 def fits_somewhere(spec: MemberSpec, precision: str, shape: dict, gpus: int, split: bool) -> bool:
@@ -182,9 +191,9 @@ def added_member(spec: str, params_m: dict[str, float], mean_tokens: float, pack
     parts = spec.split(":")
     alias, precision, engine = (parts + ["", ""])[:3]
     precision, engine = precision or "fp16", engine or "onnx"
-    if alias not in params_m or len(parts) > 3 or engine not in ENGINES or precision not in (TORCH_PRECISIONS if engine == TORCH else T4_FLOPS):
+    if alias not in params_m or len(parts) > 3 or engine not in ENGINES or precision not in (TORCH_PRECISIONS if engine == TORCH else ONNX_GPU_PRECISIONS):
         raise MapbuildError(
-            f"--add {spec}: use ALIAS[:PRECISION[:ENGINE]] with an alias from `mapbuild models`, one of {', '.join(T4_FLOPS)} on onnx "
+            f"--add {spec}: use ALIAS[:PRECISION[:ENGINE]] with an alias from `mapbuild models`, one of {', '.join(ONNX_GPU_PRECISIONS)} on onnx "
             f"or {', '.join(TORCH_PRECISIONS)} on torch"
         )
     return MemberSpec(params=int(params_m[alias] * 1e6), mean_tokens=mean_tokens, precision=precision, engine=engine if engine == TORCH else None, pack_tokens=pack_tokens)

@@ -22,7 +22,7 @@ from .engine import CPU, CUDA, DevicePool, Forward
 from .errors import MapbuildError
 from .packing import PACKED_INPUTS
 from .member import TORCH_PRECISIONS
-from .plan import BYTES, GIB, activation_bytes, place
+from .plan import BYTES, GIB, activation_bytes, place, splits
 
 log = logging.getLogger("mapbuild")
 
@@ -68,19 +68,26 @@ def packed_logits(model, input_ids, position_ids, attention_mask, last):
     return head(hidden[rows, last.to(hidden.device)])
 
 
-def require_torch() -> None:
-    """ImportError in one line where torch or transformers is missing: a kernel without them skips the member."""
+def require_torch(precision: str) -> None:
+    """ImportError in one line where torch or transformers is missing, or bitsandbytes for an nf4 member: a kernel
+    without them skips the member."""
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
         raise ImportError(f"the torch engine needs torch and transformers, which Kaggle's image ships and this Python lacks ({e})") from None
+    if precision == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"an nf4 member needs bitsandbytes, which Kaggle's image lacks and this bundle does not bring ({e})") from None
 
 
 def compute_dtype(precision: str, gpu: bool) -> str:
-    """The dtype a member of `precision` computes in: fp16 weights run in fp16 on a GPU (never bf16, which a T4, of
-    compute capability 7.5, lacks) and in fp32 on a CPU, where PyTorch's fp16 kernels are slow or missing."""
-    return "float16" if precision == "fp16" and gpu else "float32"
+    """The dtype a member of `precision` computes in: fp16 weights (and nf4's, dequantized) run in fp16 on a GPU
+    (never bf16, which a T4, of compute capability 7.5, lacks) and in fp32 on a CPU, where PyTorch's fp16 kernels
+    are slow or missing."""
+    return "float16" if precision in ("fp16", "nf4") and gpu else "float32"
 
 
 def split_map(folder: Path, dtype: str, max_memory: dict[int, int]) -> dict[str, int]:
@@ -117,16 +124,26 @@ def describe_map(device_map: dict) -> str:
 
 def load_model(folder: Path, precision: str, device: str | dict):
     """The member's classifier from its folder (TORCH_FILES), in eval mode, on `device` or over a device map (split
-    by accelerate's hooks, which move each part's inputs to it). No remote code: a config naming its own classes is
-    refused by transformers, as it should be."""
+    by accelerate's hooks, which move each part's inputs to it). An nf4 member's 4-bit weights are placed as they
+    load (bitsandbytes' layers do not move) and compute in the dtype its config stores (fp16: nf4_settings). No
+    remote code: a config naming its own classes is refused by transformers, as it should be."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     split = isinstance(device, dict)
     dtype = getattr(torch, compute_dtype(precision, split or device != "cpu"))
+    if precision == "nf4":
+        return AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, device_map={"": device}).eval()
     if split:
         return AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, device_map=device).eval()
     return AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+
+def nf4_settings(compute_dtype) -> dict:
+    """bitsandbytes' 4-bit NormalFloat as an nf4 member is stored and run: blocks of 64 with an fp32 absmax each (no
+    double quantization: runtime.plan.WEIGHT_BYTES), computing in `compute_dtype` (the export stores fp16, a T4's;
+    the config carries it, and a load cannot change it)."""
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": compute_dtype}
 
 
 def model_forward(model) -> Forward:
@@ -157,7 +174,7 @@ def torch_forward(folder: Path, precision: str, device_id: int | None = None, ma
     or split over the GPUs with at most `max_memory` bytes each (place). Logs where its layers sit and what each GPU
     holds. A module function of picklable arguments, so `partial(torch_forward, folder, precision)` opens a worker's
     copy in a DevicePool."""
-    require_torch()
+    require_torch(precision)
     import torch
 
     gpu = torch.cuda.is_available()
@@ -187,12 +204,12 @@ def placed_forward(folder: Path, precision: str, tokens: int, packs: int, span: 
     """The member in `folder` placed on the GPUs (place) by its weights' size and a batch's activations (`tokens`
     tokens in `packs` sequences of at most `span`): a DevicePool of one copy a GPU, one copy split over them, or one
     copy on the one GPU or the CPU."""
-    require_torch()
+    require_torch(precision)
     gpus = gpu_memory()
     dtype = compute_dtype(precision, bool(gpus))
     weights = (folder / TORCH_FILES["model"]).stat().st_size  # on a GPU, in the dtype it is stored in
     config = json.loads((folder / TORCH_FILES["config"]).read_text())
-    placement = place(weights, activation_bytes(config, tokens, packs, span, BYTES[dtype]), gpus)
+    placement = place(weights, activation_bytes(config, tokens, packs, span, BYTES[dtype]), gpus, split=splits(precision, True))
     log.info("%s: %.2f GiB of weights on %s", folder, weights / GIB, placement.describe())
     if placement.copies > 1:
         return DevicePool(partial(torch_forward, folder, precision), placement.copies)

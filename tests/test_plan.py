@@ -66,7 +66,7 @@ def test_plan_adds_registry_models_and_flags_an_overrun():
 def test_plan_places_a_decoder_on_the_t4s_as_the_kernel_would_and_refuses_one_that_fits_nowhere():
     """Qwen3-8B: int4 on ONNX is a copy a T4 (rows split over two), fp16 on torch one copy split over both (the rows
     run through both in turn: half the throughput); fp16 on ONNX fits no T4 (15.3 GiB of weights), Qwen3-14B in
-    fp16 not even two, each refused in one line with what would fit."""
+    fp16 not even two, each refused in one line with what would fit; Qwen3-14B in nf4 is a copy a T4."""
     result = CliRunner().invoke(cli, ["plan", "--add", "qwen3-8b:int4", "--add", "qwen3-8b:fp16:torch", "--tokens", "75", "--json"])
     assert result.exit_code == 0, result.output
     int4, fp16 = json.loads(result.stdout)["members"]
@@ -74,12 +74,15 @@ def test_plan_places_a_decoder_on_the_t4s_as_the_kernel_would_and_refuses_one_th
     assert int4["engine"] == "onnx" and fp16["engine"] == "torch"
     assert int4["hours"] == pytest.approx(2 * 8191e6 * 75 * 40_000 / (65e12 * 0.25 * 2) / 3600) and fp16["hours"] == pytest.approx(2 * int4["hours"])
     assert 4.6 < int4["gib_per_gpu"] < 15 * 0.9 and 13 < fp16["gib_per_gpu"] <= 15 * 0.9  # a split fills GPU 0 first
-    for add, would in (("qwen3-8b", " (would fit: int4, fp16 on the torch engine)"), ("qwen3-14b:fp16:torch", ""), ("qwen3-8b:fp32:torch", " (would fit: fp16)")):
+    for add, would in (("qwen3-8b", " (would fit: int4, fp16 on the torch engine)"), ("qwen3-14b:fp16:torch", " (would fit: nf4)"), ("qwen3-8b:fp32:torch", " (would fit: fp16, nf4)")):
         refused = CliRunner().invoke(cli, ["plan", "--add", add, "--tokens", "75"])
         assert refused.exit_code == 1 and refused.output.count("\n") == 1, refused.output
         assert refused.output.startswith(f"Error: {add}: ") and "GiB of weights and" in refused.output and refused.output.endswith(f"--batch-size{would}\n")
-    bad = CliRunner().invoke(cli, ["plan", "--add", "qwen3-8b:int4:torch"])
-    assert bad.exit_code == 1 and "ALIAS[:PRECISION[:ENGINE]]" in bad.output
+    nf4 = json.loads(CliRunner().invoke(cli, ["plan", "--add", "qwen3-14b:nf4:torch", "--tokens", "75", "--json"]).stdout)["members"][0]
+    assert nf4["placement"] == "2 whole copies, one per GPU" and 8 < nf4["gib_per_gpu"] < 15 * 0.9  # never split: a copy a T4
+    for bad in ("qwen3-8b:int4:torch", "qwen3-8b:nf4"):  # int4 is ONNX's MatMulNBits, nf4 bitsandbytes' on torch
+        refused = CliRunner().invoke(cli, ["plan", "--add", bad])
+        assert refused.exit_code == 1 and "ALIAS[:PRECISION[:ENGINE]]" in refused.output
 
 
 def rate_for_hours(onnx_dir, hours):

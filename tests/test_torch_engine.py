@@ -204,3 +204,35 @@ def test_build_runs_a_config_whose_member_has_engine_torch_through_to_a_submissi
     config.write_text(config.read_text().replace('engine = "torch"', 'engine = "onnx"'))
     changed = invoke("build", str(config), "--out", str(tmp_path / "out"))
     assert changed.exit_code == 1 and "exported for torch, but the config now asks engine = 'onnx'" in changed.output
+
+
+def test_an_nf4_member_is_a_quarter_of_fp16_runs_packed_like_the_others_and_a_kernel_without_bitsandbytes_skips_it(merged_family, tmp_path, monkeypatch, caplog):
+    """bitsandbytes' 4-bit NormalFloat on the torch engine: quantized at export (on this CPU), gated against
+    PyTorch fp32 like every export, its 4-bit weights reloaded by the kernel. Kaggle's image has no bitsandbytes
+    and the bundle does not bring it yet: such a kernel skips the member in one line."""
+    import logging
+    import sys
+
+    from builder.package import package
+    from runtime.manifest import load_manifest
+    from runtime.predict import predict
+
+    root = merged_family("llama")
+    export(root / "merged", root / "torch-nf4", "nf4", rows=32, engine=TORCH, force=True)  # a random tiny model: rounding may cost MAP@3
+    export(root / "merged", root / "torch-fp16", "fp16", rows=32, engine=TORCH)
+    record = json.loads((root / "torch-nf4" / "mapbuild.json").read_text())
+    assert record["engine"] == TORCH and record["precision"] == "nf4" and record["drift"]["torch_provider"] == CPU
+    assert 0 < record["drift"]["max_abs_logit_diff"] < 1  # rounded, not broken
+    config = json.loads((root / "torch-nf4" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    nf4, fp16 = ((root / f"torch-{p}" / "model.safetensors").stat().st_size for p in ("nf4", "fp16"))
+    assert nf4 < fp16  # the tiny model's embedding and head stay 16-bit, so well under half, not a quarter
+    package([str(root / "torch-nf4")], tmp_path / "b", "tester/nf4-bundle", wheels=False)
+    manifest = load_manifest(tmp_path / "b")
+    space, df = LabelSpace.from_json(manifest["label_space"]), read_rows(SAMPLE_TEST)
+    scores, used = predict(tmp_path / "b", manifest, space, df)
+    assert used == [manifest["members"][0]["name"]] and np.isfinite(scores).all()
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    with caplog.at_level(logging.ERROR, logger="mapbuild"):
+        _, used = predict(tmp_path / "b", manifest, space, df)
+    assert used == [] and "ImportError: an nf4 member needs bitsandbytes, which Kaggle's image lacks and this bundle does not bring" in caplog.text
