@@ -27,8 +27,8 @@ from .export import check_recorded_drift
 from .kinds import KINDS
 from .options import one_of
 from .stages import BUNDLE, StageMeta, atomic_dir, read_meta
-from .versions import versions
-from .wheels import CUDA, PYTHONS, fetch
+from .versions import installed, versions
+from .wheels import BITSANDBYTES, CUDA, PYTHONS, fetch, fetch_any
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 # The kaggle client's own rules (kaggle 2.2.5, KaggleApi._validate_slug_syntax and dataset_create_new): lowercase
@@ -235,7 +235,8 @@ def package(
     cuda: int = CUDA,
 ) -> dict:
     """Write the bundle folder; returns its manifest. `wheels`: bring onnxruntime-gpu for each CPython in `pythons`
-    built for CUDA major `cuda` in BUNDLE/wheels, from the `find_links` folder alone or from PyPI through a cache.
+    built for CUDA major `cuda` in BUNDLE/wheels, and bitsandbytes where a member is nf4 (the version that
+    quantized it, installed here), from the `find_links` folder alone or from PyPI through a cache.
     Several members are weighted by ensemble selection on their shared out-of-fold rows; a member that never
     raises the OOF MAP@3 gets weight 0 and stays out of the bundle."""
     owner, slug = check_dataset_id(dataset_id)
@@ -248,6 +249,8 @@ def package(
     with atomic_dir(out, BUNDLE) as tmp:
         members, dropped, named = copy_members(tmp, onnx_dirs, metas, fitted)
         wheel_entries = fetch(tmp / "wheels", pythons, cuda, find_links) if wheels else []
+        if wheels and any(m.precision == "nf4" for m in members):
+            wheel_entries.append(fetch_any(tmp / "wheels", BITSANDBYTES, installed(BITSANDBYTES), find_links))
         write_kernel(tmp, dataset_id, title, f"{owner}/{kernel_slug(slug)}", len(members))
         manifest = {
             "format": FORMAT,

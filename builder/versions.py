@@ -5,8 +5,9 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 
 import runtime
+from runtime.errors import MapbuildError
 
-PACKAGES = ("numpy", "pandas", "tokenizers", "onnxruntime", "onnx", "torch", "transformers", "peft")
+PACKAGES = ("numpy", "pandas", "tokenizers", "onnxruntime", "onnx", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
 
 
 def versions() -> dict[str, str]:
@@ -17,3 +18,11 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+def installed(package: str) -> str:
+    """The version of `package` installed here, which wrote what the bundle will carry its wheel for."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        raise MapbuildError(f"{package} is not installed here, so package cannot tell which wheel its members need; pip install {package}") from None

@@ -1,4 +1,5 @@
-"""The wheels a bundle brings because Kaggle's image lacks them: onnxruntime-gpu for the kernel's CPython and CUDA.
+"""The wheels a bundle brings because Kaggle's image lacks them: onnxruntime-gpu for the kernel's CPython and CUDA,
+and bitsandbytes (one wheel for every CPython) where a member is nf4.
 
 Chosen by the CUDA version each wheel records about itself, fetched once into a cache, linked into the bundle."""
 
@@ -28,6 +29,8 @@ CUDA = 12
 # fetches records the same CUDA major in onnxruntime/capi/build_and_package_info.py, which `choose` checks.
 ORT_GPU = {12: "1.26.0", 13: "1.31.1"}
 NAME = "onnxruntime-gpu"
+BITSANDBYTES = "bitsandbytes"  # nf4 members' (runtime.torch_engine); the wheel carries its CUDA kernels
+ANY_PYTHON = "any"  # a wheel entry's `python` where one wheel serves every CPython
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 INFO = "onnxruntime/capi/build_and_package_info.py"
 
@@ -112,3 +115,38 @@ def fetch(dest: Path, pythons: Iterable[str] = PYTHONS, cuda: int = CUDA, find_l
         version = str(parse_wheel_filename(wheel.name)[1])
         entries.append({"file": wheel.name, "name": NAME, "version": version, "python": python, "cuda": cuda_version(wheel)})
     return entries
+
+
+def choose_any(wheels: Iterable[Path], name: str, version: str) -> Path | None:
+    """The `name`==`version` wheel for every CPython 3 (py3-none) on x86-64 Linux, if one is there."""
+    for wheel in wheels:
+        try:
+            found, got, _, tags = parse_wheel_filename(wheel.name)
+        except InvalidWheelFilename:
+            continue
+        if found == name and str(got) == version and any(t.interpreter == "py3" and re.fullmatch(r"manylinux.*_x86_64", t.platform) for t in tags):
+            return wheel
+    return None
+
+
+def fetch_any(dest: Path, name: str, version: str, find_links: str | os.PathLike | None = None) -> dict:
+    """The one `name`==`version` wheel for every CPython (choose_any) into dest, from the find_links folder alone, or
+    else from the cache, downloading it once. Returns its manifest entry (`python`: ANY_PYTHON)."""
+    source = Path(find_links) if find_links else cache_dir() / "wheels"
+    source.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    wheel = choose_any(source.glob("*.whl"), name, version)
+    if wheel is None and not find_links:
+        # pip takes --platform tags as they are: every glibc from the image's 2.28 down to manylinux2014's 2.17
+        platforms = [a for minor in range(28, 16, -1) for a in ("--platform", f"manylinux_2_{minor}_x86_64")]
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--no-deps", "--python-version", PYTHONS[0], *platforms, "-d", str(source), f"{name}=={version}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            why = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "pip failed")
+            raise MapbuildError(f"--wheels: pip download {name}=={version} failed: {why.strip()}; offline, pass --find-links DIR")
+        wheel = choose_any(source.glob("*.whl"), name, version)
+    if wheel is None:
+        where = f"--find-links {find_links}" if find_links else f"{name}=={version} from PyPI"
+        raise MapbuildError(f"{where}: no {name} {version} wheel for CPython 3 on x86-64 Linux")
+    link_or_copy(wheel, dest / wheel.name)
+    return {"file": wheel.name, "name": name, "version": version, "python": ANY_PYTHON, "cuda": None}

@@ -1,5 +1,6 @@
-# mapbuild submission kernel: installs the bundle's onnxruntime wheel, checks the environment, then runs the bundle's
-# runtime offline and writes submission.csv. Any fault in the environment stops here with one line.
+# mapbuild submission kernel: installs the bundle's wheels (onnxruntime; bitsandbytes for nf4 members), checks the
+# environment, then runs the bundle's runtime offline and writes submission.csv. Any fault in the environment stops
+# here with one line.
 import glob, hashlib, json, os, subprocess, sys, tempfile
 
 DATASET_ID = "$dataset_id"
@@ -54,6 +55,13 @@ if wheels:
     if done.returncode:
         why = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
         raise SystemExit(f"mapbuild: pip could not install {wheel['file']}: {why[-1].strip()}")
+    # A wheel for every Python (bitsandbytes, for nf4 members): one that does not install costs only the members that
+    # need it, which the runtime then skips in one line each.
+    for extra in (w for w in wheels if w.get("python") == "any"):
+        done = subprocess.run([*pip, f"{extra['name']}=={extra['version']}"], capture_output=True, text=True)
+        if done.returncode:
+            why = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
+            print(f"mapbuild: pip could not install {extra['file']} ({why[-1].strip()}); the members that need it will be skipped", file=sys.stderr)
 
 # onnxruntime imports, has CUDA when a GPU is visible, and the competition's test.csv is found; else one line.
 check = subprocess.run([sys.executable, "-P", "-m", "runtime.preflight", "--bundle", bundle, "--input-root", INPUT], cwd=bundle, env=env, capture_output=True, text=True)

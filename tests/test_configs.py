@@ -52,7 +52,7 @@ def test_gpu_config_states_its_plan_and_gpu(config):
     [
         ("gpu-qwen3-8b.toml", "qwen3-8b", False, "fp16", "torch"),
         ("gpu-qwen3-8b-onnx-int4.toml", "qwen3-8b", False, "int4", "onnx"),
-        ("gpu-qwen3-14b-qlora.toml", "qwen3-14b", True, "int4", "onnx"),
+        ("gpu-qwen3-14b-qlora.toml", "qwen3-14b", True, "nf4", "torch"),
     ],
 )
 def test_qwen3_recipes_use_the_context_template_and_their_engine(config, alias, qlora, quantize, engine):

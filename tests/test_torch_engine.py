@@ -2,6 +2,7 @@
 on the same rows, and through export, package and the kernel (issue 42)."""
 
 import json
+import zipfile
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,7 @@ from builder.folds import across_questions
 from builder.stages import StageMeta
 from runtime.data import read_rows
 from runtime.engine import CPU
+from runtime.errors import MapbuildError
 from runtime.labels import LabelSpace
 from runtime.member import TORCH, Member
 from runtime.predict import onnx_outputs, prompts, torch_outputs
@@ -218,7 +220,7 @@ def test_an_nf4_member_is_a_quarter_of_fp16_runs_packed_like_the_others_and_a_ke
     from runtime.predict import predict
 
     root = merged_family("llama")
-    export(root / "merged", root / "torch-nf4", "nf4", rows=32, engine=TORCH, force=True)  # a random tiny model: rounding may cost MAP@3
+    nf4_member(root)
     export(root / "merged", root / "torch-fp16", "fp16", rows=32, engine=TORCH)
     record = json.loads((root / "torch-nf4" / "mapbuild.json").read_text())
     assert record["engine"] == TORCH and record["precision"] == "nf4" and record["drift"]["torch_provider"] == CPU
@@ -236,3 +238,56 @@ def test_an_nf4_member_is_a_quarter_of_fp16_runs_packed_like_the_others_and_a_ke
     with caplog.at_level(logging.ERROR, logger="mapbuild"):
         _, used = predict(tmp_path / "b", manifest, space, df)
     assert used == [] and "ImportError: an nf4 member needs bitsandbytes, which Kaggle's image lacks and this bundle does not bring" in caplog.text
+
+
+def nf4_member(root):
+    """The family's nf4 torch export (forced: a random tiny model's MAP@3 moves past the gate under 4-bit rounding)."""
+    if not (root / "torch-nf4").exists():
+        export(root / "merged", root / "torch-nf4", "nf4", rows=32, engine=TORCH, force=True)
+    return root / "torch-nf4"
+
+
+def test_a_bundle_with_an_nf4_member_brings_the_bitsandbytes_wheel_that_quantized_it(merged_family, tmp_path):
+    """Kaggle's image has no bitsandbytes: the bundle brings the one wheel, for every CPython, of the version
+    installed here; a bundle of fp16 torch members brings none, and a folder without it is a one-line error."""
+    from importlib.metadata import version
+
+    from builder.package import package
+    from builder.wheels import BITSANDBYTES
+
+    from .test_kaggle_image import fake_ort_wheel
+
+    root = merged_family("llama")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for python in ("cp312", "cp313"):
+        fake_ort_wheel(wheels, python=python)
+    ours = version(BITSANDBYTES)
+    with pytest.raises(MapbuildError, match=rf"^--find-links {wheels}: no bitsandbytes {ours} wheel for CPython 3 on x86-64 Linux$"):
+        package([str(nf4_member(root))], tmp_path / "refused", "tester/nf4-bundle", find_links=str(wheels))
+    assert not (tmp_path / "refused").exists()
+    for name in (f"bitsandbytes-0.0.1-py3-none-manylinux_2_24_x86_64.whl", f"bitsandbytes-{ours}-py3-none-macosx_14_0_arm64.whl", f"bitsandbytes-{ours}-py3-none-manylinux_2_24_x86_64.whl"):
+        zipfile.ZipFile(wheels / name, "w").close()
+    manifest = package([str(nf4_member(root))], tmp_path / "nf4", "tester/nf4-bundle", find_links=str(wheels))
+    assert [(w["name"], w["python"]) for w in manifest["wheels"]] == [("onnxruntime-gpu", "3.12"), ("onnxruntime-gpu", "3.13"), (BITSANDBYTES, "any")]
+    assert manifest["wheels"][-1]["file"] == f"bitsandbytes-{ours}-py3-none-manylinux_2_24_x86_64.whl"
+    assert (tmp_path / "nf4" / "wheels" / manifest["wheels"][-1]["file"]).is_file() and manifest["versions"][BITSANDBYTES] == ours
+    exported(root, TORCH)
+    plain = package([str(root / ENGINES[TORCH])], tmp_path / "fp32", "tester/fp32-bundle", find_links=str(wheels))
+    assert BITSANDBYTES not in {w["name"] for w in plain["wheels"]}
+
+
+@pytest.mark.slow
+def test_the_notebook_installs_the_bundles_bitsandbytes_offline_in_the_kaggle_twin(merged_family, wheel_folder, tmp_path):
+    """The real bitsandbytes wheel, installed by submit.ipynb with pip --no-index in the Python 3.12 twin; the twin
+    has no torch, so the member is then skipped in one line and the submission comes from the prior."""
+    from builder.package import package
+    from builder.twin import run_notebook
+    from builder.versions import installed
+    from builder.wheels import BITSANDBYTES, fetch_any
+
+    fetch_any(wheel_folder, BITSANDBYTES, installed(BITSANDBYTES))  # from the cache, downloaded once
+    package([str(nf4_member(merged_family("llama")))], tmp_path / "bundle", "tester/nf4-bundle", find_links=str(wheel_folder))
+    run = run_notebook(tmp_path / "bundle", SAMPLE_TEST, tmp_path / "twin", "kaggle-2026")
+    assert "pip could not install" not in run.output and run.returncode == 0, run.output[-1500:]
+    assert "ImportError: the torch engine needs torch and transformers" in run.output and run.submission
