@@ -10,7 +10,10 @@ against PyTorch fp16 (input order, batch 32) on the same held-out rows, tokeniza
 with two worker processes sharing the GPU (the 2x T4 path), which must give the same probabilities; counts where each
 node of the session ran (from a profile of its first batch: a node without a CUDA kernel runs on the CPU under a
 session that says CUDA); and exports a random Llama just over 2 GiB (bench/export_memory.py) whose drift check loads it
-on CUDA. Prints one JSON object of figures and writes it to OUT/figures.json. Without CUDA it stops at once with a
+on CUDA. Then the torch engine (issue 42): the same merged model exported fp16 for PyTorch (its drift gate refuses
+fp16 overflow naming the layer), packaged and run by the kernel on the same rows, against the ONNX fp16 bundle:
+rows/s, MAP@3, the largest probability difference and top-3 agreement, and where its layers sat. Prints one JSON
+object of figures and writes it to OUT/figures.json. Without CUDA it stops at once with a
 one-line message. `--cpu` runs every step on CPU instead (PyTorch in fp32), a smoke test of the script whose figures
 mean nothing.
 """
@@ -74,6 +77,8 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     from builder.export import export, held_out_rows
+    from runtime.errors import MapbuildError
+    from runtime.labels import top3
     from builder.torch_rows import training_rows, whole
     from builder.merge import merge
     from builder.models import load_hf_tokenizer
@@ -142,6 +147,19 @@ def main() -> None:
                "--params-m", str(args.big_params_m), "--precisions", "fp32", "--rows", "16"]  # fmt: skip
         done = subprocess.run(cmd)
         big = json.loads((out / "big" / "figures.json").read_text()) if done.returncode == 0 else {"exit": done.returncode}
+    try:  # the torch engine on the same rows: the winners' engine against ours
+        torch_drift = export(out / "merged", out / "torch", "fp16", rows=512, engine="torch", force=args.force)
+        package([str(out / "torch")], out / "torch-bundle", "mapbuild/gpu-check-torch", wheels=False)
+        start = time.perf_counter()
+        by_torch, used_torch = predict(out / "torch-bundle", load_manifest(out / "torch-bundle"), space, rows)
+        torch_s = time.perf_counter() - start
+        engine = {
+            "drift": torch_drift, "members_run": used_torch, "rows_per_s": round(len(rows) / torch_s, 1), "onnx_over_torch": round(torch_s / run_s, 2),
+            "map3": masked_map3(truth, by_torch, labels, mask), "max_abs_prob_diff_vs_onnx": float(np.abs(by_torch - probs).max()),
+            "top3_agreement_vs_onnx": float((top3(by_torch, mask) == top3(probs, mask)).all(1).mean()),
+        }
+    except MapbuildError as e:  # an fp16 overflow or a drift refusal is a finding, not a crash
+        engine = {"refused": str(e)}
     figures = {
         "killed_after": killed_at,
         "resumed_from": metrics["resumed_from"],
@@ -166,6 +184,7 @@ def main() -> None:
         "node_providers": {p: dict(c) for p, c in session.placement.items()},
         "cpu_fallback": cpu_fallback(session.placement) if session.provider == "CUDAExecutionProvider" else None,
         "big_export": big,
+        "torch_engine": engine,
         "bundle_mib": round(sum(f.stat().st_size for f in (out / "bundle").rglob("*") if f.is_file()) / 2**20, 1),
     }
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
