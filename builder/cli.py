@@ -247,10 +247,15 @@ def merge(run_dir: str, out: str) -> None:
     help="fp32 and int8 (fastest on CPU), fp16 (the T4), int4 weight-only (models too big for a T4 in fp16). The torch engine takes fp32, fp16 or nf4 (bitsandbytes' 4-bit).",
 )
 @click.option("--engine", type=click.Choice(ENGINES), default="onnx", show_default=True, help="What runs it in the kernel: onnxruntime (an ONNX graph), or the PyTorch of Kaggle's image (safetensors weights).")
+@click.option(
+    "--base-source", metavar="SOURCE",
+    help="Carry the LoRA adapter and head alone, on the base the notebook attaches as this Kaggle Model (OWNER/MODEL/FRAMEWORK/VARIATION/VERSION) "
+    "or dataset (OWNER/SLUG); MERGED_DIR is then the run folder, and --engine torch. The kernel checks the base's sha256 before it trusts it.",
+)
 @click.option("--rows", type=int, default=1024, show_default=True, help="Held-out rows for the drift check.")
 @click.option("--force", is_flag=True, help=f"Keep a model that loses more than {MAX_MAP3_DROP} MAP@3 on the held-out rows, or an fp32 one whose top labels differ from PyTorch's.")
 @json_option
-def export(merged_dir: str, out: str, quantize: str, engine: str, rows: int, force: bool) -> None:
+def export(merged_dir: str, out: str, quantize: str, engine: str, base_source: str | None, rows: int, force: bool) -> None:
     """Export MERGED_DIR for the kernel's engine and record its logit drift against PyTorch fp32 on held-out rows.
 
     A model that scores lower than PyTorch fp32 on the held-out rows (MAP@3 with the kernel's masks) by more than the
@@ -258,7 +263,7 @@ def export(merged_dir: str, out: str, quantize: str, engine: str, rows: int, for
     of them (it computes another model)."""
     from .export import export as run
 
-    emit({**run(merged_dir, out, quantize, rows, force, engine), "precision": quantize, "engine": engine, "out": out}, lambda d: (
+    emit({**run(merged_dir, out, quantize, rows, force, engine, base_source), "precision": quantize, "engine": engine, "out": out}, lambda d: (
         f"{d['precision']} {d['engine']} -> {d['out']}: max |logit diff| {d['max_abs_logit_diff']:.2e}, top-1 agreement "
         f"{d['top1_agreement']:.3f} ({d['masked_top1_agreement']:.3f} masked), MAP@3 {d['map3_onnx']:.4f} against "
         f"{d['map3_reference']:.4f} on {d['rows']} rows"
@@ -317,18 +322,21 @@ def bundle_text(r: dict) -> str:
 @click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--test", type=click.Path(dir_okay=False, exists=True), help="Test CSV to run (default: the embedded sample test rows).")
 @click.option("--image", type=click.Choice(list(IMAGES)), default=DEFAULT_IMAGE, show_default=True, help="Which Kaggle image the twin copies.")
+@click.option("--attach", multiple=True, type=click.Path(file_okay=False, exists=True), help="A model folder to attach as Kaggle mounts a Model: a member's base (export --base-source). Repeatable.")
+@click.option("--torch/--no-torch", default=None, help="Carry the image's PyTorch stack (torch 2.10 for CUDA 12.8, transformers, peft, accelerate; about 7 GB, built once). Default: when a member runs on torch.")
 @json_option
-def verify(bundle_dir: str, test: str | None, image: str) -> None:
+def verify(bundle_dir: str, test: str | None, image: str, attach: tuple[str, ...], torch: bool | None) -> None:
     """Run BUNDLE_DIR's own notebook in a twin of Kaggle's image, before you upload it.
 
-    The twin has the image's Python and packages but no onnxruntime (the bundle brings it), no network, and
-    torch, transformers, peft and the builder blocked; /kaggle/input and /kaggle/working are temporary folders.
+    The twin has the image's Python and packages but no onnxruntime (the bundle brings it), no network, and the
+    builder blocked; torch, transformers and peft too unless it carries them (--torch); /kaggle/input and
+    /kaggle/working are temporary folders, the --attach folders mounted in the first where Kaggle mounts a Model.
     It fails if the notebook stops, if any member is skipped, if the submission is malformed, if a file differs
     from the manifest, or, with labelled --test rows, if MAP@3 falls below the label prior's. Without --test it
     runs the embedded sample rows, and scores them only for a bundle trained on the sample's questions."""
     from .verify import verify as run
 
-    emit(run(bundle_dir, test, image), lambda r: f"verified {bundle_dir} in the {image} twin: {r['rows']} rows, notebook {r['seconds']} s{verify_score(r)}, checksums intact")
+    emit(run(bundle_dir, test, image, attach, torch), lambda r: f"verified {bundle_dir} in the {image} twin: {r['rows']} rows, notebook {r['seconds']} s{verify_score(r)}, checksums intact")
 
 
 def verify_score(r: dict) -> str:
@@ -750,12 +758,12 @@ def env() -> None:
 @cli.command()
 @json_option
 def models() -> None:
-    """List model aliases: hub id, family, size, and whether the weights fit one T4 (15 GiB) at fp16 and int4."""
+    """List model aliases: hub id, family, size, and whether a copy fits one T4 (15 GiB) at fp16 and int4, as `plan` places it."""
     from .models import ALIASES, fits_t4, weights_gib
 
     emit([
         {"alias": name, "hub_id": a.hub_id, "family": a.family, "params_m": a.params_m, "fp16_gib": round(weights_gib(a.params_m, 16), 2),
-         "t4_fp16": fits_t4(a.params_m, 16), "int4_gib": round(weights_gib(a.params_m, 4), 2), "t4_int4": fits_t4(a.params_m, 4), "wheel": a.wheel}
+         "t4_fp16": fits_t4(a, "fp16"), "int4_gib": round(weights_gib(a.params_m, 4), 2), "t4_int4": fits_t4(a, "int4"), "wheel": a.wheel}
         for name, a in ALIASES.items()
     ], models_text)  # fmt: skip
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -26,9 +28,9 @@ from runtime.predict import kernel_rows, prompts, run_rows
 from runtime.torch_engine import torch_forward
 
 from .folds import across_questions, input_key, load_labelled, scheme_of, split_fold
-from .models import FAMILIES, load_hf_tokenizer
+from .models import FAMILIES, Source, classifier_settings, load_hf_tokenizer
 from .options import one_of
-from .stages import StageMeta, atomic_dir, check_data, read_meta, write_meta
+from .stages import ADAPTER, FULL, StageMeta, atomic_dir, base_folder, check_data, check_read, folder_files, read_meta, write_meta
 
 # What an exported transformer's ONNX folder holds, by role: the bundle carries these (the .data file only when the
 # weights are over EXTERNAL_DATA_BYTES, written by `save`).
@@ -249,14 +251,20 @@ def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: st
 MAX_MAP3_DROP = 0.005
 
 
-def reference_model(folder: str | os.PathLike, pooled: bool = False):
+def reference_model(folder: str | os.PathLike, pooled: bool = False, run: bool = False):
     """The drift reference: PyTorch fp32, whatever dtype the folder stores, on the GPU when there is one (a 9B model
-    over a thousand rows takes hours on a CPU). Returns the model and what it is, for the record."""
+    over a thousand rows takes hours on a CPU); `run`: a run folder's base and adapter, as merge loads them. Returns
+    the model and what it is, for the record."""
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = (AutoModel if pooled else AutoModelForSequenceClassification).from_pretrained(folder, dtype=torch.float32)
+    if run:
+        from .merge import load_trained_model
+
+        model = load_trained_model(folder)
+    else:
+        model = (AutoModel if pooled else AutoModelForSequenceClassification).from_pretrained(folder, dtype=torch.float32)
     return model.to(device).eval(), f"PyTorch fp32 on {device}"
 
 
@@ -371,14 +379,53 @@ def write_torch(merged: str | os.PathLike, folder: Path, precision: str) -> None
     model.save_pretrained(folder, max_shard_size="1000GB")
 
 
-def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 1024, force: bool = False, engine: str = "onnx") -> dict:
+# Where a kernel finds a base: a Kaggle Model (qwen-lm/qwen-3/transformers/8b/1) or a dataset (owner/slug).
+KAGGLE_SOURCE = re.compile(r"[\w.-]+/[\w.-]+(/[\w.-]+/[\w.-]+/\d+)?")
+
+
+def write_adapter(run: str | os.PathLike, folder: Path, meta: dict, source: str) -> tuple[dict, Path]:
+    """The files of a torch member on a base outside the bundle (runtime.torch_engine.ADAPTER_FILES): the run's peft
+    adapter, its base named as `source` (the Kaggle Model or dataset the kernel attaches), and the classifier's
+    config. Returns the member's `base` record (the source and the sha256 of the base's files, read now and refused
+    in one line if they changed since the run trained on them, as merge refuses) and the base's folder here."""
+    from transformers import AutoConfig
+
+    from runtime.base_model import base_digests
+    from runtime.torch_engine import ADAPTER_FILES
+
+    if (Path(run) / FULL).is_dir():
+        raise MapbuildError(f"{run}: fully fine-tuned (--lora-r 0), so no adapter to put on a base; merge it and export without --base-source")
+    if meta.get("gguf_file"):
+        raise MapbuildError(f"{run}: its base is the GGUF file {meta['gguf_file']}, which a kernel loads as no Kaggle Model; merge it and export without --base-source")
+    base = base_folder(Source(meta["base_model"]))
+    digests = base_digests(base)
+    check_read(meta, "base_model", digests, tuple(digests))
+    adapter = Path(run) / ADAPTER
+    shutil.copy(adapter / ADAPTER_FILES["adapter"], folder / ADAPTER_FILES["adapter"])
+    settings = json.loads((adapter / ADAPTER_FILES["adapter_config"]).read_text())
+    settings["base_model_name_or_path"] = source  # not this machine's path: what the kernel attaches
+    (folder / ADAPTER_FILES["adapter_config"]).write_text(json.dumps(settings, indent=2))
+    labels = meta["label_space"]["labels"]
+    AutoConfig.from_pretrained(base, **classifier_settings(labels), pad_token_id=meta["pad_token_id"]).save_pretrained(folder)
+    return {"source": source, "files": digests}, base
+
+
+def export(
+    merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "fp32", rows: int = 1024, force: bool = False, engine: str = "onnx",
+    base_source: str | None = None,
+) -> dict:
     """Write OUT with the model for `engine` (onnx: model.onnx; torch: safetensors weights and config), tokenizer.json
-    and the drift against PyTorch fp32 on held-out rows."""
+    and the drift against PyTorch fp32 on held-out rows. `base_source`: `merged` is a run folder instead, and the torch
+    member carries its adapter alone, on the base the kernel attaches as that Kaggle Model or dataset."""
     from .torch_rows import logits_and_peaks, whole
 
     torch_engine = engine == TORCH
     one_of(quantize, TORCH_PRECISIONS if torch_engine else EXPORT_PRECISIONS, f"--quantize (--engine {engine})")
-    meta = read_meta(merged, "merged")
+    if base_source is not None and not torch_engine:
+        raise MapbuildError(f"--base-source needs --engine {TORCH}: an ONNX graph holds its weights")
+    if base_source is not None and not KAGGLE_SOURCE.fullmatch(base_source):
+        raise MapbuildError(f"--base-source {base_source!r}: give a Kaggle Model as OWNER/MODEL/FRAMEWORK/VARIATION/VERSION, or a dataset as OWNER/SLUG")
+    meta = read_meta(merged, "run" if base_source is not None else "merged")
     check_data(meta, meta["config"]["data"], "restore the file, or train again")  # the held-out rows come from it
     record = StageMeta.from_json(meta)
     packed = record.inputs == PACKED
@@ -386,14 +433,18 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         record = replace(record, pack_tokens=record.pack_tokens or PACK_TOKENS)  # the kernel's pack size, and its pace's
     sample = held_out_rows(meta, rows)
     space = LabelSpace.from_json(meta["label_space"])
+    tokenizer = Path(merged) / ("tokenizer" if base_source is not None else "")  # a run keeps its tokenizer in a folder
     with atomic_dir(out, "onnx") as tmp:
-        shutil.copy(Path(merged) / "tokenizer.json", tmp / FILES["tokenizer"])
-        kernel = checked_kernel_rows(tmp / FILES["tokenizer"], merged, record, prompts(record, sample, space))
+        shutil.copy(tokenizer / "tokenizer.json", tmp / FILES["tokenizer"])
+        kernel = checked_kernel_rows(tmp / FILES["tokenizer"], tokenizer, record, prompts(record, sample, space))
+        base, base_dir = write_adapter(merged, tmp, meta, base_source) if base_source is not None else (None, None)
         if torch_engine:
-            write_torch(merged, tmp, quantize)
+            if base is None:
+                write_torch(merged, tmp, quantize)
             import torch
 
-            forward, threads = torch_forward(tmp, quantize), torch.get_num_threads()  # the kernel's own engine, as it loads it
+            # the kernel's own engine, as it loads it
+            forward, threads = torch_forward(tmp, quantize, base=base_dir), torch.get_num_threads()
         else:
             write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[record.model_type].ort_fusion, packed=packed)
             forward, threads = onnx_forward(tmp / FILES["model"], KERNEL_THREADS), KERNEL_THREADS  # a CPU session's pace is the kernel's
@@ -402,7 +453,7 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         seconds = time.perf_counter() - start
         provider = forward.provider
         del forward  # the session, then the fp32 reference: never both in memory (a CPU session upcasts fp16 weights)
-        model, what = reference_model(merged)
+        model, what = reference_model(merged, run=base is not None)
         ids = whole(record, kernel)
         # unpacked: so the drift of a packed graph includes any error of packing itself
         reference, names, peaks = logits_and_peaks(model, ids, record.pad_token_id, desc="torch")
@@ -414,8 +465,10 @@ def export(merged: str | os.PathLike, out: str | os.PathLike, quantize: str = "f
         write_meta(tmp, replace(
             record,
             stage="onnx",
-            merged=str(Path(merged).resolve()),
+            # exported from a run, it is its own run, as merge records one
+            **({"merged": str(Path(merged).resolve())} if base is None else {"run": str(Path(merged).resolve()), "read": {**(meta.get("read") or {}), "run": {"path": str(Path(merged).resolve()), "files": meta.get("files") or folder_files(Path(merged))}}}),
             engine=TORCH if torch_engine else None,
+            base=base,
             precision=quantize,
             drift=drift,
             # the CPU pace is the kernel's plan when its sessions land on the CPU: only a CPU session measures it

@@ -12,7 +12,7 @@ import click
 
 from runtime.errors import MapbuildError
 from runtime.member import TORCH
-from runtime.torch_engine import TORCH_FILES
+from runtime.torch_engine import ADAPTER_FILES, TORCH_FILES
 
 from . import export, knn, tfidf
 from .folds import SplitConfig
@@ -57,13 +57,14 @@ class Kind:
     build: Callable[[str, SplitConfig, Path, str, bool, str], dict]  # (name, config, dest, quantize, force, engine) -> metrics
     files: dict[str, str]  # role -> file of its ONNX folder that the bundle carries
     engines: dict[str, dict[str, str]] = field(default_factory=dict)  # the files of its folder for another `engine`
+    on_base: dict[str, str] = field(default_factory=dict)  # the files of its folder for a member on a base outside the bundle
     optional: frozenset[str] = frozenset()  # roles of `files` a folder may lack; every other one it must hold
     precision: str | None = None  # the one precision its folder is written at, whatever `quantize` says
 
-    def present(self, folder: Path, engine: str | None = None) -> dict[str, str]:
-        """The files of `folder` the bundle carries for the member's `engine`; a required one missing is refused, as
-        its member would score nothing and the kernel fall back on the label prior."""
-        files = self.engines[engine] if engine else self.files
+    def present(self, folder: Path, engine: str | None = None, on_base: bool = False) -> dict[str, str]:
+        """The files of `folder` the bundle carries for the member's `engine`, or for one `on_base` (its adapter); a
+        required one missing is refused, as its member would score nothing and the kernel fall back on the prior."""
+        files = self.on_base if on_base else self.engines[engine] if engine else self.files
         if lost := next((f for k, f in files.items() if k not in self.optional and not (folder / f).is_file()), None):
             raise MapbuildError(f"{folder}: {lost} is missing, and its member needs it; write the folder again with the command that made it")
         return {k: f for k, f in files.items() if (folder / f).is_file()}
@@ -71,7 +72,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     # the .data file is written only for weights over export.EXTERNAL_DATA_BYTES
-    "transformer": Kind(TrainConfig, build_transformer, export.FILES, {TORCH: TORCH_FILES}, frozenset({"data"})),
+    "transformer": Kind(TrainConfig, build_transformer, export.FILES, {TORCH: TORCH_FILES}, ADAPTER_FILES, frozenset({"data"})),
     "tfidf": Kind(TfidfConfig, build_tfidf, tfidf.FILES, precision="fp32"),
     "knn": Kind(KnnConfig, build_knn, knn.FILES),
 }

@@ -13,7 +13,6 @@ from runtime.errors import MapbuildError
 
 from .options import did_you_mean
 
-T4_GIB = 15.0
 HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # OWNER/NAME: the only shape of name ever sent to the hub (./x is a path)
 PROBE_SECONDS = 5.0
 
@@ -95,9 +94,14 @@ def weights_gib(params_m: float, bits: int) -> float:
     return params_m * 1e6 * bits / 8 / 2**30
 
 
-def fits_t4(params_m: float, bits: int) -> bool:
-    """Weights within 80% of a T4's memory, leaving room for activations at inference batch sizes."""
-    return weights_gib(params_m, bits) <= 0.8 * T4_GIB
+def fits_t4(alias: Alias, precision: str) -> bool:
+    """Whether a copy of the model at `precision` fits one T4 as the kernel and `plan` place it (runtime.plan: weights,
+    a kernel batch's activations where its shape is known, a CUDA context, within 90% of 15 GiB)."""
+    from runtime.member import MemberSpec
+    from runtime.plan import fits_somewhere
+
+    spec = MemberSpec(params=int(alias.params_m * 1e6), precision=precision, max_length=FAMILIES[alias.family].max_length)
+    return fits_somewhere(spec, precision, alias.config(), 1, split=False)
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,11 @@ def load_hf_tokenizer(source: Source | str):
     return tok
 
 
+def classifier_settings(labels: list[str]) -> dict:
+    """A classifier config's labels: what training and a member on an attached base (export --base-source) give it."""
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {lab: i for i, lab in enumerate(labels)}}
+
+
 def load_classifier(source: Source, labels: list[str], pad_token_id: int | None, dtype: str = "float32", quantization_config=None):
     """The model with a fresh `len(labels)`-way head in `dtype` (a torch dtype's name, whatever the checkpoint
     stores), and the names of the modules its checkpoint lacked."""
@@ -221,8 +230,7 @@ def load_classifier(source: Source, labels: list[str], pad_token_id: int | None,
     from transformers import AutoModelForSequenceClassification
 
     model, loading = AutoModelForSequenceClassification.from_pretrained(
-        source.path, **source.kwargs(), dtype=getattr(torch, dtype), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)}, output_loading_info=True, **quant,
+        source.path, **source.kwargs(), dtype=getattr(torch, dtype), **classifier_settings(labels), output_loading_info=True, **quant,
     )
     model.config.pad_token_id = pad_token_id
     if source.gguf_file:  # dequantized to fp32 on load: drop the quantizer so the merged model saves as a plain one

@@ -55,14 +55,16 @@ def dataset_metadata(dataset_id: str, title: str, description: str) -> dict:
     }
 
 
-def kernel_metadata(dataset_id: str, kernel_id: str) -> dict:
-    """kernel-metadata.json, for `kaggle kernels push`: a private notebook on a GPU with internet off, the bundle and
-    the competition attached, on the image it was written for. Its title is its slug: Kaggle warns when a title does
-    not slugify to the id."""
+def kernel_metadata(dataset_id: str, kernel_id: str, bases: list[str] = ()) -> dict:
+    """kernel-metadata.json, for `kaggle kernels push`: a private notebook on a GPU with internet off, the bundle, the
+    competition and the members' base models (`bases`: Kaggle Models or datasets, BASE_SOURCE) attached, on the image
+    it was written for. Its title is its slug: Kaggle warns when a title does not slugify to the id."""
+    models = sorted({b for b in bases if b.count("/") == 4})
     return {
         "id": kernel_id, "title": kernel_id.split("/")[1], "code_file": "submit.ipynb", "language": "python", "kernel_type": "notebook",
-        "is_private": True, "enable_gpu": True, "enable_tpu": False, "enable_internet": False, "dataset_sources": [dataset_id],
-        "competition_sources": [COMPETITION], "kernel_sources": [], "docker_image_pinning_type": "original", "model_sources": [],
+        "is_private": True, "enable_gpu": True, "enable_tpu": False, "enable_internet": False,
+        "dataset_sources": [dataset_id, *sorted(set(bases) - set(models))], "competition_sources": [COMPETITION], "kernel_sources": [],
+        "docker_image_pinning_type": "original", "model_sources": models,
     }
 
 
@@ -182,7 +184,7 @@ def copy_member(tmp: Path, name: str, d: str, m: StageMeta, weight: float, oof_m
     """Copy one member's files from its ONNX folder `d` into tmp/models/NAME; returns the member, with every field
     of its export's record, whose card it writes beside them."""
     (tmp / "models" / name).mkdir(parents=True)
-    files = KINDS[m.kind].present(Path(d), m.engine)
+    files = KINDS[m.kind].present(Path(d), m.engine, m.base is not None)
     for f in files.values():
         if (Path(d) / f).is_symlink():
             raise MapbuildError(f"package: {Path(d) / f} is a symlink; a bundle holds real files only")
@@ -211,13 +213,14 @@ def copy_members(tmp: Path, onnx_dirs: list[str], metas: list[StageMeta], fitted
     return members, dropped, named
 
 
-def write_kernel(tmp: Path, dataset_id: str, title: str, kernel_id: str, n_members: int) -> None:
+def write_kernel(tmp: Path, dataset_id: str, title: str, kernel_id: str, members: list[Member]) -> None:
     """What runs the members on Kaggle: the runtime's code, the dataset's and kernel's metadata, and the notebook."""
     (tmp / "runtime").mkdir()
     for f in sorted(RUNTIME_DIR.glob("*.py")) + [RUNTIME_DIR / "requirements.txt"]:  # the code, nothing else
         shutil.copy(f, tmp / "runtime" / f.name)
-    description = f"Offline MAP submission bundle with {n_members} model(s), built by mapbuild {runtime.__version__}."
-    metadata = {"dataset-metadata.json": dataset_metadata(dataset_id, title, description), "kernel-metadata.json": kernel_metadata(dataset_id, kernel_id)}
+    description = f"Offline MAP submission bundle with {len(members)} model(s), built by mapbuild {runtime.__version__}."
+    bases = [m.base["source"] for m in members if m.base]
+    metadata = {"dataset-metadata.json": dataset_metadata(dataset_id, title, description), "kernel-metadata.json": kernel_metadata(dataset_id, kernel_id, bases)}
     for name, content in metadata.items():
         (tmp / name).write_text(json.dumps(content, indent=1))
     (tmp / "submit.ipynb").write_text(notebook(dataset_id, title))
@@ -251,7 +254,7 @@ def package(
         wheel_entries = fetch(tmp / "wheels", pythons, cuda, find_links) if wheels else []
         if wheels and any(m.precision == "nf4" for m in members):
             wheel_entries.append(fetch_any(tmp / "wheels", BITSANDBYTES, installed(BITSANDBYTES), find_links))
-        write_kernel(tmp, dataset_id, title, f"{owner}/{kernel_slug(slug)}", len(members))
+        write_kernel(tmp, dataset_id, title, f"{owner}/{kernel_slug(slug)}", members)
         manifest = {
             "format": FORMAT,
             "dataset_id": dataset_id,

@@ -81,7 +81,7 @@ class StageMeta(MemberSpec):
         if not transformer and self.stage != "onnx":
             return f"a {self.kind} member writes its onnx folder directly, not a {self.stage!r} one"
         needs = [k for s in STAGES[: STAGES.index(self.stage) + 1] if transformer or s == "onnx" for k in NEEDS[s]]
-        needs += ["merged"] if transformer and self.stage == "onnx" else []
+        needs += ["merged"] if transformer and self.stage == "onnx" and self.base is None else []  # a member on a base: exported from its run
         if missing := [k for k in needs if getattr(self, k) is None]:
             return f"a {self.kind} {self.stage!r} folder needs {', '.join(missing)}"
         if self.stage == "onnx" and self.cpu_rows_per_s is None and self.cuda_rows_per_s is None:
@@ -193,9 +193,8 @@ def folder_files(folder: Path, pattern: str = "**/*") -> dict[str, str]:
 MODEL_FILES = ("*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 
 
-def base_files(source: Source) -> dict:
-    """What train records of its base model, for merge to know it again (check_read): its folder (a hub id's cached
-    snapshot) and the sha256 of each file there transformers reads (the GGUF file alone, for one)."""
+def base_folder(source: Source) -> Path:
+    """The folder of a base model: its path, or a hub id's cached snapshot."""
     from huggingface_hub import try_to_load_from_cache
 
     folder = Path(source.path)
@@ -203,6 +202,13 @@ def base_files(source: Source) -> dict:
         folder = Path(found).parent
     if not folder.is_dir():
         raise MapbuildError(f"base model {source.path}: not found (no such folder, nor in the Hugging Face cache); put it back where the run trained on it")
+    return folder
+
+
+def base_files(source: Source) -> dict:
+    """What train records of its base model, for merge to know it again (check_read): its folder (base_folder) and
+    the sha256 of each file there transformers reads (the GGUF file alone, for one)."""
+    folder = base_folder(source)
     files = {k: v for pattern in ([source.gguf_file] if source.gguf_file else MODEL_FILES) for k, v in folder_files(folder, pattern).items()}
     return {"path": str(folder), "files": files}
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import click
 
 from runtime.errors import MapbuildError
+from runtime.manifest import sha256_file
+from runtime.member import TORCH
 from runtime.plan import LIMIT_HOURS
 from runtime.preflight import COMPETITION
 
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 # hours, and a shorter limit would fail it as a timeout, not a result. A dead kernel is noticed at once anyway.
 CELL_TIMEOUT = int(LIMIT_HOURS * 3600)
 SANDBOX = Path(__file__).parent / "data" / "sandbox"  # sitecustomize: no torch, transformers, peft, builder, sockets
+SANDBOX_TORCH = "MAPBUILD_SANDBOX_TORCH"  # set: the sandbox lets torch, transformers and peft import (a torch twin)
 ROOTS = {"INPUT": "/kaggle/input", "WORKING": "/kaggle/working"}
 
 
@@ -44,6 +47,7 @@ class Image:
     python: str
     packages: tuple[str, ...]
     source: str
+    torch: tuple[str, ...] = ()  # the image's PyTorch stack, installed for a bundle with a torch member; () where unknown
 
 
 # pip, packaging, protobuf and flatbuffers are what onnxruntime's wheel needs and its --no-deps install leaves out.
@@ -64,6 +68,9 @@ IMAGES = {
         "3.12",
         ("numpy>=2,<3", "pandas==2.2.*", "tokenizers==0.22.*", *COMMON),
         "Kaggle/docker-python: Python 3.12 on a Colab base (#1516, 2025-12-12); no onnxruntime in kaggle_requirements.txt",
+        # PyPI's torch 2.10.0 is the CUDA 12.8 build the image ships (about 7 GB with its NVIDIA libraries, which load
+        # and find no GPU here); the image's own pins of transformers, peft and accelerate (docs/kernel.md)
+        ("torch==2.10.0", "transformers==5.0.0", "peft==0.19.1", "accelerate==1.13.0"),
     ),
     "kaggle-2025": Image(
         "3.11",
@@ -106,18 +113,21 @@ def interpreter(python: str) -> Path:
     raise MapbuildError(f"the twin needs CPython {python}: install it (pyenv install {python}) or put python{python} on PATH")
 
 
-def image_env(name: str) -> Path:
-    """The image's clean virtual environment, built once into the cache; every run works on a copy of it."""
+def image_env(name: str, torch: bool = False) -> Path:
+    """The image's clean virtual environment, built once into the cache, with its PyTorch stack where `torch`; every
+    run works on a copy of it."""
     image = IMAGES[name]
-    venv = cache_dir() / f"twin-{name}-{hashlib.sha256(repr(image).encode()).hexdigest()[:8]}"  # another image, another venv
+    packages = (*image.packages, *(image.torch if torch else ()))
+    key = hashlib.sha256(repr((image.python, packages)).encode()).hexdigest()[:8]  # other packages, another venv
+    venv = cache_dir() / f"twin-{name}{'-torch' if torch else ''}-{key}"
     if (venv / ".installed").exists():
         return venv
-    click.echo(f"twin: creating {venv} (Python {image.python}: {', '.join(image.packages)})")
+    click.echo(f"twin: creating {venv} (Python {image.python}: {', '.join(packages)})")
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".twin-{name}.", dir=cache_dir()))
     try:
         subprocess.run([str(interpreter(image.python)), "-m", "venv", "--clear", str(tmp)], check=True, capture_output=True)
-        done = subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", *image.packages], capture_output=True, text=True)
+        done = subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", *packages], capture_output=True, text=True)
         if done.returncode:
             raise MapbuildError(f"twin {name}: pip install failed: {done.stderr.strip().splitlines()[-1]}")
         shutil.rmtree(venv, ignore_errors=True)
@@ -181,18 +191,47 @@ def execute(nb: nbformat.NotebookNode, python: Path, cwd: Path, env: dict[str, s
     return error, "".join(text)
 
 
-def run_notebook(bundle: str | os.PathLike, test: str | os.PathLike, root: Path, image: str = DEFAULT_IMAGE, layout: str = "datasets") -> Run:
+def carries_torch(manifest: dict, image: str) -> bool:
+    """Whether the twin of `image` runs a bundle with its PyTorch stack: when a member needs it and the stack is known."""
+    return bool(IMAGES[image].torch) and any(m.get("engine") == TORCH for m in manifest["members"])
+
+
+def mount(folder: Path, manifest: dict, input_root: Path) -> Path:
+    """Where Kaggle mounts an attached model folder: at the Kaggle Model path (INPUT/MODEL/FRAMEWORK/VARIATION/VERSION)
+    or dataset path (INPUT/datasets/OWNER/SLUG) of the member base whose config.json it holds, else under its own
+    name (a folder no member knows, which the runtime then refuses as it would on Kaggle)."""
+    config = folder / "config.json"
+    digest = sha256_file(config) if config.is_file() else None
+    source = next((m["base"]["source"] for m in manifest["members"] if m.get("base") and m["base"]["files"].get("config.json") == digest), None)
+    if source is None:
+        return input_root / folder.name
+    parts = source.split("/")
+    return input_root.joinpath(*parts[1:]) if len(parts) == 5 else input_root / "datasets" / source
+
+
+def run_notebook(
+    bundle: str | os.PathLike, test: str | os.PathLike, root: Path, image: str = DEFAULT_IMAGE, layout: str = "datasets",
+    attach: tuple[Path, ...] = (), torch: bool | None = None,
+) -> Run:
     """Run the bundle's notebook in the twin of `image`, laid out under the empty folder `root`: the bundle attached
-    as a dataset, `test` as the competition's test.csv. `layout`: "datasets" (INPUT/datasets/OWNER/SLUG and
-    INPUT/competitions/COMP) or "flat" (INPUT/SLUG and INPUT/COMP), Kaggle's two mount layouts."""
+    as a dataset, `test` as the competition's test.csv, each `attach` folder as a Kaggle Model (mount). `layout`:
+    "datasets" (INPUT/datasets/OWNER/SLUG and INPUT/competitions/COMP) or "flat" (INPUT/SLUG and INPUT/COMP), Kaggle's
+    two mount layouts. `torch`: with the image's PyTorch stack, and torch, transformers and peft importable (default:
+    carries_torch)."""
     bundle = Path(bundle).resolve()
-    dataset_id = json.loads((bundle / "manifest.json").read_text())["dataset_id"]
-    python_env = image_env(image)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    dataset_id = manifest["dataset_id"]
+    torch = carries_torch(manifest, image) if torch is None else torch
+    if torch and not IMAGES[image].torch:
+        raise MapbuildError(f"twin {image}: its PyTorch stack is not known, so it cannot carry torch; verify on {DEFAULT_IMAGE}")
+    python_env = image_env(image, torch)
     roots = {"INPUT": root / "input", "WORKING": root / "working"}
     nested = layout == "datasets"
     attached = roots["INPUT"] / ("datasets/" + dataset_id if nested else dataset_id.split("/")[1])
     competition = roots["INPUT"] / ("competitions/" if nested else "") / COMPETITION
     shutil.copytree(bundle, attached, copy_function=link_or_copy)  # as uploaded: a __pycache__ in it too
+    for folder in attach:
+        shutil.copytree(folder, mount(Path(folder), manifest, roots["INPUT"]), copy_function=link_or_copy)
     competition.mkdir(parents=True)
     shutil.copy(test, competition / "test.csv")
     roots["WORKING"].mkdir()
@@ -203,6 +242,8 @@ def run_notebook(bundle: str | os.PathLike, test: str | os.PathLike, root: Path,
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV", "JPY_", "PYTEST_"))}
     # No index and none of this machine's pip configuration: only what the bundle brings can be installed.
     env.update(PYTHONPATH=str(SANDBOX), PYTHONNOUSERSITE="1", HF_HUB_OFFLINE="1", PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull)
+    if torch:
+        env[SANDBOX_TORCH] = "1"  # the image ships torch, transformers and peft: the sandbox lets them import
     start = time.perf_counter()
     error, output = execute(nb, env_copy / "bin" / "python", roots["WORKING"], env, root / "kernel.log")
     written, result = roots["WORKING"] / "submission.csv", roots["WORKING"] / "mapbuild_result.json"

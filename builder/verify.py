@@ -51,11 +51,14 @@ def probe_rows(manifest: dict, sample: pd.DataFrame) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def verify(bundle: str | os.PathLike, test: str | os.PathLike | None = None, image: str = DEFAULT_IMAGE) -> dict:
+def verify(
+    bundle: str | os.PathLike, test: str | os.PathLike | None = None, image: str = DEFAULT_IMAGE, attach: tuple[str, ...] = (), torch: bool | None = None
+) -> dict:
     """Run the bundle's notebook in the twin of `image` and check what it wrote; with labelled test rows, its
     MAP@3 must reach the label prior's. Without `test` it runs the embedded sample rows, scored, for a bundle trained
     on the sample's questions; any other bundle runs probe rows of its own questions, unscored: they check the
-    notebook, as Kaggle's three public rows do."""
+    notebook, as Kaggle's three public rows do. `attach`: model folders mounted as Kaggle mounts its Models (members'
+    bases); `torch`: with the image's PyTorch stack (default: when a member runs on torch)."""
     bundle = Path(bundle).resolve()
     manifest = load_manifest(bundle)
     df = read_rows(test or SAMPLE_TEST)
@@ -69,9 +72,9 @@ def verify(bundle: str | os.PathLike, test: str | os.PathLike | None = None, ima
         if unscored:  # without labels the kernel scores nothing
             df, rows = probe_rows(manifest, df), Path(tmp) / "rows.csv"
             df.to_csv(rows, index=False)
-        run = run_notebook(bundle, rows, Path(tmp) / "twin", image)
-        if run.returncode:
-            raise MapbuildError(f"verify: the notebook stopped in {where}: {run.last_line}")
+        run = run_notebook(bundle, rows, Path(tmp) / "twin", image, attach=tuple(map(Path, attach)), torch=torch)
+        if run.returncode:  # the runtime's own line where it got that far, not the notebook's "the runtime stopped"
+            raise MapbuildError(f"verify: the notebook stopped in {where}: {(run.result or {}).get('error') or run.last_line}")
         if run.submission is None or run.result is None:
             raise MapbuildError(f"verify: the notebook exited 0 in {where} but wrote no submission.csv and result")
         if run.result["faults"]:

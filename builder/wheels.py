@@ -148,5 +148,6 @@ def fetch_any(dest: Path, name: str, version: str, find_links: str | os.PathLike
     if wheel is None:
         where = f"--find-links {find_links}" if find_links else f"{name}=={version} from PyPI"
         raise MapbuildError(f"{where}: no {name} {version} wheel for CPython 3 on x86-64 Linux")
-    link_or_copy(wheel, dest / wheel.name)
+    if not (dest / wheel.name).exists():  # a second call into the same folder finds it there already
+        link_or_copy(wheel, dest / wheel.name)
     return {"file": wheel.name, "name": name, "version": version, "python": ANY_PYTHON, "cuda": None}

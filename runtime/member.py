@@ -9,6 +9,7 @@ member card holds the fields marked `card`, and the kernel reads the attributes:
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -18,6 +19,7 @@ MEMBER_KINDS = ("transformer", "tfidf", "knn")  # the kinds of member a bundle m
 TORCH = "torch"  # a transformer member's `engine` when PyTorch runs it (runtime.torch_engine); None: onnxruntime
 TORCH_PRECISIONS = ("fp32", "fp16", "nf4")  # the torch engine's weights: nf4 is bitsandbytes' 4-bit NormalFloat
 ENGINES = ("onnx", TORCH)  # a member's engine by name, as `export --engine` and a config's `engine` give it
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def described(text: str, default: object = None, card: bool = False) -> typing.Any:
@@ -36,6 +38,21 @@ def type_problem(record: object) -> str | None:
         want += (int,) if float in want else ()
         if value is not None and (not isinstance(value, want) or isinstance(value, bool)):
             return f"{f.name} {value!r} is a {type(value).__name__}, not {' or '.join(t.__name__ for t in want)}"
+    return None
+
+
+def base_problem(base: dict, engine: str | None) -> str | None:
+    """What breaks a member's `base` record: only the torch engine loads an adapter on a base, which it finds and
+    checks by its files' sha256 (a config.json among them)."""
+    files = base.get("files")
+    if engine != TORCH:
+        return f"only a {TORCH!r} member runs on a base outside the bundle"
+    if not isinstance(base.get("source"), str) or not base["source"]:
+        return "needs source, the Kaggle Model or dataset that holds it"
+    if not isinstance(files, dict) or "config.json" not in files or not all(isinstance(v, str) and SHA256.fullmatch(v) for v in files.values()):
+        return "needs files, a sha256 for each file of it, config.json among them"
+    if not all(isinstance(k, str) and k and "/" not in k and k not in (".", "..") for k in files):
+        return "files must name files at the top of its folder"
     return None
 
 
@@ -61,6 +78,10 @@ class MemberSpec:
     max_length: int | None = described("tokens a row is cut to", card=True)
     inputs: str | None = described(f"'{PACKED}': rows as head + tail, packed behind a shared head; None: whole rows", card=True)
     engine: str | None = described(f"'{TORCH}': PyTorch runs its safetensors weights (runtime.torch_engine); None: onnxruntime its ONNX graph")
+    base: dict | None = described(
+        "a torch member whose files are a LoRA adapter and head: its base model outside the bundle, as "
+        "{'source': the Kaggle Model or dataset to attach, 'files': {file: sha256}} (runtime.base_model)"
+    )
     pack_tokens: int | None = described("tokens a pack holds, for a packed member (the kernel's default when None)")
     pad_token_id: int | None = described("the tokenizer's pad id", card=True)
     knn: dict | None = described("the kNN member's settings (runtime.knn.SETTINGS)", card=True)
@@ -86,6 +107,8 @@ class MemberSpec:
             return f"inputs {self.inputs!r} is not {PACKED!r}; package it with this runtime's mapbuild"
         if self.engine not in (None, TORCH) or (self.engine and self.kind != "transformer"):
             return f"engine {self.engine!r} is not {TORCH!r} for a transformer; package it with this runtime's mapbuild"
+        if self.base is not None and (problem := base_problem(self.base, self.engine)):
+            return f"base: {problem}"
         for name, unit in (("max_length", "tokens"), ("cpu_threads", "threads")):
             if (value := getattr(self, name)) is not None and value < 1:
                 return f"{name} {value} is not a positive number of {unit}"

@@ -84,8 +84,11 @@ def estimate(
     return out
 
 
-def batch_activations(spec: MemberSpec, shape: dict) -> int:
-    """A kernel batch's activations on a T4: KERNEL_BATCH rows of the member's max_length, in its packs."""
+def batch_activations(spec: MemberSpec, shape: dict | None) -> int:
+    """A kernel batch's activations on a T4: KERNEL_BATCH rows of the member's max_length, in its packs; 0 for a model
+    of unknown shape (the registry gives one for every decoder of 2B and up: below, a batch is a few hundred MiB)."""
+    if not shape:
+        return 0
     length = spec.max_length or ASSUMED_LENGTH
     span = max(spec.pack_tokens or 0, length)
     tokens = KERNEL_BATCH * length

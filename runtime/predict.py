@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .base_model import attached_bases
 from .cards import check_card
 from .engine import CPU, DevicePool, encode, gpu_count, load_kernel_tokenizer, onnx_forward, run_batches, softmax
 from .ensemble import combine, pool
@@ -20,6 +21,7 @@ from .manifest import bundle_members, check_files
 from .member import PACKED, TORCH, Member, MemberSpec
 from .packing import PACK_TOKENS, Row, kernel_encoder, packed_tokens, run_packs, split_ids
 from .plan import drop, on_gpu, planned_seconds
+from .preflight import KAGGLE_INPUT
 from .prompts import render, render_parts
 from .tfidf import tfidf_probs
 
@@ -96,18 +98,20 @@ def onnx_outputs(
         pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
 
-def torch_outputs(bundle: Path, member: Member, texts: list, batch_size: int, deadline: float | None = None) -> tuple[np.ndarray, str | None]:
+def torch_outputs(
+    bundle: Path, member: Member, texts: list, batch_size: int, deadline: float | None = None, base: Path | None = None
+) -> tuple[np.ndarray, str | None]:
     """The member's PyTorch classifier (runtime.torch_engine, imported here: torch only for its own members) over
     `texts`, in the same batches or packs as an ONNX member's, placed on the GPUs by its size and its longest batch:
-    its output rows and where it ran."""
+    its output rows and where it ran. `base`: its base's folder, for a member that has one (runtime.base_model)."""
     from .torch_engine import placed_forward
 
     rows = kernel_rows(bundle / member.files["tokenizer"], member, texts)
     packed = member.inputs == PACKED
     longest = max(sum(map(len, r)) if packed else len(r) for r in rows)
     span = max(own_pack(member), longest) if packed else longest
-    folder = bundle / Path(member.files["model"]).parent
-    forward = placed_forward(folder, member.precision, batch_size * longest, -(-batch_size * longest // span), span)
+    folder = bundle / Path(member.files["config"]).parent
+    forward = placed_forward(folder, member.precision, batch_size * longest, -(-batch_size * longest // span), span, base)
     if not isinstance(forward, DevicePool):
         return run_rows(forward, member, rows, batch_size, member.name, deadline), forward.provider
     try:
@@ -117,12 +121,13 @@ def torch_outputs(bundle: Path, member: Member, texts: list, batch_size: int, de
 
 
 def transformer_probs(
-    bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+    bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None,
+    base: Path | None = None,
 ) -> tuple[np.ndarray, str | None]:
-    """A classifier over rendered prompts, by its engine: onnxruntime, or PyTorch."""
+    """A classifier over rendered prompts, by its engine: onnxruntime, or PyTorch (on `base` where it has one)."""
     texts = prompts(member, df, space)
     if member.engine == TORCH:
-        logits, provider = torch_outputs(bundle, member, texts, batch_size, deadline)
+        logits, provider = torch_outputs(bundle, member, texts, batch_size, deadline, base)
     else:
         logits, provider = onnx_outputs(bundle, member, texts, batch_size, devices, deadline)
     return softmax(logits), provider
@@ -181,9 +186,12 @@ def predict(
     devices: int = 1,
     deadline: float | None = None,
     pack_tokens: int | None = None,
+    input_root: str | Path = KAGGLE_INPUT,
 ) -> tuple[np.ndarray, list[str]]:
     """The members' combined scores (the manifest's ensemble method), and the names of the members that ran.
-    `pack_tokens`: the pack size of packed members instead of their own, at most their own (pack_size).
+    `pack_tokens`: the pack size of packed members instead of their own, at most their own (pack_size);
+    `input_root`: where the bases of members that have one are attached (runtime.base_model), each found and checked
+    before any member runs: a missing or different base stops the run (EnvironmentFault), never a prior.
 
     Members run heaviest weight first. With a `deadline` (plan.now()), a member whose own plan needs more than the
     time left is dropped, and a running one stops as soon as its own pace says it would overrun (runtime.plan).
@@ -198,6 +206,7 @@ def predict(
     for m in members:  # before any member runs: a manifest that disagrees with an intact card stops the run
         if not check_files(bundle, manifest, [m.files["card"]]):
             check_card(bundle, manifest, m)
+    bases = attached_bases(input_root, members)
     gpus = gpu_count()
     on_cpu = not gpus
     for m in sorted(members, key=lambda m: -m.weight):
@@ -214,7 +223,7 @@ def predict(
             log.error("SKIPPED member %s: %s", m.name, "; ".join(problems))
             continue
         try:
-            p, provider = SCORERS[m.kind](bundle, m, df, space, batch_size, devices, deadline)
+            p, provider = SCORERS[m.kind](bundle, m, df, space, batch_size, devices, deadline, **({"base": bases[m.name]} if m.base else {}))
             p = checked(p, len(df), space, m.name)
         except Exception as e:  # noqa: BLE001 - any member failure must leave the others and the prior
             log.error("SKIPPED member %s: %s: %s", m.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")

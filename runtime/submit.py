@@ -74,11 +74,12 @@ def find_bundle(root: str) -> Path:
 
 
 def run(
-    bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None, pack_tokens: int | None = None
+    bundle: Path, test: Path, out: Path, batch_size: int, devices: int = 1, deadline: float | None = None, pack_tokens: int | None = None,
+    input_root: str | Path = KAGGLE_INPUT,
 ) -> dict:
     """Write the submission; returns what ran: rows, members, seconds, and MAP@3 when the test rows carry labels.
     `deadline`: the plan.now() by which predictions must be done; `pack_tokens`: packed members' pack size, instead
-    of the one each was exported with (at most that one)."""
+    of the one each was exported with (at most that one); `input_root`: where members' bases are attached."""
     manifest = load_manifest(bundle)
     df = read_rows(test)
     dups = duplicate_row_ids(df)
@@ -93,7 +94,7 @@ def run(
     if sum(unseen) > UNSEEN_OK:
         log.warning("%s: %d of %d rows have a question or answer the bundle never saw; they keep all labels", test, sum(unseen), len(df))
     start = time.perf_counter()
-    probs, used = predict(bundle, manifest, space, df, batch_size, devices, deadline, pack_tokens)
+    probs, used = predict(bundle, manifest, space, df, batch_size, devices, deadline, pack_tokens, input_root)
     seconds = time.perf_counter() - start
     labels = np.array(space.labels)
     preds = labels[top3(probs, space.candidate_mask(df))].tolist()
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         help="tokens per pack for packed (decoder) members, 0 for one row a pack; at most each member's own, set at export (the default)",
     )
     parser.add_argument("--result", type=Path, help="also write what ran as JSON: rows, members run, fallbacks, seconds, MAP@3, error")
-    parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle and the competition")
+    parser.add_argument("--input-root", default=KAGGLE_INPUT, help="where to search for the bundle, the competition and members' base models")
     parser.add_argument("--devices", type=int, help="ONNX worker processes, worker i on GPU i modulo the GPUs (default: one per visible GPU, else 1); a torch member places itself")
     parser.add_argument(
         "--hours", type=float, default=LIMIT_HOURS - MARGIN_HOURS,
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         test = args.test or find_test(args.input_root)
         deadline = now() + args.hours * 3600
         devices = args.devices or (max(gpus, 1) if CUDA in providers else 1)
-        result.update(run(bundle, test, args.out, args.batch_size, devices, deadline, args.pack_tokens))
+        result.update(run(bundle, test, args.out, args.batch_size, devices, deadline, args.pack_tokens, args.input_root))
     except MapbuildError as e:
         result["error"] = str(e)
     except Exception as e:  # noqa: BLE001 - the last guard: a bug is one line too, never a traceback

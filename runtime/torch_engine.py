@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from functools import partial
 from pathlib import Path
 
@@ -22,12 +23,15 @@ from .engine import CPU, CUDA, DevicePool, Forward
 from .errors import MapbuildError
 from .packing import PACKED_INPUTS
 from .member import TORCH_PRECISIONS
-from .plan import BYTES, GIB, activation_bytes, place, splits
+from .plan import BYTES, GIB, WEIGHT_BYTES, activation_bytes, place, splits
 
 log = logging.getLogger("mapbuild")
 
-# What a torch member's folder holds, by role: `save_pretrained`'s weights (one file, whatever the size) and config.
+# What a torch member's folder holds, by role: `save_pretrained`'s weights (one file, whatever the size) and config;
+# or, for a member on a base outside the bundle (runtime.base_model), peft's adapter (the LoRA weights and the head)
+# and the classifier's config, which the base's own lacks (its labels, its pad id).
 TORCH_FILES = {"model": "model.safetensors", "config": "config.json", "tokenizer": "tokenizer.json"}
+ADAPTER_FILES = {"adapter": "adapter_model.safetensors", "adapter_config": "adapter_config.json", "config": "config.json", "tokenizer": "tokenizer.json"}
 
 
 def parts(model):
@@ -68,14 +72,17 @@ def packed_logits(model, input_ids, position_ids, attention_mask, last):
     return head(hidden[rows, last.to(hidden.device)])
 
 
-def require_torch(precision: str) -> None:
-    """ImportError in one line where torch or transformers is missing, or bitsandbytes for an nf4 member: a kernel
-    without them skips the member."""
+def require_torch(precision: str, adapter: bool = False) -> None:
+    """ImportError in one line where torch or transformers is missing, peft for a member on a base (an `adapter`),
+    or bitsandbytes for an nf4 member: a kernel without them skips the member."""
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
+
+        if adapter:
+            import peft  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"the torch engine needs torch and transformers, which Kaggle's image ships and this Python lacks ({e})") from None
+        raise ImportError(f"the torch engine needs torch and transformers (peft too, for an adapter), which Kaggle's image ships and this Python lacks ({e})") from None
     if precision == "nf4":
         try:
             import bitsandbytes  # noqa: F401
@@ -122,21 +129,59 @@ def describe_map(device_map: dict) -> str:
     return "; ".join(f"{device}: {', '.join(spell(*r) for r in runs)}" for device, runs in by_device.items())
 
 
-def load_model(folder: Path, precision: str, device: str | dict):
+def load_model(folder: Path, precision: str, device: str | dict, base: Path | None = None):
     """The member's classifier from its folder (TORCH_FILES), in eval mode, on `device` or over a device map (split
-    by accelerate's hooks, which move each part's inputs to it). An nf4 member's 4-bit weights are placed as they
-    load (bitsandbytes' layers do not move) and compute in the dtype its config stores (fp16: nf4_settings). No
-    remote code: a config naming its own classes is refused by transformers, as it should be."""
+    by accelerate's hooks, which move each part's inputs to it); or, with `base`, the base's weights under the
+    member's config, its adapter (ADAPTER_FILES) folded in, as `merge` folds it (kept apart over nf4 weights, as
+    QLoRA trains). An nf4 member's 4-bit weights are placed as they load (bitsandbytes' layers do not move) and
+    compute in fp16 on a GPU (nf4_settings). No remote code: a config naming its own classes is refused by
+    transformers, as it should be."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     split = isinstance(device, dict)
     dtype = getattr(torch, compute_dtype(precision, split or device != "cpu"))
-    if precision == "nf4":
-        return AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, device_map={"": device}).eval()
-    if split:
-        return AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, device_map=device).eval()
-    return AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype).to(device).eval()
+    kwargs: dict = {"dtype": dtype}
+    if precision == "nf4" or split:
+        kwargs["device_map"] = device if split else {"": device}
+    if base is not None:
+        kwargs["config"] = AutoConfig.from_pretrained(folder)  # a merged nf4 member's config carries its quantization
+        if precision == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(**nf4_settings(dtype))
+    if base is None:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+    else:
+        from peft import PeftModel
+
+        from transformers.utils import logging as hf_logging
+
+        said = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its report of the head it lacks, which the adapter brings: checked here instead
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(base, **kwargs, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(said)
+        head = {f"{name}.weight" for name, module in model.named_modules() if module is parts(model)[1]}
+        if lost := sorted(set(loading["missing_keys"]) - head):  # the head is the adapter's; anything else is a base of another shape
+            raise MapbuildError(f"{base}: lacks {lost[0]} and {len(lost) - 1} more weights of the model its adapter was trained on")
+        model = PeftModel.from_pretrained(model, folder)
+        model = model if precision == "nf4" else model.merge_and_unload()
+    return (model if "device_map" in kwargs else model.to(device)).eval()
+
+
+def weight_bytes(folder: Path, precision: str, base: Path | None = None) -> int:
+    """What the member's weights take on a GPU: its safetensors file, stored as it runs; or, on a `base`, the base's
+    parameters at `precision` (runtime.plan.WEIGHT_BYTES), read from the files' headers, less the language-model head
+    a classifier drops, plus the adapter."""
+    if base is None:
+        return (folder / TORCH_FILES["model"]).stat().st_size
+    from safetensors import safe_open
+
+    params = 0
+    for path in sorted(base.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith("lm_head."))
+    return int(params * WEIGHT_BYTES[precision]) + (folder / ADAPTER_FILES["adapter"]).stat().st_size
 
 
 def nf4_settings(compute_dtype) -> dict:
@@ -169,12 +214,14 @@ def model_forward(model) -> Forward:
     return forward
 
 
-def torch_forward(folder: Path, precision: str, device_id: int | None = None, max_memory: dict[int, int] | None = None) -> Forward:
+def torch_forward(
+    folder: Path, precision: str, device_id: int | None = None, max_memory: dict[int, int] | None = None, base: Path | None = None
+) -> Forward:
     """`model_forward` of the member in `folder`: on GPU `device_id` (default 0) when torch sees a GPU, else the CPU;
-    or split over the GPUs with at most `max_memory` bytes each (place). Logs where its layers sit and what each GPU
-    holds. A module function of picklable arguments, so `partial(torch_forward, folder, precision)` opens a worker's
+    or split over the GPUs with at most `max_memory` bytes each (place); on `base` where it has one (load_model).
+    Logs where its layers sit and what each GPU holds. A module function of picklable arguments, so `partial(torch_forward, folder, precision)` opens a worker's
     copy in a DevicePool."""
-    require_torch(precision)
+    require_torch(precision, base is not None)
     import torch
 
     gpu = torch.cuda.is_available()
@@ -182,9 +229,9 @@ def torch_forward(folder: Path, precision: str, device_id: int | None = None, ma
         device = split_map(folder, compute_dtype(precision, True), max_memory)
     else:
         device = f"cuda:{device_id or 0}" if gpu else "cpu"
-    model = load_model(folder, precision, device)
+    model = load_model(folder, precision, device, base)
     where = describe_map(model.hf_device_map) if max_memory else device
-    log.info("%s: PyTorch %s on %s", folder, compute_dtype(precision, gpu or bool(max_memory)), where)
+    log.info("%s: PyTorch %s on %s%s", folder, compute_dtype(precision, gpu or bool(max_memory)), where, f", its base {base}" if base else "")
     if gpu:
         held = ", ".join(f"GPU {i} {torch.cuda.memory_allocated(i) / GIB:.2f} GiB" for i in range(torch.cuda.device_count()))
         log.info("%s: memory held after loading: %s", folder, held)
@@ -200,17 +247,17 @@ def gpu_memory() -> list[int]:
     return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def placed_forward(folder: Path, precision: str, tokens: int, packs: int, span: int) -> Forward:
+def placed_forward(folder: Path, precision: str, tokens: int, packs: int, span: int, base: Path | None = None) -> Forward:
     """The member in `folder` placed on the GPUs (place) by its weights' size and a batch's activations (`tokens`
     tokens in `packs` sequences of at most `span`): a DevicePool of one copy a GPU, one copy split over them, or one
-    copy on the one GPU or the CPU."""
-    require_torch(precision)
+    copy on the one GPU or the CPU. `base`: the folder of its base, outside the bundle (load_model)."""
+    require_torch(precision, base is not None)
     gpus = gpu_memory()
     dtype = compute_dtype(precision, bool(gpus))
-    weights = (folder / TORCH_FILES["model"]).stat().st_size  # on a GPU, in the dtype it is stored in
+    weights = weight_bytes(folder, precision, base)
     config = json.loads((folder / TORCH_FILES["config"]).read_text())
     placement = place(weights, activation_bytes(config, tokens, packs, span, BYTES[dtype]), gpus, split=splits(precision, True))
     log.info("%s: %.2f GiB of weights on %s", folder, weights / GIB, placement.describe())
     if placement.copies > 1:
-        return DevicePool(partial(torch_forward, folder, precision), placement.copies)
-    return torch_forward(folder, precision, max_memory=placement.max_memory)
+        return DevicePool(partial(torch_forward, folder, precision, base=base), placement.copies)
+    return torch_forward(folder, precision, max_memory=placement.max_memory, base=base)

@@ -71,6 +71,7 @@ if check.returncode:
 test = check.stdout.strip()
 
 run = [sys.executable, "-P", "-m", "runtime.submit", "--bundle", bundle, "--test", test, "--out", os.path.join(WORKING, "submission.csv"),
+       "--input-root", INPUT,  # where a member's base model is attached
        "--result", os.path.join(WORKING, "mapbuild_result.json")]  # what ran and every fallback, for a person or `mapbuild verify`
 done = subprocess.run(run, cwd=bundle, env=env)
 if done.returncode:

@@ -20,7 +20,8 @@ from .conftest import SAMPLE_TEST, rewrite_record
 FORMAT_2 = Path(__file__).parent / "data" / "bundle-format-2"
 # Values the package step checks or acts on; every other field gets a made-up value of its type (probe), so a new
 # field is covered without touching this test.
-CONSTRAINED = {"kind": "transformer", "model_type": "bert", "inputs": None, "engine": None, "pack_tokens": None, "precision": "fp32"}
+# base: a torch member's alone (tests/test_base_model.py follows it from the export to the kernel)
+CONSTRAINED = {"kind": "transformer", "model_type": "bert", "inputs": None, "engine": None, "base": None, "pack_tokens": None, "precision": "fp32"}
 
 
 def probe(name: str) -> object:

@@ -23,8 +23,8 @@ def test_every_alias_names_a_supported_family():
 
 def test_t4_fit_follows_weight_size():
     assert weights_gib(1000, 16) == pytest.approx(1e9 * 2 / 2**30)
-    assert fits_t4(ALIASES["phi-2"].params_m, 16) and not fits_t4(ALIASES["qwen3-14b"].params_m, 16)
-    assert fits_t4(ALIASES["qwen3-14b"].params_m, 4)
+    assert fits_t4(ALIASES["phi-2"], "fp16") and not fits_t4(ALIASES["qwen3-14b"], "fp16")
+    assert fits_t4(ALIASES["qwen3-14b"], "int4")
 
 
 def test_models_command_prints_the_table():
@@ -69,9 +69,10 @@ def test_the_winners_models_are_aliases(alias, hub_id, family, kind, online):
 
 
 def test_which_winners_models_fit_a_t4():
-    assert fits_t4(ALIASES["qwen3-4b"].params_m, 16) and not fits_t4(ALIASES["qwen3-8b"].params_m, 16)
-    assert fits_t4(ALIASES["qwen3-8b"].params_m, 4)
-    assert not fits_t4(ALIASES["qwen2.5-32b"].params_m, 4)  # 15.3 GiB even in int4: not for one T4
+    """The same rule as `plan` and the kernel (runtime.plan.place): Qwen3-8B in fp16 needs two T4s, not one."""
+    assert fits_t4(ALIASES["qwen3-4b"], "fp16") and not fits_t4(ALIASES["qwen3-8b"], "fp16")
+    assert fits_t4(ALIASES["qwen3-8b"], "int4") and fits_t4(ALIASES["qwen3-8b"], "nf4")
+    assert not fits_t4(ALIASES["qwen2.5-32b"], "int4")  # 17.2 GiB even in int4 (0.5625 bytes a parameter): not for one T4
 
 
 def test_unsupported_family_is_named(tmp_path):

@@ -30,7 +30,8 @@ def exported(root, engine: str) -> Member:
     if not folder.exists():
         export(root / "merged", folder, "fp32", rows=32, engine=engine)
     record = StageMeta.from_json(json.loads((folder / "mapbuild.json").read_text()))
-    files = {role: f"{folder.name}/{f}" for role, f in {"model": "model.safetensors" if engine == TORCH else "model.onnx", "tokenizer": "tokenizer.json"}.items()}
+    roles = {"model": "model.safetensors", "config": "config.json"} if engine == TORCH else {"model": "model.onnx"}
+    files = {role: f"{folder.name}/{f}" for role, f in (roles | {"tokenizer": "tokenizer.json"}).items()}
     return Member(**record.spec(), name=f"m0-{engine}", files=files, weight=1.0)
 
 
@@ -279,8 +280,8 @@ def test_a_bundle_with_an_nf4_member_brings_the_bitsandbytes_wheel_that_quantize
 
 @pytest.mark.slow
 def test_the_notebook_installs_the_bundles_bitsandbytes_offline_in_the_kaggle_twin(merged_family, wheel_folder, tmp_path):
-    """The real bitsandbytes wheel, installed by submit.ipynb with pip --no-index in the Python 3.12 twin; the twin
-    has no torch, so the member is then skipped in one line and the submission comes from the prior."""
+    """The real bitsandbytes wheel, installed by submit.ipynb with pip --no-index in the Python 3.12 twin, which
+    carries the image's torch for a torch member: the nf4 member runs on it, no fallback."""
     from builder.package import package
     from builder.twin import run_notebook
     from builder.versions import installed
@@ -290,4 +291,4 @@ def test_the_notebook_installs_the_bundles_bitsandbytes_offline_in_the_kaggle_tw
     package([str(nf4_member(merged_family("llama")))], tmp_path / "bundle", "tester/nf4-bundle", find_links=str(wheel_folder))
     run = run_notebook(tmp_path / "bundle", SAMPLE_TEST, tmp_path / "twin", "kaggle-2026")
     assert "pip could not install" not in run.output and run.returncode == 0, run.output[-1500:]
-    assert "ImportError: the torch engine needs torch and transformers" in run.output and run.submission
+    assert run.result["members_run"] == ["m0-llama-nf4"] and run.result["faults"] == [] and run.submission, run.output[-1500:]

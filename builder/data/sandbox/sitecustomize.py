@@ -1,9 +1,11 @@
 """Loaded by the kernel-sandbox subprocess: the training stack and the network are out of reach, as on Kaggle."""
 
 import importlib.abc
+import os
 import socket
 
-BLOCKED = {"builder", "torch", "transformers", "peft"}
+# Kaggle's image has torch, transformers and peft: a twin that carries them (builder.twin.SANDBOX_TORCH) lets them in.
+BLOCKED = {"builder"} if os.environ.get("MAPBUILD_SANDBOX_TORCH") else {"builder", "torch", "transformers", "peft"}
 
 
 class _Block(importlib.abc.MetaPathFinder):
