@@ -112,3 +112,21 @@ def test_batch_independence_finds_fp32_scores_independent_of_the_batch(shared_tr
     assert export_int8["top3_flips"] == 0 and export_int8["max_abs_embedding_diff"] < 1e-5
     assert fp32["map3_default"] == fp32["map3_batch1"]
     assert (tmp_path / "bi" / "figures.png").stat().st_size > 10_000
+
+
+def test_int8_candidates_score_and_time_every_candidate_on_a_classifier(tiny_pipeline, tmp_path):
+    """bench/int8_candidates.py on the tiny classifier: `make` exports every candidate once, `time` scores each at
+    batch 64 and batch 1 and on single-threaded sessions, under this onnxruntime; fp32 scores every row alike at
+    both batch sizes."""
+    bench = [sys.executable, str(ROOT / "bench" / "int8_candidates.py")]
+    done = subprocess.run([*bench, "make", "--merged", str(tiny_pipeline["merged"]), "--out", str(tmp_path), "--rows", "40"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([*bench, "time", "--out", str(tmp_path), "--threads", "1", "--repeats", "1", "--no-torch"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (found,) = tmp_path.glob("time-*.json")
+    figures = json.loads(found.read_text())
+    assert figures["threads"] == 1 and figures["pytorch_fp32_rows_per_s"] is None
+    assert set(figures["candidates"]) == {"fp32", "nbits8-b32-acc4", "nbits8-b64-acc4", "nbits8-b128-acc4", "dynamic", "dynamic-s8", "dynamic-s8-rr"}
+    for c in figures["candidates"].values():
+        assert min(c["rows_per_s_b64"], c["rows_per_s_b1"], c["rows_per_s_b1x"]) > 0 and 0 < c["map3_b64"] <= 1 and 0 <= c["top3_flips_b64_vs_b1"] <= figures["rows"]
+    assert figures["candidates"]["fp32"]["top3_flips_b64_vs_b1"] == 0 and figures["candidates"]["fp32"]["map3_b64"] == figures["candidates"]["fp32"]["map3_b1"]
