@@ -141,7 +141,7 @@ def time_all(args: argparse.Namespace) -> None:
                 logits.setdefault((n, how), got)
                 speed[n, how] = max(speed.get((n, how), 0.0), rate)
             with DevicePool(partial(onnx_forward, model, 1), args.threads) as pool:
-                got, rate = timed(pool, ids[: len(ids) // 4], pad_id, 1)  # warm the workers on the first rows
+                run_batches(pool, ids[: len(ids) // 4], pad_id, 1, desc="warm-up")  # the workers start on these rows
                 got, rate = timed(pool, ids, pad_id, 1)
                 logits.setdefault((n, "b1x"), got)
                 speed[n, "b1x"] = max(speed.get((n, "b1x"), 0.0), rate)

@@ -87,6 +87,25 @@ def test_a_missing_or_swapped_base_stops_the_run_in_one_line_naming_its_source(a
     assert check_submission(tmp_path / "sub.csv", read_rows(SAMPLE_TEST)["row_id"]) == []
 
 
+def test_a_base_lacking_a_weight_beyond_the_head_is_refused_when_it_loads(adapter_bundle, tmp_path):
+    """Past the hashes (a base named in no record, as load_model sees it): a checkpoint of another shape would
+    otherwise load with random layers where its weights are missing."""
+    from safetensors.numpy import load_file, save_file
+
+    from runtime.errors import MapbuildError
+    from runtime.torch_engine import load_model
+
+    _, out = adapter_bundle
+    base = tmp_path / "base"
+    shutil.copytree(out / "input" / MOUNTED, base)
+    weights = load_file(base / "model.safetensors")
+    lost = sorted(k for k in weights if "layers.1." in k)[0]
+    save_file({k: v for k, v in weights.items() if k != lost}, base / "model.safetensors")
+    assert load_model(out / "member", "fp32", "cpu", out / "input" / MOUNTED) is not None  # the real base loads
+    with pytest.raises(MapbuildError, match=f"{base}: lacks .*{lost.split('.', 1)[-1]} and 0 more weights of the model its adapter was trained on"):
+        load_model(out / "member", "fp32", "cpu", base)
+
+
 def test_the_placement_counts_the_bases_parameters_at_the_members_precision(adapter_bundle):
     from transformers import AutoModel
 
