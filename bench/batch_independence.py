@@ -53,9 +53,10 @@ def weight_only(fp32: Path, out: Path, calibration: list[list[int]]) -> None:
 
 
 def per_row(fp32: Path, out: Path, calibration: list[list[int]]) -> None:
-    """What `mapbuild export --quantize int8` writes: builder.export.int8_weights on the fused fp32 graph."""
+    """What `mapbuild export --quantize int8` wrote from issue 28 to 43, and writes for packed decoders still:
+    builder.export.int8_weights of a packed graph, on the fused fp32 graph."""
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
-        onnx.save_model(int8_weights(fp32, Path(scratch)), str(out))
+        onnx.save_model(int8_weights(fp32, Path(scratch), packed=True), str(out))
 
 
 def dynamic(fp32: Path, out: Path, calibration: list[list[int]]) -> None:
@@ -93,7 +94,7 @@ OPTIONS = {  # name -> (what it is, how it is made from the fused fp32 graph; No
     "fp32": ("fp32, fused (export --quantize fp32)", None),
     "int8-dynamic": ("quantize_dynamic, u8 weights per channel, one activation scale per batch tensor (--quantize int8 before issue 28)", dynamic),
     "int8-weight-only": ("MatMulNBits bits=8, fp32 activations", weight_only),
-    "int8-per-row": ("MatMulNBits bits=8, accuracy_level=4: int8 activations per row, blocks of 32 (export --quantize int8)", per_row),
+    "int8-per-row": ("MatMulNBits bits=8, accuracy_level=4: int8 activations per row, blocks of 32 (export --quantize int8 of packed decoders)", per_row),
     "int8-static": ("QDQ, fixed activation scales calibrated on 256 training rows (FFN down projections fp32)", static),
 }
 

@@ -1,6 +1,6 @@
 """Runtime (ONNX bundle, length-sorted batches, duplicates run once) against the PyTorch fp32 model (input order, batch 32), same rows.
 
-    python bench/speed.py --bundle BUNDLE_DIR --merged MERGED_DIR [--rows 2000]
+    python bench/speed.py --bundle BUNDLE_DIR --merged MERGED_DIR [--rows 2000] [--threads N]
 
 Rows are the run's held-out fold; both paths start from the raw rows, tokenization included. Prints rows/s, the
 ratio and MAP@3 of each with the bundle's candidate mask.
@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--merged", type=Path, required=True, help="the merged HF folder the bundle was exported from")
     parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of both paths, as Kaggle's 4 vCPUs (default 0: every core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForSequenceClassification
 
     meta = json.loads((args.merged / "mapbuild.json").read_text())
@@ -41,7 +44,9 @@ def main() -> None:
     space = LabelSpace.from_json(manifest["label_space"])
     rows = held_out_rows(meta, args.rows)
     truth, mask, labels = labels_of(rows).tolist(), space.candidate_mask(rows), np.array(space.labels)
-    print(f"{len(rows)} held-out rows, {torch.get_num_threads()} threads, member {manifest['members'][0]['name']}")
+    import onnxruntime
+
+    print(f"{len(rows)} held-out rows, {torch.get_num_threads()} threads, onnxruntime {onnxruntime.__version__}, member {manifest['members'][0]['name']}")
 
     model = AutoModelForSequenceClassification.from_pretrained(args.merged, dtype=torch.float32).eval()
     tok = load_hf_tokenizer(str(args.merged))
@@ -51,7 +56,7 @@ def main() -> None:
     base_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    probs, _ = predict(args.bundle, manifest, space, rows)
+    probs, _ = predict(args.bundle, manifest, space, rows, threads=args.threads)
     run_s = time.perf_counter() - start
 
     base_map = masked_map3(truth, base, labels, mask)

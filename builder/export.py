@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from runtime.data import labels_of
-from runtime.engine import CPU, onnx_forward
+from runtime.engine import CPU
 from runtime.errors import MapbuildError
 from runtime.external_data import locations
 from runtime.packing import PACK_TOKENS, PACKED_INPUTS, packed_tokens
@@ -24,7 +24,7 @@ from runtime.labels import LabelSpace
 from runtime.plan import KERNEL_THREADS
 from runtime.member import PACKED, TORCH, TORCH_PRECISIONS, MemberSpec
 from runtime.metrics import masked_map3
-from runtime.predict import kernel_rows, prompts, run_rows
+from runtime.predict import kernel_rows, onnx_session, prompts, run_rows, shut
 from runtime.torch_engine import torch_forward
 
 from .folds import across_questions, input_key, load_labelled, scheme_of, split_fold
@@ -157,20 +157,38 @@ def keep_fp32(proto, ops: tuple[str, ...] = FRAGILE_OPS) -> int:
     return pinned
 
 
-def int8_weights(model: Path, scratch: Path):
-    """Int8 MatMuls that quantize each row's activations on their own: MatMulNBits with symmetric 8-bit weights in
-    blocks of 32, and accuracy_level 4 (int8 activations per row, 32 values at a time). A row's scores never depend
-    on the rows sharing its batch or on their padding; dynamic int8 (quantize_dynamic: one activation scale per
-    batch tensor) changed 105 of 2,000 rows' top-3 between batch 64 and batch 1 (docs/batch-independence.md).
-    Fused Attention nodes keep their QKV weights in fp32, as do the embeddings."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def int8_weights(model: Path, scratch: Path, packed: bool = False):
+    """Int8 whose rows never depend on their batch mates. Whole rows: dynamic int8 (quantize_dynamic), s8 weights
+    per output channel in 7 bits, activations quantized at run time with one scale per run's tensor, so the kernel
+    runs each row alone (max_batch_of: 1), and a row's scores are its own by construction. One row a run on
+    single-threaded sessions side by side ran at 3.27x PyTorch fp32, where per-row MatMulNBits int8 ran at 0.74-0.90x
+    fp32 (docs/batch-independence.md, issue 43); the 7 bits keep AVX2's u8 x s8 sums from saturating on CPUs
+    without VNNI, and cost no MAP@3 measured. Packed rows share a run whatever its size: there, 8-bit MatMulNBits
+    with accuracy_level 4, which quantizes each row's activations on their own (32 values at a time)."""
+    if packed:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(str(model), bits=8, block_size=32, is_symmetric=True, accuracy_level=4)
-    quantizer.process()
-    return quantizer.model.model
+        quantizer = MatMulNBitsQuantizer(str(model), bits=8, block_size=32, is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+        return quantizer.model.model
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = scratch / f"int8-{model.name}"
+    quantize_dynamic(
+        model, out, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True, use_external_data_format=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},  # for tensors whose type shape inference leaves unknown
+    )
+    return onnx.load(str(out))
 
 
-def int4_weights(model: Path, scratch: Path):
+def max_batch_of(precision: str, packed: bool) -> int | None:
+    """The most rows one run of the exported graph may hold (MemberSpec.max_batch): 1 for whole rows at int8
+    (int8_weights: one activation scale a run)."""
+    return 1 if precision == "int8" and not packed else None
+
+
+def int4_weights(model: Path, scratch: Path, packed: bool = False):
     """Weight-only 4-bit MatMuls (MatMulNBits), blocks of 32: models too big for a T4 in fp16."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -184,7 +202,7 @@ class Precision:
     """How a model is exported at one precision."""
 
     half: bool  # load and export in fp16: a 2-3B model never sits in RAM in fp32; fragile ops stay fp32 (keep_fp32)
-    quantize: Callable | None = None  # (model file, scratch folder) -> quantized proto
+    quantize: Callable | None = None  # (model file, scratch folder, packed) -> quantized proto
 
     @property
     def fuses(self) -> bool:
@@ -238,7 +256,7 @@ def write_onnx(merged: str | os.PathLike, path: Path, precision: str, fusion: st
             source = src if in_place else work / path.name
             onnx.save_model(proto, str(source), **({} if in_place else {"save_as_external_data": True, "location": f"{path.name}.data"}))
             del proto
-            save(how.quantize(source, work), path)
+            save(how.quantize(source, work, packed), path)
         elif in_place:
             onnx.save_model(proto, str(path))  # the edited graph, naming the data file it moves beside it
             os.replace(data, path.with_name(data.name))
@@ -431,6 +449,7 @@ def export(
     packed = record.inputs == PACKED
     if packed:
         record = replace(record, pack_tokens=record.pack_tokens or PACK_TOKENS)  # the kernel's pack size, and its pace's
+    record = replace(record, precision=quantize, max_batch=None if torch_engine else max_batch_of(quantize, packed))  # as the kernel runs it
     sample = held_out_rows(meta, rows)
     space = LabelSpace.from_json(meta["label_space"])
     tokenizer = Path(merged) / ("tokenizer" if base_source is not None else "")  # a run keeps its tokenizer in a folder
@@ -447,10 +466,11 @@ def export(
             forward, threads = torch_forward(tmp, quantize, base=base_dir), torch.get_num_threads()
         else:
             write_onnx(merged, tmp / FILES["model"], quantize, FAMILIES[record.model_type].ort_fusion, packed=packed)
-            forward, threads = onnx_forward(tmp / FILES["model"], KERNEL_THREADS), KERNEL_THREADS  # a CPU session's pace is the kernel's
-        start = time.perf_counter()
-        got = run_rows(forward, record, kernel, 32, engine)  # packed as the kernel packs
-        seconds = time.perf_counter() - start
+            forward, threads = onnx_session(tmp / FILES["model"], record, threads=KERNEL_THREADS), KERNEL_THREADS  # a CPU pace is the kernel's
+        with shut(forward):
+            start = time.perf_counter()
+            got = run_rows(forward, record, kernel, 32, engine)  # packed as the kernel packs, rows alone where it runs them alone
+            seconds = time.perf_counter() - start
         provider = forward.provider
         del forward  # the session, then the fp32 reference: never both in memory (a CPU session upcasts fp16 weights)
         model, what = reference_model(merged, run=base is not None)
@@ -469,7 +489,6 @@ def export(
             **({"merged": str(Path(merged).resolve())} if base is None else {"run": str(Path(merged).resolve()), "read": {**(meta.get("read") or {}), "run": {"path": str(Path(merged).resolve()), "files": meta.get("files") or folder_files(Path(merged))}}}),
             engine=TORCH if torch_engine else None,
             base=base,
-            precision=quantize,
             drift=drift,
             # the CPU pace is the kernel's plan when its sessions land on the CPU: only a CPU session measures it
             **({"cpu_rows_per_s": round(len(ids) / seconds, 1), "cpu_threads": threads} if provider == CPU else {"cuda_rows_per_s": round(len(ids) / seconds, 1)}),

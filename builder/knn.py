@@ -22,7 +22,7 @@ from runtime.member import Member
 from runtime.plan import KERNEL_THREADS
 from runtime.predict import knn_member_probs, onnx_outputs
 
-from .export import EXPORT_PRECISIONS, checked_kernel_rows, reference_model, write_onnx
+from .export import EXPORT_PRECISIONS, checked_kernel_rows, max_batch_of, reference_model, write_onnx
 from .folds import SplitConfig, across_questions, check_rows, record_validation
 from .models import check_model, family_of, resolve
 from .options import one_of, require
@@ -83,7 +83,10 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
         shutil.copy(Path(source.path) / "tokenizer.json", tmp / FILES["tokenizer"])
         check = check_rows(split, cfg.seed)
         drifted = across_questions(check, DRIFT_ROWS, cfg.seed)  # also where its tokens per row are counted
-        member = Member(name="knn", kind="knn", files=FILES, weight=1.0, max_length=cfg.max_length, pad_token_id=pad_id, knn=cfg.settings())
+        member = Member(
+            name="knn", kind="knn", files=FILES, weight=1.0, max_length=cfg.max_length, pad_token_id=pad_id, knn=cfg.settings(),
+            precision=quantize, max_batch=max_batch_of(quantize, packed=False),  # the table's rows run as the kernel's will
+        )
         ids = checked_kernel_rows(tmp / FILES["tokenizer"], source.path, member, knn_text(drifted))
         write_onnx(source.path, tmp / FILES["model"], quantize, family.ort_fusion, pooled=True)
         start = time.perf_counter()
@@ -105,6 +108,7 @@ def train_knn(cfg: KnnConfig, out: str | os.PathLike, quantize: str = "int8") ->
             base_model=source.path,
             model_type="knn",
             precision=quantize,
+            max_batch=member.max_batch,
             max_length=cfg.max_length,
             pad_token_id=pad_id,
             knn=member.knn,

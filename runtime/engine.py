@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from logging.handlers import QueueHandler, QueueListener
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -101,7 +101,7 @@ def run_feeds(
     A batch is built as the run reaches it, never all up front: a packed batch's mask is [B, 1, T, T] bools, and
     every batch's at once held GiBs, enough for the OOM killer to end the kernel (issue 40). `cost[k]` is batch k's
     padded tokens, known before it is built, for the pace."""
-    if isinstance(forward, DevicePool):
+    if isinstance(forward, Executor):  # a DevicePool or SessionThreads: several batches run at once
         results = queued_results(forward, build, len(rows), desc)
     else:
         results = one_by_one(forward, build, len(rows), desc)
@@ -128,7 +128,7 @@ def one_by_one(forward: Forward, build: Callable[[int], tuple[np.ndarray, ...]],
         yield logits
 
 
-def queued_results(pool: DevicePool, build: Callable[[int], tuple[np.ndarray, ...]], n: int, desc: str) -> Iterator[np.ndarray]:
+def queued_results(pool: DevicePool | SessionThreads, build: Callable[[int], tuple[np.ndarray, ...]], n: int, desc: str) -> Iterator[np.ndarray]:
     """The outputs of batches 0 to n - 1 through a pool's workers, in order, with at most two batches a worker
     queued ahead: enough that a worker freeing up finds the next batch waiting, few enough that a run never holds
     every batch's mask (the pool also pickles each queued batch). A retry in halves queues its halves."""
@@ -137,7 +137,7 @@ def queued_results(pool: DevicePool, build: Callable[[int], tuple[np.ndarray, ..
     for _ in range(n):
         while built < n and len(queued) < 2 * pool.workers:
             feed = build(built)
-            queued.append((pool.submit(_pool_forward, feed), feed))
+            queued.append((pool.queue(feed), feed))
             built += 1
         future, feed = queued.popleft()
         yield halving(lambda: pool.take(future.result()), pool, feed, desc)
@@ -242,13 +242,16 @@ class DevicePool(ProcessPoolExecutor):
         self.listener = QueueListener(records, _Relay())
         self.listener.start()
 
+    def queue(self, feed: tuple[np.ndarray, ...]) -> Future:
+        return self.submit(_pool_forward, feed)
+
     def take(self, result: tuple[np.ndarray, str]) -> np.ndarray:
         logits, provider = result
         self.providers.add(provider)
         return logits
 
     def __call__(self, *feed: np.ndarray) -> np.ndarray:
-        return self.take(self.submit(_pool_forward, feed).result())
+        return self.take(self.queue(feed).result())
 
     @property
     def provider(self) -> str | None:
@@ -257,6 +260,31 @@ class DevicePool(ProcessPoolExecutor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         super().shutdown(wait, cancel_futures=cancel_futures)
         self.listener.stop()  # after the workers: their last lines still arrive
+
+
+class SessionThreads(ThreadPoolExecutor):
+    """One Forward run from `workers` threads at once, in this process. For an onnxruntime session of one thread:
+    a run releases the GIL and a session may run from several threads, so one row a run keeps every core busy with
+    one copy of the weights and no process to start (122 rows/s on 2 cores where 2 worker processes ran 110,
+    docs/batch-independence.md). Called on a batch, it is that Forward; run_feeds queues batches on it."""
+
+    def __init__(self, forward: Forward, workers: int) -> None:
+        super().__init__(workers, thread_name_prefix="session")
+        self.forward, self.workers, self.provider = forward, workers, forward.provider
+
+    def queue(self, feed: tuple[np.ndarray, ...]) -> Future:
+        return self.submit(self.forward, *feed)
+
+    def take(self, result: np.ndarray) -> np.ndarray:
+        return result
+
+    def __call__(self, *feed: np.ndarray) -> np.ndarray:
+        return self.forward(*feed)
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (a container's share, where os.cpu_count() gives the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def gpu_count() -> int:

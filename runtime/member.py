@@ -86,6 +86,10 @@ class MemberSpec:
     pad_token_id: int | None = described("the tokenizer's pad id", card=True)
     knn: dict | None = described("the kNN member's settings (runtime.knn.SETTINGS)", card=True)
     precision: str | None = described("the weights' precision: fp32, fp16, int8 or int4")
+    max_batch: int | None = described(
+        "the most rows one run of its graph may hold: 1 where a run's rows share an activation scale (dynamic int8), so "
+        "the kernel runs each row alone and its scores never depend on its batch mates; None: any", card=True,
+    )
     drift: dict | None = described("the exported outputs against the reference implementation on held-out rows")
     cpu_rows_per_s: float | None = described("rows a second the export ran at on a CPU session")
     cpu_threads: int | None = described("the onnxruntime threads cpu_rows_per_s was timed on (None: every core of the build machine)")
@@ -109,7 +113,7 @@ class MemberSpec:
             return f"engine {self.engine!r} is not {TORCH!r} for a transformer; package it with this runtime's mapbuild"
         if self.base is not None and (problem := base_problem(self.base, self.engine)):
             return f"base: {problem}"
-        for name, unit in (("max_length", "tokens"), ("cpu_threads", "threads")):
+        for name, unit in (("max_length", "tokens"), ("cpu_threads", "threads"), ("max_batch", "rows")):
             if (value := getattr(self, name)) is not None and value < 1:
                 return f"{name} {value} is not a positive number of {unit}"
         return None

@@ -23,9 +23,9 @@ LIMIT_HOURS = 9.0
 MARGIN_HOURS = 1.0  # notebook start, installs, reading data, writing the submission
 TEST_ROWS = 40_000  # the competition's largest hidden test set
 # T4 peaks of the precisions whose every node onnxruntime's CUDA provider runs: fp16 tensor cores 65 TFLOPS (int4's
-# MatMulNBits dequantizes to fp16 and runs there too), fp32 8.1. int8 (8-bit MatMulNBits with int8 activations,
-# accuracy_level 4) is built for the CPU's integer kernels and measured there only: it runs on a CPU session, and
-# is planned at its CPU pace. nf4 (bitsandbytes, the torch engine's alone) dequantizes to fp16 too: planned at the
+# MatMulNBits dequantizes to fp16 and runs there too), fp32 8.1. int8 (dynamic int8 run a row at a time, or 8-bit
+# MatMulNBits with int8 activations for a packed decoder) is built for the CPU's integer kernels and measured there
+# only: it runs on CPU sessions, and is planned at its CPU pace. nf4 (bitsandbytes, the torch engine's alone) dequantizes to fp16 too: planned at the
 # fp16 rate, which its dequantization keeps it under.
 T4_FLOPS = {"fp16": 65e12, "int4": 65e12, "fp32": 8.1e12, "nf4": 65e12}
 ONNX_GPU_PRECISIONS = ("fp16", "int4", "fp32")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -12,7 +15,7 @@ import pandas as pd
 
 from .base_model import attached_bases
 from .cards import check_card
-from .engine import CPU, DevicePool, encode, gpu_count, load_kernel_tokenizer, onnx_forward, run_batches, softmax
+from .engine import CPU, DevicePool, SessionThreads, cores, encode, gpu_count, load_kernel_tokenizer, onnx_forward, run_batches, softmax
 from .ensemble import combine, pool
 from .external_data import problem as external_problem
 from .knn import check_settings, knn_text, load_table, vote
@@ -63,20 +66,49 @@ def pack_size(member: Member, pack_tokens: int | None) -> int:
     return own if pack_tokens is None else min(pack_tokens, own)
 
 
-def run_rows(forward, spec: MemberSpec, rows: list, batch_size: int, desc: str, deadline: float | None = None, warmup: int = 1) -> np.ndarray:
-    """The member's graph over its `kernel_rows`: padded batches of `batch_size` rows, or packs of up to the member's
-    `pack_tokens` in batches of as many rows (packing is exact, so the pack size moves the pace, not the scores)."""
+def run_rows(forward, spec: MemberSpec, rows: list, batch_size: int, desc: str, deadline: float | None = None) -> np.ndarray:
+    """The member's graph over its `kernel_rows`: padded batches of `batch_size` rows (at most its `max_batch`), or
+    packs of up to the member's `pack_tokens` in batches of as many rows (packing is exact, so the pack size moves the
+    pace, not the scores). The first batch of each of a pool's workers is its warm-up, outside the pace."""
+    batch_size = min(batch_size, spec.max_batch or batch_size)
+    warmup = getattr(forward, "workers", 1)
     if spec.inputs == PACKED:
         return run_packs(forward, rows, spec.pad_token_id, own_pack(spec), batch_size, desc, deadline, warmup)
     return run_batches(forward, rows, spec.pad_token_id, batch_size, desc=desc, deadline=deadline, warmup=warmup)
 
 
+@contextmanager
+def shut(forward) -> Iterator:
+    """`forward`; a pool's workers (DevicePool, SessionThreads) shut down after it, queued batches cancelled: past a
+    deadline they must not run on."""
+    try:
+        yield forward
+    finally:
+        if isinstance(forward, Executor):
+            forward.shutdown(cancel_futures=True)
+
+
+def onnx_session(model: Path, spec: MemberSpec, devices: int = 1, threads: int = 0):
+    """A member's ONNX model as a Forward: one session of `threads` onnxruntime threads (0: its default), or one
+    worker per device for a GPU precision on several. A CPU member whose rows run alone (max_batch 1) gets one
+    session of one thread a run, run from a thread a core (`threads` of them where given): a row is too small a run
+    to keep several threads busy, and a run a core keeps them all busy (docs/batch-independence.md)."""
+    gpu = on_gpu(spec)
+    if spec.max_batch == 1 and not gpu:
+        workers = threads or cores()
+        log.info("%s: each row alone, %d at once on a session of one thread a run", model, workers)
+        return SessionThreads(onnx_forward(model, 1, gpu=False), workers)
+    if devices <= 1 or not gpu:
+        return onnx_forward(model, threads, gpu=gpu)
+    log.info("%s: %d worker processes, one per device", model, devices)
+    return DevicePool(partial(onnx_forward, str(model)), devices)
+
+
 def onnx_outputs(
     bundle: Path, member: Member, texts: list, batch_size: int, devices: int = 1, deadline: float | None = None, threads: int = 0
 ) -> tuple[np.ndarray, str | None]:
-    """The member's ONNX model over `texts` (its `prompts`, or plain texts), on one session (of `threads`
-    onnxruntime threads, 0 for its default) or one worker per device: its output rows and the provider its sessions
-    ran on (the CPU if any worker's did)."""
+    """The member's ONNX model over `texts` (its `prompts`, or plain texts), on its `onnx_session`: its output rows
+    and the provider its sessions ran on (the CPU if any worker's did)."""
     rows = kernel_rows(bundle / member.files["tokenizer"], member, texts)
     model = bundle / member.files["model"]
     data = member.files.get("data")
@@ -84,18 +116,10 @@ def onnx_outputs(
     refused = external_problem(model, beside)
     if refused:  # onnxruntime would read any path a location names, hashed or not
         raise ValueError(f"{member.files['model']}: {refused}")
-    gpu = on_gpu(member)
-    if not gpu and gpu_count():  # a CPU precision: on CUDA, nodes without kernels there would fall back one by one
+    if not on_gpu(member) and gpu_count():  # a CPU precision: on CUDA, nodes without kernels there would fall back one by one
         log.warning("%s: %s, a CPU precision: it runs on a CPU session, at the pace measured at export", member.name, member.precision)
-    if devices <= 1 or not gpu:
-        forward = onnx_forward(model, threads, gpu=gpu)
-        return run_rows(forward, member, rows, batch_size, member.name, deadline), getattr(forward, "provider", None)
-    log.info("%s: %d worker processes, one per device", member.name, devices)
-    pool = DevicePool(partial(onnx_forward, str(model)), devices)
-    try:
-        return run_rows(pool, member, rows, batch_size, member.name, deadline, warmup=devices), pool.provider
-    finally:
-        pool.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
+    with shut(onnx_session(model, member, devices, threads)) as forward:
+        return run_rows(forward, member, rows, batch_size, member.name, deadline), forward.provider
 
 
 def torch_outputs(
@@ -111,25 +135,21 @@ def torch_outputs(
     longest = max(sum(map(len, r)) if packed else len(r) for r in rows)
     span = max(own_pack(member), longest) if packed else longest
     folder = bundle / Path(member.files["config"]).parent
-    forward = placed_forward(folder, member.precision, batch_size * longest, -(-batch_size * longest // span), span, base)
-    if not isinstance(forward, DevicePool):
+    with shut(placed_forward(folder, member.precision, batch_size * longest, -(-batch_size * longest // span), span, base)) as forward:
         return run_rows(forward, member, rows, batch_size, member.name, deadline), forward.provider
-    try:
-        return run_rows(forward, member, rows, batch_size, member.name, deadline, warmup=forward.workers), forward.provider
-    finally:
-        forward.shutdown(cancel_futures=True)  # past a deadline, queued batches must not run on
 
 
 def transformer_probs(
     bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None,
-    base: Path | None = None,
+    threads: int = 0, base: Path | None = None,
 ) -> tuple[np.ndarray, str | None]:
-    """A classifier over rendered prompts, by its engine: onnxruntime, or PyTorch (on `base` where it has one)."""
+    """A classifier over rendered prompts, by its engine: onnxruntime (on `threads` CPU threads, 0: all), or PyTorch
+    (on `base` where it has one)."""
     texts = prompts(member, df, space)
     if member.engine == TORCH:
         logits, provider = torch_outputs(bundle, member, texts, batch_size, deadline, base)
     else:
-        logits, provider = onnx_outputs(bundle, member, texts, batch_size, devices, deadline)
+        logits, provider = onnx_outputs(bundle, member, texts, batch_size, devices, deadline, threads)
     return softmax(logits), provider
 
 
@@ -146,10 +166,10 @@ def knn_member_probs(
 
 
 def tfidf_member_probs(
-    bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None
+    bundle: Path, member: Member, df: pd.DataFrame, space: LabelSpace, batch_size: int, devices: int = 1, deadline: float | None = None, threads: int = 0
 ) -> tuple[np.ndarray, str | None]:
     """Per-question TF-IDF models: thousands of rows a second on one CPU core, so no devices and no deadline checks."""
-    return tfidf_probs(bundle / member.files["model"], bundle / member.files["vocab"], df, len(space.labels), desc=member.name), None
+    return tfidf_probs(bundle / member.files["model"], bundle / member.files["vocab"], df, len(space.labels), desc=member.name, threads=threads), None
 
 
 # kind -> its probabilities and the provider its sessions ran on (None: a CPU member). The
@@ -187,11 +207,13 @@ def predict(
     deadline: float | None = None,
     pack_tokens: int | None = None,
     input_root: str | Path = KAGGLE_INPUT,
+    threads: int = 0,
 ) -> tuple[np.ndarray, list[str]]:
     """The members' combined scores (the manifest's ensemble method), and the names of the members that ran.
     `pack_tokens`: the pack size of packed members instead of their own, at most their own (pack_size);
     `input_root`: where the bases of members that have one are attached (runtime.base_model), each found and checked
-    before any member runs: a missing or different base stops the run (EnvironmentFault), never a prior.
+    before any member runs: a missing or different base stops the run (EnvironmentFault), never a prior; `threads`:
+    the CPU threads of CPU members (0: every core, as in the kernel).
 
     Members run heaviest weight first. With a `deadline` (plan.now()), a member whose own plan needs more than the
     time left is dropped, and a running one stops as soon as its own pace says it would overrun (runtime.plan).
@@ -223,7 +245,7 @@ def predict(
             log.error("SKIPPED member %s: %s", m.name, "; ".join(problems))
             continue
         try:
-            p, provider = SCORERS[m.kind](bundle, m, df, space, batch_size, devices, deadline, **({"base": bases[m.name]} if m.base else {}))
+            p, provider = SCORERS[m.kind](bundle, m, df, space, batch_size, devices, deadline, threads, **({"base": bases[m.name]} if m.base else {}))
             p = checked(p, len(df), space, m.name)
         except Exception as e:  # noqa: BLE001 - any member failure must leave the others and the prior
             log.error("SKIPPED member %s: %s: %s", m.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")

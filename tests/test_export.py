@@ -178,7 +178,7 @@ def test_run_records_its_hardware_and_bert_exports_fused_attention(tiny_pipeline
     assert run["hardware"]["precision"] == choose_precision(detect())
     ops = lambda d: {n.op_type for n in onnx.load(d / "model.onnx").graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= ops(tiny_pipeline["onnx"])
-    assert {"MatMulNBits", "Attention"} <= ops(tiny_pipeline["onnx-int8"])
+    assert {"QAttention", "DynamicQuantizeLinear"} <= ops(tiny_pipeline["onnx-int8"])  # dynamic int8, its rows run alone
 
 
 def test_external_data_fp16_model_ships_and_runs_in_the_kernel(tiny_pipeline, tmp_path, monkeypatch):
@@ -217,20 +217,42 @@ def test_runtime_tokenizer_matches_training_tokenizer(tiny_pipeline):
     assert encode(load_kernel_tokenizer(tiny_pipeline["merged"] / "tokenizer.json", meta["max_length"]), texts) == hf
 
 
-@pytest.mark.parametrize("precision", ["onnx", "onnx-int8"])
-def test_a_rows_scores_do_not_depend_on_its_batch_mates(tiny_pipeline, precision):
-    """Each of 40 rows alone, then all of them in one padded batch in random order. Before, int8 quantized
-    activations with one scale per batch tensor (quantize_dynamic), so a row's scores moved with its batch mates
-    and their padding (8 of 282 rows' top-3 changed between batch 64 and batch 1)."""
-    meta = json.loads((tiny_pipeline[precision] / "mapbuild.json").read_text())
-    seqs = sample_ids(tiny_pipeline[precision], meta)[:40]
-    forward = onnx_forward(str(tiny_pipeline[precision] / "model.onnx"), gpu=False)
+def test_a_rows_scores_do_not_depend_on_its_batch_mates(tiny_pipeline):
+    """fp32: each of 40 rows alone, then all of them in one padded batch in random order."""
+    meta = json.loads((tiny_pipeline["onnx"] / "mapbuild.json").read_text())
+    seqs = sample_ids(tiny_pipeline["onnx"], meta)
+    forward = onnx_forward(str(tiny_pipeline["onnx"] / "model.onnx"), gpu=False)
     alone = np.concatenate([forward(*pad([s], meta["pad_token_id"])) for s in seqs])
     order = np.random.default_rng(0).permutation(len(seqs))
     together = np.empty_like(alone)
     together[order] = forward(*pad([seqs[i] for i in order], meta["pad_token_id"]))
     assert len({len(s) for s in seqs}) > 5  # the batch really pads
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_the_kernel_runs_an_int8_members_rows_alone_so_no_batch_mate_moves_them(tiny_pipeline):
+    """Dynamic int8 quantizes a run's activations with one scale, so its graph's scores move with a row's batch
+    mates and their padding. The export records max_batch 1, and the kernel runs each row alone whatever
+    --batch-size asks, on single-threaded sessions side by side: its scores are each row's alone, to the bit."""
+    from runtime.engine import SessionThreads
+    from runtime.member import Member, MemberSpec
+    from runtime.predict import onnx_outputs, onnx_session, shut
+
+    folder = tiny_pipeline["onnx-int8"]
+    meta = json.loads((folder / "mapbuild.json").read_text())
+    member = Member(name="int8", files={"model": "model.onnx", "tokenizer": "tokenizer.json"}, weight=1.0, **MemberSpec.from_json(meta).spec())
+    assert member.max_batch == 1
+    df = read_rows(SAMPLE_TRAIN, labelled=True).head(40)
+    texts = render(df, meta["template"], LabelSpace.from_json(meta["label_space"]), meta.get("chat"))
+    seqs = sample_ids(folder, meta)
+    forward = onnx_forward(str(folder / "model.onnx"), gpu=False)
+    alone = np.concatenate([forward(*pad([s], meta["pad_token_id"])) for s in seqs])
+    assert not np.allclose(forward(*pad(seqs, meta["pad_token_id"])), alone, atol=1e-5)  # the graph itself depends on its batch
+    for batch_size in (64, 7, 1):
+        got, provider = onnx_outputs(folder, member, texts, batch_size, threads=2)
+        assert np.array_equal(got, alone) and provider == "CPUExecutionProvider", batch_size
+    with shut(onnx_session(folder / "model.onnx", member, threads=2)) as threads:
+        assert isinstance(threads, SessionThreads) and threads.workers == 2  # one session, two rows at once
 
 
 def test_an_all_nan_model_fails_the_export_gate_even_forced(tiny_pipeline, tmp_path):

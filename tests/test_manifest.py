@@ -55,6 +55,7 @@ def relabel(m, labels):
     (lambda m: m | {"members": [{k: v for k, v in m["members"][0].items() if k != "weight"}]}, "member m0-bert-fp32: needs weight"),
     (lambda m: m | {"members": [m["members"][0] | {"max_length": "160"}]}, "member m0-bert-fp32: max_length '160' is a str, not int"),
     (lambda m: m | {"members": [m["members"][0] | {"cpu_threads": 0}]}, "member m0-bert-fp32: cpu_threads 0 is not a positive number of threads"),
+    (lambda m: m | {"members": [m["members"][0] | {"max_batch": 0}]}, "member m0-bert-fp32: max_batch 0 is not a positive number of rows"),
     (lambda m: m | {"members": [m["members"][0] | {"kind": "svm"}]}, "member m0-bert-fp32: kind 'svm' is not one of transformer, tfidf, knn"),
     (lambda m: m | {"members": ["m0"]}, "member 0: holds a str, not an object"),
 ])

@@ -287,7 +287,7 @@ def test_int8_moves_with_pack_mates_only_as_its_rounding_moves_with_last_bit_noi
     rows, pad = sample_rows(tok, hf_encoder(tok), n=80), tok.pad_token_id
     fp32 = packed_onnx(model, tmp_path / "fp32.onnx")
     int8 = tmp_path / "int8.onnx"
-    onnx.save(int8_weights(fp32, tmp_path), str(int8))
+    onnx.save(int8_weights(fp32, tmp_path, packed=True), str(int8))
 
     def noisy(path, seed):
         m = onnx.load(str(path))

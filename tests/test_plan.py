@@ -115,7 +115,14 @@ def slow(monkeypatch, seconds) -> list:
 
     def slowed(*args, **kwargs):
         forward = real(*args, **kwargs)
-        return lambda ids, mask: (calls.append(len(ids)), time.sleep(seconds), forward(ids, mask))[2]
+
+        def run(ids, mask):
+            calls.append(len(ids))
+            time.sleep(seconds)
+            return forward(ids, mask)
+
+        run.provider = forward.provider
+        return run
 
     monkeypatch.setattr(runtime.predict, "onnx_forward", slowed)
     return calls
