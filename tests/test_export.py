@@ -255,6 +255,17 @@ def test_the_kernel_runs_an_int8_members_rows_alone_so_no_batch_mate_moves_them(
         assert isinstance(threads, SessionThreads) and threads.workers == 2  # one session, two rows at once
 
 
+def test_an_int8_bundle_runs_its_rows_alone_on_the_kernels_oldest_stack(tiny_pipeline, tmp_path):
+    """The kernel's own process (runtime.submit on .venv-kernel: onnxruntime 1.22, no torch) runs a dynamic int8
+    member a row a run from a thread per core, and writes a valid submission."""
+    from builder.package import package
+
+    package([str(tiny_pipeline["onnx-int8"])], tmp_path / "bundle", "tester/tiny-int8", wheels=False)
+    result = run_kernel(tmp_path / "bundle", "--bundle", ".", "--test", str(SAMPLE_TRAIN), "--out", str(tmp_path / "sub.csv"))
+    assert result.returncode == 0 and "SKIPPED" not in result.stderr and "each row alone" in result.stderr, result.stderr[-2000:]
+    assert check_submission(tmp_path / "sub.csv", read_rows(SAMPLE_TRAIN)["row_id"].tolist()) == []
+
+
 def test_an_all_nan_model_fails_the_export_gate_even_forced(tiny_pipeline, tmp_path):
     """Before: NaN compares false against every threshold, so int8 reported top-1 agreement 1.000 and passed."""
     import shutil
