@@ -160,9 +160,9 @@ def keep_fp32(proto, ops: tuple[str, ...] = FRAGILE_OPS) -> int:
 def int8_weights(model: Path, scratch: Path, packed: bool = False):
     """Int8 whose rows never depend on their batch mates. Whole rows: dynamic int8 (quantize_dynamic), s8 weights
     per output channel in 7 bits, activations quantized at run time with one scale per run's tensor, so the kernel
-    runs each row alone (max_batch_of: 1), and a row's scores are its own by construction. One row a run on
-    single-threaded sessions side by side ran at 3.27x PyTorch fp32, where per-row MatMulNBits int8 ran at 0.74-0.90x
-    fp32 (docs/batch-independence.md, issue 43); the 7 bits keep AVX2's u8 x s8 sums from saturating on CPUs
+    runs each row alone (max_batch_of: 1), and a row's scores are its own by construction. Run so, a MiniLM bundle
+    ran at 2.7-3.2x PyTorch fp32 on 2 cores (bench/speed.py), where per-row MatMulNBits int8 ran at 0.74-0.90x fp32
+    (docs/batch-independence.md, issue 43); the 7 bits keep AVX2's u8 x s8 sums from saturating on CPUs
     without VNNI, and cost no MAP@3 measured. Packed rows share a run whatever its size: there, 8-bit MatMulNBits
     with accuracy_level 4, which quantizes each row's activations on their own (32 values at a time)."""
     if packed:
