@@ -117,7 +117,7 @@ def test_batch_independence_finds_fp32_scores_independent_of_the_batch(shared_tr
 def test_int8_candidates_score_and_time_every_candidate_on_a_classifier(tiny_pipeline, tmp_path):
     """bench/int8_candidates.py on the tiny classifier: `make` exports every candidate once, `time` scores each at
     batch 64 and batch 1 and on single-threaded sessions, under this onnxruntime; fp32 scores every row alike at
-    both batch sizes."""
+    both batch sizes, and so does static int8, whose activation scales were fixed by calibration."""
     bench = [sys.executable, str(ROOT / "bench" / "int8_candidates.py")]
     done = subprocess.run([*bench, "make", "--merged", str(tiny_pipeline["merged"]), "--out", str(tmp_path), "--rows", "40"], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -126,7 +126,10 @@ def test_int8_candidates_score_and_time_every_candidate_on_a_classifier(tiny_pip
     (found,) = tmp_path.glob("time-*.json")
     figures = json.loads(found.read_text())
     assert figures["threads"] == 1 and figures["pytorch_fp32_rows_per_s"] is None
-    assert set(figures["candidates"]) == {"fp32", "nbits8-b32-acc4", "nbits8-b64-acc4", "nbits8-b128-acc4", "dynamic", "dynamic-s8", "dynamic-s8-rr"}
+    assert set(figures["candidates"]) == {
+        "fp32", "nbits8-b32-acc4", "nbits8-b64-acc4", "nbits8-b128-acc4", "dynamic", "dynamic-s8", "dynamic-s8-rr", "static-qdq", "static-qdq-weights", "static-qop-weights",
+    }  # fmt: skip
     for c in figures["candidates"].values():
         assert min(c["rows_per_s_b64"], c["rows_per_s_b1"], c["rows_per_s_b1x"]) > 0 and 0 < c["map3_b64"] <= 1 and 0 <= c["top3_flips_b64_vs_b1"] <= figures["rows"]
-    assert figures["candidates"]["fp32"]["top3_flips_b64_vs_b1"] == 0 and figures["candidates"]["fp32"]["map3_b64"] == figures["candidates"]["fp32"]["map3_b1"]
+    for n in ("fp32", "static-qdq"):
+        assert figures["candidates"][n]["top3_flips_b64_vs_b1"] == 0 and figures["candidates"][n]["map3_b64"] == figures["candidates"][n]["map3_b1"], n

@@ -197,6 +197,30 @@ def test_a_killed_stage_leaves_no_half_written_folder(tmp_path, tiny_bert):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "run.checkpoints") == ["log"]  # checkpoints stay, for --resume
 
 
+def run_or_dump(cmd: list[str], timeout: float, env: dict):
+    """subprocess.run of a launcher, or, past `timeout`, a failure showing where it waited: each of its children
+    (the launcher itself when none is left) gets SIGABRT, which PYTHONFAULTHANDLER turns into every thread's Python
+    stack on stderr (the run in CI hung once for 600 s after rank 0 had printed its result, and said nothing of
+    where)."""
+    import signal
+    import subprocess
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            for pid in (children.exists() and children.read_text().split()) or [proc.pid]:
+                os.kill(int(pid), signal.SIGABRT)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            pytest.fail(f"{cmd[2]} hung for {timeout} s; the stacks:\n{err[-6000:]}\nstdout: {out[-500:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def test_train_runs_under_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_bert):
     """Two gloo processes split each epoch: half the optimizer steps of one process, and rank 0 alone writes. Rank
     0's validation takes seconds, as a real fold's does, while rank 1 waits for it and both then leave the process
@@ -223,7 +247,7 @@ def test_train_runs_under_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_ber
         str(slow), "train", "--model", str(tiny_bert), "--data", str(SAMPLE_TRAIN), "--out", str(out),
         "--epochs", "1", "--batch-size", "8", "--lora-r", "4",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = run_or_dump(cmd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((out / "mapbuild.json").read_text())
     assert meta["hardware"]["world_size"] == 2
