@@ -39,7 +39,7 @@ class BuildConfig:
     test: str | None = field(default=None, metadata={"help": "A test CSV to run the finished bundle on, as the kernel would."})
     title: str | None = field(default=None, metadata={"help": "Dataset title, 6-50 characters (default: 'mapbuild SLUG')."})
     ensemble: str = field(default="pool", metadata={"help": "How members combine: pool (log-linear, member scales and label biases fitted per question; the default: best in cross-validation, geo where a question has under 100 out-of-fold rows), geo (weighted geometric mean), prob (weighted probabilities) or rank."})
-    wheels: bool = field(default=True, metadata={"help": "Bring onnxruntime-gpu wheels: Kaggle's image has no onnxruntime."})
+    wheels: bool = field(default=True, metadata={"help": "Bring the wheels Kaggle's image lacks: onnxruntime-gpu where a member runs on it, bitsandbytes where one is nf4."})
     python: list[str] = field(default_factory=lambda: list(PYTHONS), metadata={"help": "Kernel CPython versions to bring a wheel for."})
     cuda: int = field(default=CUDA, metadata={"help": "CUDA major of the kernel image; picks the onnxruntime-gpu build."})
     find_links: str | None = field(default=None, metadata={"help": "Take the wheels from this folder alone, not PyPI."})

@@ -20,8 +20,10 @@ from tabulate import tabulate
 
 from runtime.ensemble import METHODS
 from runtime.errors import MapbuildError
+from runtime.manifest import bundle_members
 from runtime.member import ENGINES, TORCH_PRECISIONS
 from runtime.plan import LIMIT_HOURS, MARGIN_HOURS, TEST_ROWS, added_member, estimate, verdict
+from runtime.preflight import ONNXRUNTIME_GPU
 from runtime.prompts import TEMPLATES
 
 from .export import EXPORT_PRECISIONS, MAX_MAP3_DROP
@@ -31,7 +33,7 @@ from .stages import disk_full, remove_pending
 from .tfidf import TfidfConfig
 from .train import TrainConfig
 from .twin import DEFAULT_IMAGE, IMAGES
-from .wheels import CUDA, ORT_GPU, PYTHONS
+from .wheels import BITSANDBYTES, CUDA, ORT_GPU, PYTHONS
 
 
 class Group(click.Group):
@@ -121,12 +123,23 @@ def fit_text(m: dict, took: str = "") -> str:
     return f"fold MAP@3 {m['map3']:.4f}{unmasked}, label prior alone {m['map3_prior']:.4f}{took} -> {m['out']}"
 
 
-def kaggle_ready(manifest: dict) -> str:
-    """The line that says whether the bundle can run on Kaggle's image, which has no onnxruntime."""
-    wheels = manifest.get("wheels") or []
-    if not wheels:
-        return "NOT Kaggle-ready: no onnxruntime wheel in the bundle, and Kaggle's image has none; package again with --wheels"
-    return "Kaggle-ready for " + ", ".join(f"Python {w['python']} ({w['name']} {w['version']}, CUDA {w['cuda']})" for w in wheels)
+def unready(manifest: dict) -> str | None:
+    """Why the bundle cannot run on Kaggle's image, which has neither onnxruntime nor bitsandbytes; None when it can."""
+    members, brought = bundle_members(manifest), {w["name"] for w in manifest.get("wheels") or []}
+    if any(m.on_onnxruntime for m in members) and ONNXRUNTIME_GPU not in brought:
+        return "no onnxruntime wheel in the bundle, and Kaggle's image has none"
+    if any(m.precision == "nf4" for m in members) and BITSANDBYTES not in brought:
+        return "no bitsandbytes wheel for its nf4 members, and Kaggle's image has none"
+    return None
+
+
+def kaggle_ready(r: dict) -> str:
+    """The line that says whether a bundle_result's bundle can run on Kaggle's image, and on what."""
+    if r["unready"]:
+        return f"NOT Kaggle-ready: {r['unready']}; package again with --wheels"
+    if not r["wheels"]:
+        return "Kaggle-ready: its members run on the image's own PyTorch"
+    return "Kaggle-ready for " + ", ".join(f"Python {w['python']} ({w['name']} {w['version']}" + (f", CUDA {w['cuda']})" if w["cuda"] else ")") for w in r["wheels"])
 
 
 def terminate(signum: int, frame: object) -> None:
@@ -275,7 +288,7 @@ def export(merged_dir: str, out: str, quantize: str, engine: str, base_source: s
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--dataset-id", required=True, help="Kaggle dataset id, OWNER/SLUG.")
 @click.option("--title", help="Dataset title (default: 'mapbuild SLUG').")
-@click.option("--wheels/--no-wheels", default=True, show_default=True, help="Bring onnxruntime-gpu wheels in BUNDLE/wheels: Kaggle's image has no onnxruntime.")
+@click.option("--wheels/--no-wheels", default=True, show_default=True, help="Bring the wheels Kaggle's image lacks in BUNDLE/wheels: onnxruntime-gpu where a member runs on it, bitsandbytes where one is nf4.")
 @click.option("--python", "pythons", default=",".join(PYTHONS), show_default=True, help="Kernel CPython versions to bring a wheel for, comma-separated (e.g. 3.11,3.12).")
 @click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), default=str(CUDA), show_default=True, help="CUDA major of the kernel image; picks the onnxruntime-gpu build.")
 @click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI (offline builds).")
@@ -284,7 +297,7 @@ def export(merged_dir: str, out: str, quantize: str, engine: str, base_source: s
 def package(
     onnx_dirs: tuple[str, ...], out: str, dataset_id: str, title: str | None, wheels: bool, pythons: str, cuda: str, find_links: str | None, ensemble: str,
 ) -> None:
-    """Package ONNX_DIRS with the runtime, a kernel notebook and onnxruntime wheels into a Kaggle dataset folder.
+    """Package ONNX_DIRS with the runtime, a kernel notebook and the wheels Kaggle's image lacks into a Kaggle dataset folder.
 
     Several ONNX_DIRS make an ensemble, weighted to maximise MAP@3 on the out-of-fold rows their runs share.
     Wheels are cached (MAPBUILD_CACHE, default ~/.cache/mapbuild), so a second build fetches nothing.
@@ -303,7 +316,7 @@ def bundle_result(manifest: dict, out: str | os.PathLike) -> dict:
     keep = ("name", "weight", "oof_map3", "precision", "inputs", "pack_tokens")
     return {
         "bundle": str(out), "members": [{k: m[k] for k in keep if k in m} for m in manifest["members"]], "ensemble": manifest["ensemble"],
-        "files": len(manifest["files"]), "mib": round(size / 2**20, 1), "kaggle_ready": bool(manifest.get("wheels")), "wheels": manifest.get("wheels") or [],
+        "files": len(manifest["files"]), "mib": round(size / 2**20, 1), "kaggle_ready": not unready(manifest), "unready": unready(manifest), "wheels": manifest.get("wheels") or [],
     }
 
 
@@ -665,7 +678,7 @@ def explain(model: str, data: str, row: int, max_new_tokens: int, temperature: f
 @click.option("--out", type=click.Path(file_okay=False), help="Override the config's `out` folder.")
 @click.option("--dataset-id", help="Override the config's Kaggle dataset id, OWNER/SLUG.")
 @click.option("--title", help="Override the config's dataset title.")
-@click.option("--wheels/--no-wheels", default=None, help="Override whether the bundle brings onnxruntime-gpu wheels.")
+@click.option("--wheels/--no-wheels", default=None, help="Override whether the bundle brings the wheels Kaggle's image lacks (onnxruntime-gpu, bitsandbytes).")
 @click.option("--python", "pythons", help="Override the kernel CPython versions, comma-separated (e.g. 3.11,3.12).")
 @click.option("--cuda", type=click.Choice([str(c) for c in ORT_GPU]), help="Override the kernel image's CUDA major.")
 @click.option("--find-links", type=click.Path(file_okay=False, exists=True), help="Take the wheels from this folder alone, not PyPI.")

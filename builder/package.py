@@ -238,8 +238,9 @@ def package(
     cuda: int = CUDA,
 ) -> dict:
     """Write the bundle folder; returns its manifest. `wheels`: bring onnxruntime-gpu for each CPython in `pythons`
-    built for CUDA major `cuda` in BUNDLE/wheels, and bitsandbytes where a member is nf4 (the version that
-    quantized it, installed here), from the `find_links` folder alone or from PyPI through a cache.
+    built for CUDA major `cuda` in BUNDLE/wheels where a member runs on onnxruntime (a bundle of torch members
+    alone runs on the image's PyTorch), and bitsandbytes where a member is nf4 (the version that quantized it,
+    installed here), from the `find_links` folder alone or from PyPI through a cache.
     Several members are weighted by ensemble selection on their shared out-of-fold rows; a member that never
     raises the OOF MAP@3 gets weight 0 and stays out of the bundle."""
     owner, slug = check_dataset_id(dataset_id)
@@ -251,7 +252,7 @@ def package(
         raise MapbuildError(f"--title {title!r}: Kaggle needs a dataset title of 6-50 characters")
     with atomic_dir(out, BUNDLE) as tmp:
         members, dropped, named = copy_members(tmp, onnx_dirs, metas, fitted)
-        wheel_entries = fetch(tmp / "wheels", pythons, cuda, find_links) if wheels else []
+        wheel_entries = fetch(tmp / "wheels", pythons, cuda, find_links) if wheels and any(m.on_onnxruntime for m in members) else []
         if wheels and any(m.precision == "nf4" for m in members):
             wheel_entries.append(fetch_any(tmp / "wheels", BITSANDBYTES, installed(BITSANDBYTES), find_links))
         write_kernel(tmp, dataset_id, title, f"{owner}/{kernel_slug(slug)}", members)

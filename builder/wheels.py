@@ -17,6 +17,7 @@ from pathlib import Path
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from runtime.errors import MapbuildError
+from runtime.preflight import ONNXRUNTIME_GPU
 
 # Today's Kaggle image runs CPython 3.12 (Kaggle/docker-python, "Upgrade to Python 3.12 (#1516)", 2025-12-12); Colab,
 # which Kaggle's image is built on, moved to 3.13 on 2026-08-19. A wheel for each (277 MB apiece), so a bundle made
@@ -28,7 +29,7 @@ CUDA = 12
 # The onnxruntime-gpu pinned for each CUDA major. A pin is only a guess until the wheel it
 # fetches records the same CUDA major in onnxruntime/capi/build_and_package_info.py, which `choose` checks.
 ORT_GPU = {12: "1.26.0", 13: "1.31.1"}
-NAME = "onnxruntime-gpu"
+NAME = ONNXRUNTIME_GPU
 BITSANDBYTES = "bitsandbytes"  # nf4 members' (runtime.torch_engine); the wheel carries its CUDA kernels
 ANY_PYTHON = "any"  # a wheel entry's `python` where one wheel serves every CPython
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")

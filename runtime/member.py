@@ -131,6 +131,13 @@ class MemberSpec:
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    @property
+    def on_onnxruntime(self) -> bool:
+        """Whether onnxruntime runs it: every member but a torch one (a kNN member's encoder and a TF-IDF member's
+        sums are ONNX graphs too). A bundle of torch members alone needs no onnxruntime wheel: Kaggle's image has
+        none, and its PyTorch runs them."""
+        return self.engine != TORCH
+
     def spec(self) -> dict:
         """Its MemberSpec fields alone, by name: what a stage record hands on to a bundle's member."""
         return {f.name: getattr(self, f.name) for f in fields(MemberSpec)}

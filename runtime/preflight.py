@@ -1,6 +1,6 @@
-"""Before the runtime starts: onnxruntime imports, it has the CUDA provider when a GPU is visible, and the
-competition's test.csv is where Kaggle mounts it. A miss is an environment fault: it stops the kernel with one line,
-never a label-prior submission that hides it.
+"""Before the runtime starts: onnxruntime imports and has the CUDA provider when a GPU is visible (for a bundle with
+a member that runs on it), and the competition's test.csv is where Kaggle mounts it. A miss is an environment fault:
+it stops the kernel with one line, never a label-prior submission that hides it.
 
     python -m runtime.preflight --bundle DIR [--input-root /kaggle/input]   # prints the test.csv to pass --test
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 
 from .engine import CUDA, gpu_count
 from .errors import EnvironmentFault, InputError, MapbuildError
-from .manifest import load_manifest
+from .manifest import bundle_members, load_manifest
 
 COMPETITION = "map-charting-student-math-misunderstandings"  # its folder in both of Kaggle's mount layouts
 KAGGLE_INPUT = "/kaggle/input"
-
+ONNXRUNTIME_GPU = "onnxruntime-gpu"  # the wheel a bundle brings for onnxruntime (builder.wheels fetches it)
 
 
 def find_test(root: str | Path) -> Path:
@@ -31,8 +31,11 @@ def find_test(root: str | Path) -> Path:
 
 
 def onnxruntime_providers(manifest: dict, gpus: int) -> list[str]:
-    """The providers of the onnxruntime this interpreter imports; EnvironmentFault when it cannot serve the bundle."""
-    wheels = manifest.get("wheels") or []
+    """The providers of the onnxruntime this interpreter imports; EnvironmentFault when it cannot serve the bundle.
+    [] for a bundle of torch members alone: onnxruntime need not import."""
+    if not any(m.on_onnxruntime for m in bundle_members(manifest)):
+        return []
+    wheels = [w for w in manifest.get("wheels") or [] if w.get("name") == ONNXRUNTIME_GPU]
     fix = (
         f"pip install --no-index --no-deps --find-links BUNDLE/wheels {wheels[0]['name']}=={wheels[0]['version']}"
         if wheels else "the bundle brings no onnxruntime wheel and Kaggle's image has none: package it again with --wheels"

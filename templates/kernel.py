@@ -41,29 +41,32 @@ for name, digest in manifest["files"].items():
 env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
 python = f"{sys.version_info.major}.{sys.version_info.minor}"
 
-# onnxruntime is not in Kaggle's image: install the bundle's wheel for this interpreter, offline.
+# onnxruntime is not in Kaggle's image: install the bundle's wheel for this interpreter, offline. A bundle whose
+# members all run on PyTorch, which the image has, brings none.
 wheels = manifest.get("wheels") or []
-if wheels:
-    wheel = next((w for w in wheels if w.get("python") == python), None)
+pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--find-links", os.path.join(bundle, "wheels")]
+ort = [w for w in wheels if w.get("python") != "any"]
+if ort:
+    wheel = next((w for w in ort if w.get("python") == python), None)
     if wheel is None:
-        have = ", ".join(w["file"] for w in wheels)
+        have = ", ".join(w["file"] for w in ort)
         raise SystemExit(f"mapbuild: the bundle has no onnxruntime-gpu wheel for Python {python} (it holds {have}); package it again with --python {python}")
     # onnxruntime and onnxruntime-gpu share one module: never both in one environment
     subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "onnxruntime"], capture_output=True)
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--find-links", os.path.join(bundle, "wheels")]
     done = subprocess.run([*pip, f"{wheel['name']}=={wheel['version']}"], capture_output=True, text=True)
     if done.returncode:
         why = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
         raise SystemExit(f"mapbuild: pip could not install {wheel['file']}: {why[-1].strip()}")
-    # A wheel for every Python (bitsandbytes, for nf4 members): one that does not install costs only the members that
-    # need it, which the runtime then skips in one line each.
-    for extra in (w for w in wheels if w.get("python") == "any"):
-        done = subprocess.run([*pip, f"{extra['name']}=={extra['version']}"], capture_output=True, text=True)
-        if done.returncode:
-            why = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
-            print(f"mapbuild: pip could not install {extra['file']} ({why[-1].strip()}); the members that need it will be skipped", file=sys.stderr)
+# A wheel for every Python (bitsandbytes, for nf4 members): one that does not install costs only the members that
+# need it, which the runtime then skips in one line each.
+for extra in (w for w in wheels if w.get("python") == "any"):
+    done = subprocess.run([*pip, f"{extra['name']}=={extra['version']}"], capture_output=True, text=True)
+    if done.returncode:
+        why = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
+        print(f"mapbuild: pip could not install {extra['file']} ({why[-1].strip()}); the members that need it will be skipped", file=sys.stderr)
 
-# onnxruntime imports, has CUDA when a GPU is visible, and the competition's test.csv is found; else one line.
+# onnxruntime imports and has CUDA when a GPU is visible (where a member runs on it), and the competition's test.csv
+# is found; else one line.
 check = subprocess.run([sys.executable, "-P", "-m", "runtime.preflight", "--bundle", bundle, "--input-root", INPUT], cwd=bundle, env=env, capture_output=True, text=True)
 if check.returncode:
     why = [line for line in check.stderr.splitlines() if line.strip()] or ["no output"]

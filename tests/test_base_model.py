@@ -160,9 +160,10 @@ def test_a_members_base_record_is_checked_before_it_is_trusted():
 @pytest.mark.slow
 def test_verify_runs_an_nf4_adapter_on_its_attached_base_in_the_python_312_twin_with_kaggles_torch(adapter_bundle, merged_family, wheel_folder, tmp_path):
     """The whole notebook in the Python 3.12 twin carrying the image's torch 2.10 (CUDA 12.8 build), transformers
-    5.0.0, peft 0.19.1 and accelerate 1.13.0: the bundle's bitsandbytes wheel installed offline, the base attached
-    where Kaggle mounts the Model, the adapter put on its 4-bit weights. A swapped base stops it in one line; a twin
-    without torch skips the member loudly, which verify refuses."""
+    5.0.0, peft 0.19.1 and accelerate 1.13.0: the bundle's bitsandbytes wheel installed offline (and no onnxruntime,
+    which a bundle of torch members alone neither brings nor needs), the base attached where Kaggle mounts the
+    Model, the adapter put on its 4-bit weights. A swapped base stops it in one line; a twin without torch skips the
+    member loudly, which verify refuses."""
     from builder.verify import verify
     from builder.versions import installed
     from builder.wheels import BITSANDBYTES, fetch_any
@@ -171,6 +172,7 @@ def test_verify_runs_an_nf4_adapter_on_its_attached_base_in_the_python_312_twin_
     export(root / "run", tmp_path / "nf4", "nf4", rows=32, engine=TORCH, base_source=SOURCE, force=True)  # a random 2-layer model
     fetch_any(wheel_folder, BITSANDBYTES, installed(BITSANDBYTES))  # from the cache, downloaded once
     package([str(tmp_path / "nf4")], tmp_path / "bundle", "tester/nf4-adapter", find_links=str(wheel_folder))
+    assert [w["name"] for w in load_manifest(tmp_path / "bundle")["wheels"]] == [BITSANDBYTES]  # no onnxruntime, as in the image
     rows = tmp_path / "rows.csv"  # unlabelled: a random 2-layer model's MAP@3 against the prior is a coin toss
     read_rows(SAMPLE_TEST).drop(columns=["Category", "Misconception"], errors="ignore").to_csv(rows, index=False)
     result = verify(tmp_path / "bundle", rows, attach=(str(root / "base"),))

@@ -46,6 +46,22 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     assert big["exit"] == 0 and big["drift"]["onnx_provider"] == "CPUExecutionProvider", big
 
 
+def test_speed_times_both_paths_in_turn_and_compares_the_best_of_each(tiny_pipeline):
+    """bench/speed.py on the tiny fp32 bundle: every run of each path printed, the ratio of the best ones, and the
+    same MAP@3 for the bundle as for PyTorch fp32 (one model, two engines)."""
+    args = ["--bundle", str(tiny_pipeline["bundle"]), "--merged", str(tiny_pipeline["merged"]), "--rows", "40", "--repeat", "2"]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    runs = [line for line in lines if line.startswith("run ")]
+    assert [r.split(":")[0] for r in runs] == ["run 1", "run 2"]
+    rate = lambda line, path: float(line.split(f"{path} ")[1].split(" rows/s")[0])  # noqa: E731
+    best = {path: max(rate(r, path) for r in runs) for path in ("baseline", "runtime")}
+    [ratio] = [line for line in lines if line.startswith("speed-up")]
+    assert abs(float(ratio.split()[1].rstrip("x,")) - best["runtime"] / best["baseline"]) < 0.01  # rates print rounded
+    assert abs(float(ratio.split("difference ")[1])) < 0.02
+
+
 def test_refit_then_pool_transfer_run_through_on_the_sample(tmp_path):
     """bench/refit.py's fold models and refits of two TF-IDF recipes, then bench/pool_transfer.py over them. No
     question of the sample has the 100 out-of-fold rows a pool needs, so the pool must rank as geo does."""

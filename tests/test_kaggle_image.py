@@ -100,21 +100,29 @@ def test_requested_providers_and_the_engagement_check():
     assert not_engaged([CPU], [CPU]) is None
 
 
-def test_preflight_stops_on_a_missing_onnxruntime_or_cuda_provider(monkeypatch):
+def member(**spec) -> dict:
+    return {"name": "m0", "weight": 1.0, "files": {"card": "m0/card.json"}} | spec
+
+
+def test_preflight_stops_on_a_missing_onnxruntime_or_cuda_provider_where_a_member_runs_on_it(monkeypatch):
     import onnxruntime
 
-    wheel = {"file": "onnxruntime_gpu-1.26.0-cp312-cp312-x.whl", "name": "onnxruntime-gpu", "version": "1.26.0"}
+    wheel = {"file": "onnxruntime_gpu-1.26.0-cp312-cp312-x.whl", "name": "onnxruntime-gpu", "version": "1.26.0", "python": "3.12"}
+    bitsandbytes = {"file": "bitsandbytes-0.50.2-py3-none-x.whl", "name": "bitsandbytes", "version": "0.50.2", "python": "any"}
+    onnx = {"members": [member(kind="tfidf"), member(kind="transformer", engine="torch")]}  # TF-IDF's sums are an ONNX graph
+    torch_alone = {"members": [member(kind="transformer", engine="torch", precision="nf4")]}
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CPU])
-    assert onnxruntime_providers({}, gpus=0) == [CPU]
+    assert onnxruntime_providers(onnx, gpus=0) == [CPU]
     with pytest.raises(EnvironmentFault, match=f"1 GPU.* visible but onnxruntime .* has no {CUDA} .*pip uninstall -y onnxruntime"):
-        onnxruntime_providers({}, gpus=1)
+        onnxruntime_providers(onnx, gpus=1)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
-    assert onnxruntime_providers({}, gpus=1) == [CUDA, CPU]
+    assert onnxruntime_providers(onnx, gpus=1) == [CUDA, CPU]
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     with pytest.raises(EnvironmentFault, match="onnxruntime does not import .*package it again with --wheels"):
-        onnxruntime_providers({"wheels": []}, gpus=0)
+        onnxruntime_providers(onnx | {"wheels": [bitsandbytes]}, gpus=0)
     with pytest.raises(EnvironmentFault, match="--find-links BUNDLE/wheels onnxruntime-gpu==1.26.0"):
-        onnxruntime_providers({"wheels": [wheel]}, gpus=0)
+        onnxruntime_providers(onnx | {"wheels": [bitsandbytes, wheel]}, gpus=0)
+    assert onnxruntime_providers(torch_alone | {"wheels": [bitsandbytes]}, gpus=2) == []  # the image's PyTorch runs it
 
 
 def test_a_session_that_misses_cuda_is_loud_and_replans_at_the_cpu_pace(tiny_pipeline, monkeypatch, caplog):

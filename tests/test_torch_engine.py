@@ -80,6 +80,26 @@ def test_a_torch_member_travels_through_package_to_the_kernel_and_a_kernel_witho
     assert check_submission(out, read_rows(SAMPLE_TEST)["row_id"]) == []
 
 
+def test_a_bundle_of_torch_members_alone_brings_no_onnxruntime_wheel_and_is_kaggle_ready(merged_family, tmp_path):
+    """Kaggle's image has PyTorch and no onnxruntime: a bundle whose members all run on the image's PyTorch brings no
+    onnxruntime-gpu wheel (277 MB a CPython) and its preflight asks for none. Before, package fetched one for any
+    bundle, and the notebook stopped without it. From an empty wheel folder, the ONNX member's bundle is refused."""
+    from click.testing import CliRunner
+
+    from builder.cli import cli
+
+    root = merged_family("llama")
+    exported(root, TORCH), exported(root, "onnx")
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    args = lambda engine: ["package", str(root / ENGINES[engine]), "--out", str(tmp_path / engine), "--dataset-id", f"tester/{engine}-bundle", "--find-links", str(empty)]  # noqa: E731
+    ok = CliRunner().invoke(cli, args(TORCH))
+    assert ok.exit_code == 0 and ok.output.strip().splitlines()[-1] == "Kaggle-ready: its members run on the image's own PyTorch", ok.output
+    assert json.loads((tmp_path / TORCH / "manifest.json").read_text())["wheels"] == [] and not (tmp_path / TORCH / "wheels").exists()
+    refused = CliRunner().invoke(cli, args("onnx"))
+    assert refused.exit_code != 0 and "no onnxruntime-gpu wheel for CPython 3.12" in refused.output and not (tmp_path / "onnx").exists()
+
+
 GIB = 2**30
 T4 = 15 * GIB  # Kaggle's T4, as its kernel's nvidia-smi gives it
 
