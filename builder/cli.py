@@ -314,9 +314,10 @@ def bundle_result(manifest: dict, out: str | os.PathLike) -> dict:
     ensemble's MAP@3, the size, and the wheels that make it Kaggle-ready."""
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     keep = ("name", "weight", "oof_map3", "precision", "inputs", "pack_tokens")
+    problem = unready(manifest)
     return {
         "bundle": str(out), "members": [{k: m[k] for k in keep if k in m} for m in manifest["members"]], "ensemble": manifest["ensemble"],
-        "files": len(manifest["files"]), "mib": round(size / 2**20, 1), "kaggle_ready": not unready(manifest), "unready": unready(manifest), "wheels": manifest.get("wheels") or [],
+        "files": len(manifest["files"]), "mib": round(size / 2**20, 1), "kaggle_ready": problem is None, "unready": problem, "wheels": manifest.get("wheels") or [],
     }
 
 
